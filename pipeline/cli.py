@@ -1,0 +1,115 @@
+"""`cidistill`: one CLI for every stage. `main(argv)` so tests call it in-process.
+
+    cidistill download|embed|balance|cluster|train|eval|export|card  [-c CONFIG] [--set key=value ...]
+    cidistill run CONFIG          # the stages listed in the config, in order; finished ones are skipped
+    cidistill demo [--small]      # build the emoji demo data, serve it on 127.0.0.1, run everything
+    cidistill compare             # the ablation table (see kd/compare.py)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from .config import STAGES, ConfigError, Config, load_config
+from .runtime import set_env_defaults
+from .stage import StageError
+
+# stage -> "module:function"; each takes (cfg, force=..., use_ray=...) and returns the stage stats
+STAGE_FUNCS = {
+    "download": "pipeline.download:run_stage",
+    "embed": "pipeline.embed:run_stage",
+    "balance": "pipeline.balance:run_stage",
+    "cluster": "pipeline.cluster:run_stage",
+    "train": "kd.train:run_stage",
+    "eval": "kd.evaluate:run_stage",
+    "export": "kd.export:run_stage",
+    "card": "data_cards.render:run_stage",
+}
+
+
+def stage_func(stage: str):
+    mod, fn = STAGE_FUNCS[stage].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: bool = True) -> dict:
+    from .runtime import init_ray
+
+    if use_ray:
+        init_ray(cfg.ray_address or None)
+    t0 = time.time()
+    out = {}
+    for s in stages:
+        out[s] = stage_func(s)(cfg, force=force, use_ray=use_ray)
+    print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config file")
+    p.add_argument("--workdir", help="work folder (overrides the config's workdir)")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.batch_size=64")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (else RAY_ADDRESS, else start one)")
+    p.add_argument("--force", action="store_true", help="redo the stage even if it finished")
+    p.add_argument("--no-ray", action="store_true", help="run in this process (debugging)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cidistill", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for s in STAGES:
+        _common(sub.add_parser(s, help=f"run the {s} stage"))
+    p = sub.add_parser("run", help="run the stages a config lists")
+    p.add_argument("run_config", help="YAML config")
+    p.add_argument("--stages", nargs="*", help="subset of stages to run")
+    _common(p)
+    p = sub.add_parser("demo", help="build the emoji demo data and run the whole pipeline on it")
+    p.add_argument("--small", action="store_true", help="test-sized data (a few hundred pairs)")
+    p.add_argument("--stages", nargs="*", help="subset of stages to run")
+    _common(p)
+    p = sub.add_parser("compare", help="ablation table: same student, same budget, several recipes")
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--recipes", nargs="*", help="subset of recipes")
+    _common(p)
+    return ap
+
+
+def make_config(args, base: dict | None = None) -> Config:
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.append(f"workdir={args.workdir}")
+    if args.ray_address:
+        overrides.append(f"ray_address={args.ray_address}")
+    return load_config(getattr(args, "run_config", None) or args.config, overrides, base=base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_env_defaults()
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            from .demo import run_demo
+
+            run_demo(args)
+        elif args.cmd == "compare":
+            from kd.compare import run_compare
+
+            run_compare(args)
+        elif args.cmd == "run":
+            cfg = make_config(args)
+            run_stages(cfg, args.stages or cfg.stages, force=args.force, use_ray=not args.no_ray)
+        else:
+            cfg = make_config(args)
+            run_stages(cfg, [args.cmd], force=args.force, use_ray=not args.no_ray)
+    except (ConfigError, StageError, FileNotFoundError) as e:
+        print(f"cidistill: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

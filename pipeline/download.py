@@ -1,0 +1,181 @@
+"""download: img2dataset fetches every URL into webdataset shards (0000N.tar + 0000N.parquet +
+0000N_stats.json), one Ray task per input shard, retried on failure, incremental per shard.
+
+We split the URL list ourselves (so unsafe schemes and repeated URLs are counted and never fetched) and
+hand each shard to img2dataset's own Downloader, which writes `_stats.json` last: the shard's done-marker."""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import Config
+from .runtime import set_env_defaults
+from .stage import Stage, StageError, Store
+
+OOM_SHARD = 5  # shard names 00000 … 99999
+
+
+def shard_name(i: int) -> str:
+    return f"{i:0{OOM_SHARD}d}"
+
+
+def _read_url_tables(urls: str, columns: list[str]):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(urls)
+    if fs.isdir(path):
+        files = sorted(fs.glob(path.rstrip("/") + "/*.parquet"))
+    elif any(c in path for c in "*?["):
+        files = sorted(fs.glob(path))
+    else:
+        files = [path]
+    if not files:
+        raise StageError(f"data.urls: no parquet file found at {urls!r}")
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            schema = pq.read_schema(fh)
+            missing = [c for c in columns if c not in schema.names]
+            if missing:
+                raise StageError(f"{f}: missing column(s) {missing}; has {schema.names}")
+            fh.seek(0)
+            yield f, pq.read_table(fh, columns=columns)
+
+
+class DownloadStage(Stage):
+    def __init__(self, cfg: Config, use_ray: bool = True):
+        self.cfg, self.d, self.use_ray = cfg, cfg.data, use_ray
+        super().__init__(name="download", out_dir=cfg.stage_dir("download"), config={"data": vars(cfg.data)})
+        self.tmp = Store(self.out.path("_tmp") if self.out._local else self.out.url("_tmp"))
+
+    @property
+    def columns(self) -> list[str]:
+        extra = [c for c in self.d.extra_cols if c not in (self.d.url_col, self.d.caption_col)]
+        return [self.d.url_col, self.d.caption_col] + extra
+
+    # -- planning: split the URL list into shards once; a resumed run reuses the plan
+    def shards(self) -> list[str]:
+        if not self.out.exists("_plan.json"):
+            self._plan()
+        return self.out.read_json("_plan.json")["shards"]
+
+    def _plan(self) -> None:
+        if not self.d.urls:
+            raise StageError("data.urls is empty: give a parquet file/folder/glob with url and caption columns")
+        seen: set[str] = set()
+        rejected: Counter = Counter()
+        rejected_rows = []
+        shards, total, next_id = [], 0, 0
+        allowed = {s.lower() for s in self.d.allowed_schemes}
+        for _, table in _read_url_tables(self.d.urls, self.columns):
+            urls = table.column(self.d.url_col).to_pylist()
+            keep = []
+            for i, u in enumerate(urls):
+                reason = None
+                if not isinstance(u, str) or not u.strip():
+                    reason = "empty_url"
+                elif urlsplit(u.strip()).scheme.lower() not in allowed:
+                    reason = "scheme_not_allowed"
+                elif u in seen:
+                    reason = "duplicate_url"
+                if reason:
+                    rejected[reason] += 1
+                    rejected_rows.append({"url": str(u)[:2000], "reason": reason})
+                else:
+                    seen.add(u)
+                    keep.append(i)
+            table = table.take(pa.array(keep, pa.int64()))
+            total += table.num_rows
+            n = self.d.samples_per_shard
+            for j in range(math.ceil(table.num_rows / n)):
+                part = table.slice(j * n, n)
+                part = part.rename_columns(["url" if c == self.d.url_col else "caption" if c == self.d.caption_col
+                                            else c for c in part.column_names])
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_file(sink, part.schema) as w:
+                    w.write_table(part)
+                self.tmp.write_bytes(f"{next_id}.feather", sink.getvalue().to_pybytes())
+                shards.append(shard_name(next_id))
+                next_id += 1
+        if next_id >= 10 ** OOM_SHARD:
+            raise StageError(f"{next_id} shards: raise data.samples_per_shard (at most {10 ** OOM_SHARD - 1} shards)")
+        if rejected_rows:
+            self.out.write_table("rejected.parquet", pa.Table.from_pylist(rejected_rows))
+        self.out.write_json("_plan.json", {"shards": shards, "urls_accepted": total,
+                                           "urls_rejected": dict(rejected)})
+
+    # -- work
+    def _downloader(self):
+        set_env_defaults()
+        from img2dataset.downloader import Downloader
+        from img2dataset.resizer import Resizer
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        d = self.d
+        column_list = [c for c in self.columns if c not in (self.d.url_col, self.d.caption_col)]
+        column_list = column_list + ["caption", "url"]  # img2dataset's order: extras, caption, url
+        resizer = Resizer(image_size=d.image_size, resize_mode=d.resize_mode, resize_only_if_bigger=False,
+                          upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=9 if d.encode_format == "png" else 95,
+                          encode_format=d.encode_format, skip_reencode=False, disable_all_reencoding=False,
+                          min_image_size=0, max_image_area=float(d.max_image_pixels), max_aspect_ratio=float("inf"))
+        return Downloader(
+            sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=d.thread_count,
+            save_caption=True, extract_exif=False, output_folder=self.out.url(""), column_list=column_list,
+            timeout=d.timeout, number_sample_per_shard=d.samples_per_shard, oom_shard_count=OOM_SHARD,
+            compute_hash="sha256", verify_hash_type=None, encode_format=d.encode_format, retries=d.retries,
+            user_agent_token="cidistill", disallowed_header_directives=list(d.disallowed_header_directives) or None)
+
+    def run_shards(self, pending: list[str]) -> dict[str, str]:
+        from .stage import run_tasks
+
+        downloader = self._downloader()
+        items = [(downloader, int(s), self.tmp.url(f"{int(s)}.feather"), self.d.max_image_pixels) for s in pending]
+        results = run_tasks(_download_one, items, use_ray=self.use_ray, retries=self.d.shard_retries,
+                            desc="download")
+        return {shard_name(r.item[1]): r.error for r in results if not r.ok}
+
+    def finish(self, stats: dict) -> dict:
+        plan = self.out.read_json("_plan.json")
+        stats["urls_rejected"] = plan["urls_rejected"]
+        stats["urls_accepted"] = plan["urls_accepted"]
+        stats["urls_total"] = plan["urls_accepted"] + sum(plan["urls_rejected"].values())
+        # img2dataset catches per-sample exceptions and only prints them: check nothing went missing
+        rows = sum(pq.read_metadata(self.out.fs.open(self.out.path(f"{s}.parquet"), "rb")).num_rows
+                   for s in plan["shards"] if self.out.exists(f"{s}.parquet"))
+        stats["rows_written"] = rows
+        stats["samples_lost"] = stats.get("count", 0) - rows
+        for k in ("start_time", "end_time", "duration"):
+            stats.pop(k, None)
+        if not stats["failed_shards"] and self.tmp.fs.exists(self.tmp.root):
+            self.tmp.fs.rm(self.tmp.root, recursive=True)
+        return stats
+
+    def summary(self, stats: dict) -> str:
+        return (f"{stats.get('successes', 0)} ok / {stats.get('failed_to_download', 0) + stats.get('failed_to_resize', 0)}"
+                f" failed / {sum(stats['urls_rejected'].values())} rejected URLs, {stats['shards_done']} shards")
+
+
+def _download_one(item) -> str:
+    """One Ray task: img2dataset downloads one shard. Raises so that Ray retries a failed shard."""
+    downloader, shard_id, feather, max_pixels = item
+    set_env_defaults()
+    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(max_pixels))  # OpenCV's own decode-size guard
+    downloader.download_shard((shard_id, feather))
+    return shard_name(shard_id)
+
+
+def load_download_table(cfg: Config, shard: str, columns: list[str] | None = None) -> pa.Table:
+    """img2dataset's per-shard parquet, successful rows only."""
+    t = Store(cfg.stage_dir("download")).read_table(f"{shard}.parquet", columns=columns and list(
+        dict.fromkeys(list(columns) + ["status"])))
+    t = t.filter(pc.equal(t.column("status"), "success"))
+    return t.select(columns) if columns else t
+
+
+def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
+    return DownloadStage(cfg, use_ray=use_ray).run(force=force)

@@ -1,0 +1,122 @@
+"""Process set-up shared by the driver and every Ray worker: quiet offline defaults, the torchvision
+op-schema fix, and Ray start/join."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from pathlib import Path
+
+log = logging.getLogger("cidistill")
+
+# Offline-safe defaults; a user who exports another value keeps it.
+ENV_DEFAULTS = {
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "WANDB_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "PYTHONWARNINGS": "ignore::UserWarning:albumentations",
+}
+
+
+def set_env_defaults() -> None:
+    for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+_TV_LOCK = threading.Lock()
+_TV_LIB = None  # keeps the fallback torch.library alive (a collected Library unregisters its ops)
+_TV_CHECKED = False
+
+
+def fix_torchvision() -> bool:
+    """Make `import torchvision` (and so `import open_clip`) work when its compiled ops cannot load.
+
+    PyPI's torchvision 0.28.0 is a CUDA build; on CPU torch its `_C` extension fails to load and
+    `torchvision._meta_registrations` then dies with "operator torchvision::nms does not exist".
+    Registering the two op schemas lets the pure-Python parts import. When the real ops load
+    (matching torch, e.g. CUDA on a GPU box) nothing is changed. Returns True when the fallback was used.
+    """
+    global _TV_LIB, _TV_CHECKED
+    with _TV_LOCK:
+        if _TV_CHECKED:
+            return _TV_LIB is not None
+        _TV_CHECKED = True
+        import torch
+
+        spec = importlib.util.find_spec("torchvision")
+        if spec is None or spec.origin is None:
+            return False
+        if _has_op("nms"):
+            return False
+        libs = sorted(Path(spec.origin).parent.glob("_C*.so")) + sorted(Path(spec.origin).parent.glob("_C*.pyd"))
+        for lib_path in libs:
+            try:
+                torch.ops.load_library(str(lib_path))
+                if _has_op("nms"):
+                    return False
+            except (OSError, RuntimeError):
+                pass
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            if not _has_op(op):
+                lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TV_LIB = lib
+        log.debug("torchvision compiled ops unavailable; registered nms/qnms schemas")
+        return True
+
+
+def _has_op(name: str) -> bool:
+    import torch
+
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", "")
+        return True
+    except RuntimeError:
+        return False
+
+
+def import_open_clip():
+    """The one place the project imports open_clip: env defaults and the torchvision fix first."""
+    set_env_defaults()
+    fix_torchvision()
+    import open_clip
+
+    return open_clip
+
+
+def worker_setup() -> None:
+    """Ray `worker_process_setup_hook`: every worker gets the same environment and fix as the driver."""
+    set_env_defaults()
+    fix_torchvision()
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
+    """Join `address` (or RAY_ADDRESS) when given, else start a quiet local cluster on 127.0.0.1."""
+    set_env_defaults()
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"worker_process_setup_hook": "pipeline.runtime.worker_setup",
+                   "env_vars": {k: os.environ[k] for k in ENV_DEFAULTS}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING, **kwargs)
+    try:  # Ray Data's per-op progress bars are noisy in logs; keep the global one
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_operator_progress_bars = False
+        ctx.print_on_execution_start = False
+    except Exception:  # older Ray
+        pass
+    return ray
