@@ -1,0 +1,170 @@
+"""Training and evaluation data: the download stage's images and captions joined by `key` with the teacher's
+embeddings (embed/), the kept set (balance/) and the pseudo-labels (cluster/). Images are decoded once into
+a uint8 tensor; batches are a pure function of (seed, step), so a resumed run sees the same batches."""
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.config import Config
+from pipeline.stage import Store
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def read_tar_images(store: Store, name: str) -> dict[str, bytes]:
+    """key -> encoded image bytes from one webdataset shard (member names are never used as paths)."""
+    out = {}
+    with store.fs.open(store.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for m in tar:
+            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
+                key = m.name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                out[key] = tar.extractfile(m).read()
+    return out
+
+
+def decode_rgb(data: bytes, size: int) -> np.ndarray:
+    """Decode to RGB (alpha composited on white: emoji are transparent PNGs), resized to size×size."""
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    if im.mode in ("RGBA", "LA", "P", "PA"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    im = im.convert("RGB")
+    if size and im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def emb_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed-size-list float16 column to an (N, D) float32 array; null rows become NaN."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    d = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    if col.null_count:
+        out = np.full((len(col), d), np.nan, np.float32)
+        valid = ~col.is_null().to_numpy(zero_copy_only=False)
+        out[valid] = flat.reshape(-1, d) if len(flat) == valid.sum() * d else flat.reshape(len(col), d)[valid]
+        return out
+    return flat.reshape(len(col), d)
+
+
+@dataclass
+class Pairs:
+    keys: list[str]
+    images: torch.Tensor                 # (N, 3, S, S) uint8
+    captions: list[str]
+    captions_zh: list[str]
+    meta: pa.Table                       # extra columns (vendor, base, subgroup, …) for eval
+    t_img: torch.Tensor | None = None    # teacher embeddings (N, D) float32
+    t_txt: torch.Tensor | None = None
+    cluster_id: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def shard_names(cfg: Config) -> list[str]:
+    return [n[:-len(".tar")] for n in Store(cfg.stage_dir("download")).glob("*.tar")]
+
+
+def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters: bool = False,
+               balanced: bool = False, vendor: str = "", exclude_vendor: str = "") -> Pairs:
+    """Join every stage's per-shard table by key. `vendor` keeps one artist style (eval), `exclude_vendor`
+    drops one (training on styles the evaluation never sees)."""
+    dl = Store(cfg.stage_dir("download"))
+    emb = Store(cfg.stage_dir("embed")) if teacher else None
+    bal = Store(cfg.stage_dir("balance")) if balanced else None
+    clu = Store(cfg.stage_dir("cluster")) if clusters else None
+    keys, imgs, caps, zhs, metas, t_img, t_txt, cids = [], [], [], [], [], [], [], []
+    stats = {"rows": 0, "not_kept": 0, "no_embedding": 0, "undecodable": 0, "other_vendor": 0}
+    for shard in shard_names(cfg):
+        t = dl.read_table(f"{shard}.parquet")
+        t = t.filter(pc.equal(t.column("status"), "success"))
+        stats["rows"] += t.num_rows
+        if "vendor" in t.column_names and (vendor or exclude_vendor):
+            v = t.column("vendor")
+            mask = pc.equal(v, vendor) if vendor else pc.not_equal(v, exclude_vendor)
+            stats["other_vendor"] += t.num_rows - pc.sum(mask).as_py()
+            t = t.filter(mask)
+        if bal is not None:
+            b = bal.read_table(f"{shard}.parquet", columns=["key", "kept"])
+            kept = b.filter(b.column("kept")).column("key")
+            before = t.num_rows
+            t = t.filter(pc.is_in(t.column("key"), kept))
+            stats["not_kept"] += before - t.num_rows
+        if emb is not None:
+            e = emb.read_table(f"{shard}.parquet", columns=["key", "image_emb", "text_emb"])
+            before = t.num_rows
+            t = t.join(e, "key", join_type="inner")
+            stats["no_embedding"] += before - t.num_rows
+        if clu is not None:
+            c = clu.read_table(f"{shard}.parquet", columns=["key", "cluster_id"])
+            t = t.join(c, "key", join_type="inner")
+        t = t.sort_by("key")
+        raw = read_tar_images(dl, f"{shard}.tar")
+        good = []
+        for i, k in enumerate(t.column("key").to_pylist()):
+            try:
+                imgs.append(decode_rgb(raw[k], image_size))
+                good.append(i)
+            except Exception:
+                stats["undecodable"] += 1
+        t = t.take(pa.array(good, pa.int64()))
+        keys += t.column("key").to_pylist()
+        caps += [c or "" for c in t.column("caption").to_pylist()]
+        zhs += [c or "" for c in t.column("caption_zh").to_pylist()] if "caption_zh" in t.column_names else [""] * t.num_rows
+        metas.append(t.select([c for c in ("key", "vendor", "base", "base_name", "base_name_zh", "group",
+                                           "subgroup", "emoji") if c in t.column_names]))
+        if emb is not None:
+            t_img.append(emb_matrix(t.column("image_emb")))
+            t_txt.append(emb_matrix(t.column("text_emb")))
+        if clu is not None:
+            cids.append(t.column("cluster_id").to_numpy())
+    if not keys:
+        raise ValueError("no training pairs: are the earlier stages done and is the vendor filter right?")
+    images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    return Pairs(keys, images, caps, zhs, pa.concat_tables(metas),
+                 torch.from_numpy(np.concatenate(t_img)) if t_img else None,
+                 torch.from_numpy(np.concatenate(t_txt)) if t_txt else None,
+                 torch.from_numpy(np.concatenate(cids)).long() if cids else None, stats)
+
+
+def normalise(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
+    x = images_u8.float().div_(255)
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, scale=(0.8, 1.0), shift: float = 0.1) -> torch.Tensor:
+    """Random resized crop as one batched affine warp (no flips: an emoji's direction is meaning)."""
+    n = x.shape[0]
+    s = torch.empty(n).uniform_(*scale, generator=gen)
+    tx = torch.empty(n).uniform_(-shift, shift, generator=gen)
+    ty = torch.empty(n).uniform_(-shift, shift, generator=gen)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, tx, ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Rows of global batch `step` (epochs are seeded permutations), this rank's contiguous slice."""
+    per_epoch = max(1, n // batch_size)
+    epoch, b = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    rows = perm[b * batch_size:(b + 1) * batch_size]
+    local = math.ceil(batch_size / world)
+    return rows[rank * local:(rank + 1) * local]

