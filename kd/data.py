@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import Config
-from pipeline.stage import Store
+from pipeline.stage import Store, join_on_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -107,11 +107,11 @@ def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters:
         if emb is not None:
             e = emb.read_table(f"{shard}.parquet", columns=["key", "image_emb", "text_emb"])
             before = t.num_rows
-            t = t.join(e, "key", join_type="inner")
+            t = join_on_key(t, e)
             stats["no_embedding"] += before - t.num_rows
         if clu is not None:
             c = clu.read_table(f"{shard}.parquet", columns=["key", "cluster_id"])
-            t = t.join(c, "key", join_type="inner")
+            t = join_on_key(t, c)
         t = t.sort_by("key")
         raw = read_tar_images(dl, f"{shard}.tar")
         good = []

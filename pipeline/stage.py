@@ -227,3 +227,19 @@ class Stage:
 
     def summary(self, stats: dict) -> str:
         return f"{stats['shards_done']} shards"
+
+
+def join_on_key(left: pa.Table, right: pa.Table, key: str = "key") -> pa.Table:
+    """Inner join by key that keeps left's order (Arrow's hash join cannot carry fixed-size-list columns)."""
+    pos = {k: i for i, k in enumerate(right.column(key).to_pylist())}
+    li, ri = [], []
+    for i, k in enumerate(left.column(key).to_pylist()):
+        j = pos.get(k)
+        if j is not None:
+            li.append(i)
+            ri.append(j)
+    lt = left.take(pa.array(li, pa.int64()))
+    rt = right.take(pa.array(ri, pa.int64())).drop([key])
+    for name in rt.column_names:
+        lt = lt.append_column(rt.schema.field(name), rt.column(name))
+    return lt

@@ -1,0 +1,208 @@
+"""balance: image semantic balance (CLIP-CID §3.1). Removes, in this order,
+  bad_embedding  NaN/inf/zero teacher image embeddings
+  exact_dup      same decoded-pixel hash
+  near_dup       cosine >= near_dup_cos to an earlier item of its k-means cluster
+  semantic_dup   cosine >  1 - eps to an earlier item of its cluster (SemDeDup's rule)
+  cluster_cap    beyond the per-cluster cap (optional)
+"Earlier" is the keep policy's order inside the cluster: hard (farthest from the centroid first, as
+SemDeDup), easy (nearest first) or random. Memory is bounded by the largest cluster: oversized clusters are
+split, and similarities are computed in row blocks. Decisions are saved once, then written per shard."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .cluster import assign, l2n, spherical_kmeans
+from .config import BalanceConfig, Config
+from .schema import BALANCE_SCHEMA
+from .stage import Stage, StageError, Store, shard_stats_name
+
+BLOCK = 2048
+
+
+def earlier_max(x: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """For rows in keep order: the max cosine to any earlier row and which row (-1 for the first)."""
+    n = len(x)
+    best = np.full(n, -np.inf, np.float32)
+    arg = np.full(n, -1, np.int64)
+    for a in range(1, n, block):
+        b = min(n, a + block)
+        s = x[a:b] @ x[:b].T                                  # (rows a..b) x (all rows before b)
+        s[np.arange(b - a)[:, None] <= np.arange(b)[None, :] - a] = -np.inf  # only strictly earlier rows
+        arg[a:b] = s.argmax(1)
+        best[a:b] = s[np.arange(b - a), arg[a:b]]
+    return best, arg
+
+
+def semdedup_reference(x: np.ndarray, eps: float) -> np.ndarray:
+    """SemDeDup's own formulation, for tests and the bench: the full similarity matrix of a cluster in
+    keep order, upper triangle, column max; True = keep."""
+    sim = x @ x.T
+    tri = np.triu(sim, k=1)
+    m = tri.max(axis=0) if len(x) > 1 else np.zeros(len(x))
+    return ~(m > 1 - eps)
+
+
+def keep_order(x: np.ndarray, centroid: np.ndarray, policy: str, rng: np.random.Generator) -> np.ndarray:
+    if policy == "random":
+        return rng.permutation(len(x))
+    sim = x @ centroid
+    return np.argsort(sim if policy == "hard" else -sim, kind="stable")  # hard: least similar first
+
+
+def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, max_size: int, seed: int):
+    """Split clusters above max_size with a sub-k-means so that no cluster exceeds it (bounds memory)."""
+    labels = labels.copy()
+    cents = [c for c in centroids]
+    for _ in range(8):
+        sizes = np.bincount(labels, minlength=len(cents))
+        big = np.flatnonzero(sizes > max_size)
+        if not len(big):
+            break
+        for c in big:
+            idx = np.flatnonzero(labels == c)
+            parts = math.ceil(len(idx) / max_size) + 1
+            sub, _ = spherical_kmeans(x[idx], parts, niter=10, seed=seed)
+            sub_ids, _ = assign(x[idx], sub)
+            base = len(cents)
+            cents.extend(sub[1:])
+            cents[c] = sub[0]
+            labels[idx] = np.where(sub_ids == 0, c, base + sub_ids - 1)
+    return labels, np.stack(cents)
+
+
+def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: BalanceConfig) -> tuple[pa.Table, dict]:
+    """The whole rule on in-memory arrays. Returns a table key/kept/drop_reason/dup_of/balance_cluster
+    and the stats."""
+    n = len(keys)
+    reason = np.full(n, None, dtype=object)
+    dup_of = np.full(n, None, dtype=object)
+    cluster = np.full(n, -1, np.int32)
+    norms = np.linalg.norm(x, axis=1)
+    bad = ~np.isfinite(x).all(1) | (norms < 1e-6)
+    reason[bad] = "bad_embedding"
+    # exact duplicates: the first key (sorted) of each hash group survives
+    first_of: dict[str, int] = {}
+    for i in np.argsort(keys, kind="stable"):
+        if bad[i] or not hashes[i]:
+            continue
+        j = first_of.setdefault(hashes[i], i)
+        if j != i:
+            reason[i], dup_of[i] = "exact_dup", keys[j]
+    live = np.flatnonzero(reason == None)  # noqa: E711 (object array)
+    xs = l2n(x[live])
+    stats: dict = {"input": n}
+    eps_sorted = sorted(bc.semantic_eps)
+    sweep = Counter()
+    sizes_before = sizes_after = np.zeros(0, np.int64)
+    if len(live):
+        k = bc.kmeans_k or max(1, int(round(math.sqrt(len(live)))))
+        k = min(k, len(live))
+        cents, info = spherical_kmeans(xs, k, seed=bc.seed, gpu=bc.gpu)
+        labels, _ = assign(xs, cents, bc.gpu)
+        labels, cents = split_oversized(xs, labels, cents, bc.max_cluster_size, bc.seed)
+        stats["kmeans"] = dict(info, clusters_after_split=len(cents))
+        cluster[live] = labels
+        rng = np.random.default_rng(bc.seed)
+        sizes_before = np.bincount(labels, minlength=len(cents))
+        sizes_after = np.zeros(len(cents), np.int64)
+        members = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[members], np.arange(len(cents) + 1))
+        for c in range(len(cents)):
+            idx = members[bounds[c]:bounds[c + 1]]
+            if not len(idx):
+                continue
+            order = idx[keep_order(xs[idx], cents[c], bc.keep, rng)]
+            best, arg = earlier_max(xs[order])
+            for e in eps_sorted:
+                sweep[e] += int((best > 1 - e).sum())
+            kept_in_cluster = 0
+            for pos, row in enumerate(order):
+                g = live[row]
+                if best[pos] >= bc.near_dup_cos or best[pos] > 1 - bc.apply_eps:
+                    reason[g] = "near_dup" if best[pos] >= bc.near_dup_cos else "semantic_dup"
+                    near = live[order[arg[pos]]]
+                    dup_of[g] = keys[near] if reason[near] is None else dup_of[near]  # its surviving representative
+                elif bc.cluster_cap and kept_in_cluster >= bc.cluster_cap:
+                    reason[g] = "cluster_cap"
+                else:
+                    kept_in_cluster += 1
+            sizes_after[c] = kept_in_cluster
+    kept = np.array([r is None for r in reason])
+    counts = Counter(r for r in reason if r is not None)
+    stats.update(kept=int(kept.sum()), removed=int((~kept).sum()),
+                 removed_by_rule={r: int(counts.get(r, 0)) for r in ("bad_embedding", "exact_dup", "near_dup",
+                                                                      "semantic_dup", "cluster_cap")},
+                 eps_sweep={str(e): sweep[e] for e in eps_sorted}, apply_eps=bc.apply_eps,
+                 clusters=int(len(sizes_before)),
+                 cluster_size_max_before=int(sizes_before.max()) if len(sizes_before) else 0,
+                 cluster_size_max_after=int(sizes_after.max()) if len(sizes_after) else 0)
+    table = pa.table({"key": pa.array(keys.tolist(), pa.string()), "kept": kept,
+                      "drop_reason": pa.array(reason.tolist(), pa.string()),
+                      "dup_of": pa.array(dup_of.tolist(), pa.string()), "balance_cluster": cluster},
+                     schema=BALANCE_SCHEMA)
+    return table, {"stats": stats, "sizes_before": sizes_before.tolist(), "sizes_after": sizes_after.tolist()}
+
+
+class BalanceStage(Stage):
+    def __init__(self, cfg: Config, use_ray: bool = True):
+        self.cfg, self.bc = cfg, cfg.balance
+        super().__init__(name="balance", out_dir=cfg.stage_dir("balance"), config={"balance": vars(cfg.balance)})
+        self.emb = Store(cfg.stage_dir("embed"))
+
+    def shards(self) -> list[str]:
+        if not self.emb.exists("_DONE"):
+            raise StageError(f"balance needs a finished embed stage in {self.emb.uri}")
+        return [n[:-len(".parquet")] for n in self.emb.glob("[0-9]*.parquet")]
+
+    def _decide(self) -> pa.Table:
+        """Global decisions, saved before any shard output so a resumed run writes the same shards."""
+        if self.out.exists("_decisions.parquet"):
+            return self.out.read_table("_decisions.parquet")
+        from kd.data import emb_matrix
+
+        keys, xs, hashes, shard_of = [], [], [], []
+        for s in self.shards():
+            t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash"])
+            keys += t.column("key").to_pylist()
+            xs.append(emb_matrix(t.column("image_emb")))
+            hashes += [h or "" for h in t.column("image_hash").to_pylist()]
+            shard_of += [s] * t.num_rows
+        dup = [k for k, c in Counter(keys).items() if c > 1]
+        if dup:
+            raise StageError(f"duplicate keys across embed shards (e.g. {dup[:3]}): the embed folder mixes runs")
+        x = np.concatenate(xs) if xs else np.zeros((0, 1), np.float32)
+        table, extra = balance_decisions(np.array(keys, dtype=object), x, np.array(hashes, dtype=object), self.bc)
+        table = table.append_column("shard", pa.array(shard_of, pa.string()))
+        self.out.write_json("cluster_sizes.json", {k: extra[k] for k in ("sizes_before", "sizes_after")})
+        self.out.write_json("_global_stats.json", extra["stats"])
+        self.out.write_table("_decisions.parquet", table)
+        return table
+
+    def run_shards(self, pending: list[str]) -> dict[str, str]:
+        table = self._decide()
+        for s in pending:
+            part = table.filter(pc.equal(table.column("shard"), s)).drop(["shard"]).sort_by("key")
+            self.out.write_table(f"{s}.parquet", part)
+            reasons = Counter(r for r in part.column("drop_reason").to_pylist() if r)
+            self.out.write_json(shard_stats_name(s), {"samples": part.num_rows,
+                                                      "kept_samples": int(pc.sum(part.column("kept")).as_py() or 0),
+                                                      "dropped": dict(reasons)})
+        return {}
+
+    def finish(self, stats: dict) -> dict:
+        stats.update(self.out.read_json("_global_stats.json"))
+        return stats
+
+    def summary(self, stats: dict) -> str:
+        r = stats.get("removed_by_rule", {})
+        return (f"kept {stats.get('kept', 0)}/{stats.get('input', 0)}; removed " +
+                ", ".join(f"{k} {v}" for k, v in r.items() if v) + f"; {stats.get('clusters', 0)} clusters")
+
+
+def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
+    return BalanceStage(cfg, use_ray=use_ray).run(force=force)
