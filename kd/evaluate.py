@@ -1,0 +1,220 @@
+"""eval: ELEVATER-style zero-shot classification with EN and ZH prompt ensembles, a scikit-learn linear
+probe, and image<->text retrieval recall@k, the same way for any model (teacher, checkpoint, exported
+folder, open_clip tag). Demo tasks: ~1.9k base-emoji names on the held-out artist style; subgroup probe
+fitted on the training styles only (never on the evaluation images)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import Config
+from pipeline.stage import StageError, Store
+from .data import load_pairs, normalise
+from .models import LoadedModel, count_params, create
+
+TEMPLATES = {
+    "en": ["{}", "an emoji of {}.", "a {} emoji.", "an icon showing {}."],
+    "zh": ["{}", "{}的表情符号。", "一个{}表情。", "显示{}的图标。"],
+}
+
+
+def load_for_eval(cfg: Config, spec: str) -> LoadedModel:
+    if spec == "student":
+        from .export import load_trained_student
+
+        return load_trained_student(cfg)
+    if spec == "teacher":
+        return create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
+    if spec.startswith("local-dir:"):
+        return create(spec)
+    name, _, tag = spec.partition("/")  # open_clip tag: MODEL/PRETRAINED
+    return create(name, tag)
+
+
+def image_size(lm: LoadedModel) -> int:
+    s = lm.model_cfg["vision_cfg"]["image_size"]
+    return s if isinstance(s, int) else s[0]
+
+
+@torch.no_grad()
+def image_features(lm: LoadedModel, images_u8: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    mean, std = lm.preprocess_cfg.get("mean"), lm.preprocess_cfg.get("std")
+    out = [lm.model.encode_image(normalise(images_u8[i:i + batch], mean, std)).float()
+           for i in range(0, len(images_u8), batch)]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+@torch.no_grad()
+def text_features(lm: LoadedModel, texts: list[str], batch: int = 512) -> torch.Tensor:
+    out = [lm.model.encode_text(lm.tokenizer(texts[i:i + batch])).float() for i in range(0, len(texts), batch)]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def classifier(lm: LoadedModel, names: list[str], lang: str) -> torch.Tensor:
+    """Prompt ensemble: each class's text embeddings averaged over templates, then normalised."""
+    temps = TEMPLATES[lang]
+    feats = text_features(lm, [t.format(n) for n in names for t in temps]).view(len(names), len(temps), -1)
+    return F.normalize(feats.mean(1), dim=-1)
+
+
+def topk_correct(img: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor, k: int) -> np.ndarray:
+    top = (img @ cls.t()).topk(k, dim=1).indices
+    return (top == labels[:, None]).any(1).numpy()
+
+
+def recall_at(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Pair i's image and caption i match; captions shared by several images count any of them."""
+    sim = img @ txt.t()
+    n = len(img)
+    idx = torch.arange(n)
+    out = {}
+    for name, s in (("i2t", sim), ("t2i", sim.t())):
+        rank = (s > s[idx, idx][:, None]).sum(1)
+        out.update({f"{name}_r@{k}": float((rank < k).float().mean()) for k in ks})
+    return out
+
+
+def linear_probe(train_x, train_y, test_x, test_y, max_iter: int = 300, seed: int = 0) -> dict:
+    """Logistic regression; C chosen on a validation split of the training features."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
+    from sklearn.model_selection import train_test_split
+
+    tr_x, va_x, tr_y, va_y = train_test_split(train_x, train_y, test_size=0.2, random_state=seed)
+    best = (-1.0, None)
+    for c in (0.1, 1.0, 10.0, 100.0):
+        acc = LogisticRegression(C=c, max_iter=max_iter).fit(tr_x, tr_y).score(va_x, va_y)
+        best = max(best, (acc, c), key=lambda t: t[0])
+    clf = LogisticRegression(C=best[1], max_iter=max_iter).fit(train_x, train_y)
+    return {"probe_top1": float(clf.score(test_x, test_y)), "probe_C": best[1], "probe_val_top1": best[0]}
+
+
+@torch.no_grad()
+def throughput(lm: LoadedModel, batch: int = 128, reps: int = 3) -> float:
+    s = image_size(lm)
+    x = torch.randn(batch, 3, s, s)
+    lm.model.encode_image(x)
+    t = time.perf_counter()
+    for _ in range(reps):
+        lm.model.encode_image(x)
+    return batch * reps / (time.perf_counter() - t)
+
+
+def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
+    """Exact McNemar test on per-image correctness of two models on the same images."""
+    from scipy.stats import binomtest
+
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(a_only, a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": float(p)}
+
+
+def evaluate(cfg: Config, lm: LoadedModel, tasks=None, cache: dict | None = None) -> tuple[dict, dict]:
+    """Returns (metrics, per-image correctness arrays for paired tests)."""
+    tasks = tasks or cfg.eval.tasks
+    lm.model.eval()
+    size = image_size(lm)
+    key = ("pairs", size)
+    if cache is not None and key in cache:
+        test, train = cache[key]
+    else:
+        test = load_pairs(cfg, image_size=size, vendor=cfg.eval.vendor)
+        train = load_pairs(cfg, image_size=size, exclude_vendor=cfg.eval.vendor) if "linear_probe" in tasks else None
+        if cache is not None:
+            cache[key] = (test, train)
+    res, per = {"params": count_params(lm.model), "eval_images": len(test)}, {}
+    img = image_features(lm, test.images)
+    meta = test.meta.to_pydict()
+    if "zeroshot" in tasks and "base" in meta:
+        names = {}
+        for t in [test] + ([train] if train is not None else []):
+            m = t.meta.to_pydict()
+            for b, en, zh in zip(m["base"], m["base_name"], m["base_name_zh"]):
+                names.setdefault(b, (en, zh or en))
+        bases = sorted(names)
+        labels = torch.tensor([bases.index(b) for b in meta["base"]])
+        res["zeroshot_classes"] = len(bases)
+        for li, lang in enumerate(("en", "zh")):
+            cls = classifier(lm, [names[b][li] for b in bases], lang)
+            per[f"zeroshot_{lang}"] = topk_correct(img, cls, labels, 1)
+            res[f"zeroshot_{lang}_top1"] = float(per[f"zeroshot_{lang}"].mean())
+            res[f"zeroshot_{lang}_top5"] = float(topk_correct(img, cls, labels, 5).mean())
+    if "linear_probe" in tasks and train is not None and "subgroup" in meta:
+        tr_img = image_features(lm, train.images).numpy()
+        res.update(linear_probe(tr_img, train.meta.column("subgroup").to_pylist(), img.numpy(), meta["subgroup"],
+                                cfg.eval.probe_max_iter))
+    if "retrieval" in tasks:
+        res["retrieval_en"] = recall_at(img, text_features(lm, test.captions))
+        if any(test.captions_zh):
+            zh = [c or e for c, e in zip(test.captions_zh, test.captions)]
+            res["retrieval_zh"] = recall_at(img, text_features(lm, zh))
+    res["image_throughput"] = throughput(lm)
+    return res, per
+
+
+def results_markdown(results: dict[str, dict]) -> str:
+    cols = [("zeroshot_en_top1", "ZS EN top-1"), ("zeroshot_zh_top1", "ZS ZH top-1"), ("zeroshot_en_top5", "ZS EN top-5"),
+            ("zeroshot_zh_top5", "ZS ZH top-5"), ("probe_top1", "probe top-1"), ("retrieval_en.i2t_r@1", "I→T R@1 EN"),
+            ("retrieval_zh.i2t_r@1", "I→T R@1 ZH"), ("retrieval_en.t2i_r@5", "T→I R@5 EN"), ("params", "params"),
+            ("image_throughput", "img/s")]
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in results.items():
+        cells = []
+        for k, _ in cols:
+            v = r
+            for part in k.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            cells.append("–" if v is None else f"{v:,}" if k == "params" else f"{v:.0f}" if k == "image_throughput"
+                         else f"{100 * v:.1f}%")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
+    out = Store(cfg.stage_dir("eval"))
+    if out.exists("_DONE") and not force:
+        print(f"[eval] already done ({out.uri}); nothing to do")
+        return out.read_json("results.json")
+    t0 = time.time()
+    results, per, cache = {}, {}, {}
+    for spec in ("teacher", "student"):
+        if spec == "teacher" and not cfg.teacher.pretrained:
+            continue
+        try:
+            lm = load_for_eval(cfg, spec)
+        except StageError:
+            continue
+        results[spec], per[spec] = evaluate(cfg, lm, cache=cache)
+    if "teacher" in results and "student" in results:
+        t, s = results["teacher"], results["student"]
+        results["student_vs_teacher"] = {
+            "zeroshot_en_retention": s.get("zeroshot_en_top1", 0) / max(t.get("zeroshot_en_top1", 0), 1e-9),
+            "student_zh_over_en": s.get("zeroshot_zh_top1", 0) / max(s.get("zeroshot_en_top1", 0), 1e-9),
+            "params_ratio": s["params"] / t["params"],
+            "throughput_ratio": s["image_throughput"] / t["image_throughput"]}
+    md = results_markdown({k: v for k, v in results.items() if "params" in v})
+    if "student_vs_teacher" in results:
+        md += "\n" + "\n".join(f"- {k}: {v:.3f}" for k, v in results["student_vs_teacher"].items()) + "\n"
+    out.write_bytes("results.md", md.encode())
+    for name, arrays in per.items():
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        out.write_bytes(f"{name}_correct.npz", buf.getvalue())
+    results["seconds"] = round(time.time() - t0, 2)
+    out.write_json("results.json", results)
+    out.write_json("_DONE", {"stage": "eval", "finished": time.time()})
+    s = results.get("student", {})
+    print(f"[eval] done: student zero-shot EN {100 * s.get('zeroshot_en_top1', 0):.1f}% / "
+          f"ZH {100 * s.get('zeroshot_zh_top1', 0):.1f}% top-1 in {results['seconds']:.0f}s")
+    return results

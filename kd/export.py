@@ -1,0 +1,133 @@
+"""export: open_clip `local-dir` folders (open_clip_config.json + open_clip_model.safetensors + README.md)
+that `open_clip.create_model_and_transforms("local-dir:PATH")` loads with open_clip alone; optional ONNX."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config
+from pipeline.stage import StageError, Store
+from .models import LoadedModel, count_params, create, state_dict_for_export
+
+
+def export_local_dir(lm: LoadedModel, out: Path, readme: str = "") -> Path:
+    """Atomic: build the folder under a temporary name, then rename it into place."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir(parents=True)
+    try:
+        model_cfg = json.loads(json.dumps(lm.model_cfg))
+        text = model_cfg.get("text_cfg", {})
+        if text.get("hf_tokenizer_name"):
+            # open_clip reads an HF tokenizer of a local-dir model from the folder itself
+            src = Path(text["hf_tokenizer_name"])
+            for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+                if (src / f).exists():
+                    shutil.copyfile(src / f, tmp / f)
+            text["hf_model_pretrained"] = False  # weights come from the safetensors file
+        cfg = {"model_cfg": model_cfg, "preprocess_cfg": _jsonable(lm.preprocess_cfg)}
+        (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        vocab = lm.model_cfg.get("text_cfg", {}).get("vocab_size", 49408)
+        save_file(state_dict_for_export(lm.model, vocab), str(tmp / "open_clip_model.safetensors"))
+        (tmp / "README.md").write_text(readme or f"# {out.name}\n\nopen_clip model exported by cidistill.\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def load_trained_student(cfg: Config) -> LoadedModel:
+    """The train stage's final weights (trimmed vocabulary expanded) in a plain open_clip model."""
+    train_dir = Path(cfg.stage_dir("train"))
+    if not (train_dir / "model.safetensors").exists():
+        raise StageError(f"no trained student in {train_dir}: run the train stage first")
+    meta = json.loads((train_dir / "student.json").read_text())
+    return create(meta["model"], str(train_dir / "model.safetensors"), meta.get("model_config", ""),
+                  context_length=meta.get("context_length"))
+
+
+def export_onnx(lm: LoadedModel, out: Path) -> dict:
+    """Image and text encoders as ONNX, checked with onnxruntime against torch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model = lm.model.eval()
+    size = lm.model_cfg["vision_cfg"]["image_size"]
+    img = torch.randn(2, 3, size, size)
+    txt = lm.tokenizer(["a smiling face", "一只猫"])
+
+    class Img(torch.nn.Module):
+        def forward(self, x):
+            return model.encode_image(x, normalize=True)
+
+    class Txt(torch.nn.Module):
+        def forward(self, t):
+            return model.encode_text(t, normalize=True)
+
+    diffs = {}
+    for name, mod, x in (("image", Img(), img), ("text", Txt(), txt)):
+        path = out / f"{name}_encoder.onnx"
+        torch.onnx.export(mod, (x,), str(path), input_names=["input"], output_names=["embedding"],
+                          dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            want = mod(x).numpy()
+        diffs[name] = float(np.abs(got - want).max())
+    return diffs
+
+
+def model_card(title: str, lm: LoadedModel, facts: dict) -> str:
+    lines = [f"# {title}", "", "An open_clip model exported by cidistill. Load it with open_clip alone:", "",
+             "```python", "import open_clip",
+             "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:PATH')",
+             "tokenizer = open_clip.get_tokenizer('local-dir:PATH')", "```", "",
+             f"- parameters: {count_params(lm.model):,}"]
+    lines += [f"- {k}: {v}" for k, v in facts.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
+    out = Store(cfg.stage_dir("export"))
+    if out.exists("_DONE") and not force:
+        print(f"[export] already done ({out.uri}); nothing to do")
+        return out.read_json("stats.json")
+    t0 = time.time()
+    root = Path(cfg.stage_dir("export"))
+    student = load_trained_student(cfg)
+    evald = Path(cfg.stage_dir("eval")) / "results.md"
+    facts = {"distilled from": f"{cfg.teacher.model} {cfg.teacher.pretrained}",
+             "training recipe": json.dumps([{"steps": p.steps, "losses": p.losses} for p in cfg.train.phases]),
+             "data card": str(Path(cfg.stage_dir("card")) / "card.html")}
+    readme = model_card("cidistill student", student, facts)
+    if evald.exists():
+        readme += "\n## Evaluation\n\n" + evald.read_text()
+    export_local_dir(student, root / "student", readme)
+    stats = {"student": str(root / "student"), "student_params": count_params(student.model)}
+    if cfg.teacher.pretrained.startswith("local-dir:") or cfg.teacher.pretrained:
+        teacher = create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
+        export_local_dir(teacher, root / "teacher", model_card("cidistill teacher", teacher, {"source": cfg.teacher.pretrained}))
+        stats["teacher"] = str(root / "teacher")
+    if cfg.export.onnx:
+        stats["onnx_max_abs_diff"] = export_onnx(student, root / "student")
+    stats["seconds"] = round(time.time() - t0, 2)
+    out.write_json("stats.json", stats)
+    out.write_json("_DONE", {"stage": "export", "finished": time.time()})
+    print(f"[export] done: student -> {root / 'student'} ({stats['student_params']:,} params)"
+          + (f", teacher -> {root / 'teacher'}" if "teacher" in stats else ""))
+    return stats

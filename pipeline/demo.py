@@ -1,0 +1,106 @@
+"""`cidistill demo`: the emoji data from registry packages, served on 127.0.0.1, through every stage.
+
+The demo's teacher is a LiT model (pretrained MiniLM text tower, locked; small ResNet image tower trained
+with the `clip` loss on the training styles). It is trained once and cached by its config and data."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from .config import Config, load_config
+from .demo_data import LoopbackServer, build_demo_data, cache_dir, table_digest, urls_port, write_urls
+
+DEMO = {
+    "data": {"samples_per_shard": 1000, "image_size": 64, "eval_vendor": "twitter"},
+    "teacher": {"model": "cid-demo-teacher", "batch_size": 256},
+    "balance": {"near_dup_cos": 0.98, "semantic_eps": [0.01, 0.02, 0.05, 0.1], "apply_eps": 0.02, "keep": "hard"},
+    "cluster": {"k": 300},
+    "student": {"model": "cid-tiny-rn", "context_length": 64, "trim_vocab": True},
+    "train": {"batch_size": 128, "lr": 2e-3, "exclude_vendor": "twitter", "ckpt_every": 100,
+              "phases": [{"steps": 100, "losses": {"feature_distill": 1.0}},
+                         {"steps": 500, "losses": {"cluster": 0.5, "instance": 1.0, "align": 0.5}}]},
+    "eval": {"vendor": "twitter"},
+}
+SMALL = {
+    "data": {"samples_per_shard": 100},
+    "balance": {"near_dup_cos": 0.995, "semantic_eps": [0.002, 0.005, 0.01], "apply_eps": 0.005},
+    "cluster": {"k": 20},
+    "train": {"batch_size": 64, "ckpt_every": 10, "log_every": 5,
+              "phases": [{"steps": 10, "losses": {"feature_distill": 1.0}},
+                         {"steps": 20, "losses": {"cluster": 0.5, "instance": 1.0, "align": 0.5}}]},
+    "eval": {"probe_max_iter": 100},
+}
+TEACHER_STEPS = {False: 450, True: 40}
+
+
+def demo_config(workdir: str, small: bool, overrides: list[str] | None = None, config_file: str | None = None) -> Config:
+    from .config import merge
+
+    base = merge(DEMO, SMALL) if small else dict(DEMO)
+    base = merge(base, {"workdir": workdir, "data": {"urls": str(Path(workdir) / "urls.parquet")}})
+    return load_config(config_file, overrides, base=base)
+
+
+def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
+    """Train (once) and cache the demo's LiT teacher; returns its `local-dir:` path."""
+    from kd.export import export_local_dir
+    from kd.models import create
+    from kd.train import latest_checkpoint, train
+
+    tcfg = dataclasses.replace(
+        cfg, student=dataclasses.replace(cfg.student, model=cfg.teacher.model, trim_vocab=False, pretrained=""),
+        train=dataclasses.replace(cfg.train, phases=[dataclasses.replace(cfg.train.phases[0], steps=TEACHER_STEPS[small],
+                                                                         losses={"clip": 1.0})],
+                                  lr=1e-3, batch_size=128, use_balanced=False, workers=1, ckpt_every=50))
+    from .stage import Store
+
+    digest_src = json.dumps({"train": dataclasses.asdict(tcfg.train), "model": tcfg.student.model,
+                             "data": Store(cfg.stage_dir("download")).read_json("stats.json").get("successes"),
+                             "small": small}, sort_keys=True)
+    key = hashlib.sha256(digest_src.encode()).hexdigest()[:12]
+    final = cache_dir() / "teachers" / f"{cfg.teacher.model}-{key}"
+    if (final / "open_clip_model.safetensors").exists():
+        print(f"[teacher] cached: {final}")
+        return f"local-dir:{final}"
+    work = Path(cfg.workdir) / "teacher_train"
+    print(f"[teacher] training the demo LiT teacher ({TEACHER_STEPS[small]} steps, locked MiniLM text tower)")
+    train(tcfg, str(work), use_ray=use_ray, lock_text=True, chinese=False)
+    lm = create(cfg.teacher.model)
+    from safetensors.torch import load_file
+
+    lm.model.load_state_dict(load_file(latest_checkpoint(work) / "model.safetensors"))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    export_local_dir(lm, final, "# cidistill demo teacher\n\nLiT: all-MiniLM-L6-v2 (locked) + ModifiedResNet image tower "
+                                "trained with the CLIP loss on the demo's apple+google emoji.\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return f"local-dir:{final}"
+
+
+def run_demo(args) -> dict:
+    from .cli import run_stages
+    from .config import STAGES
+
+    workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
+    cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
+    if args.ray_address:
+        cfg.ray_address = args.ray_address
+    use_ray = not args.no_ray
+    data = build_demo_data(args.small)
+    urls = Path(cfg.data.urls)
+    print(f"[demo] {data.table.num_rows} emoji pairs (3 artist styles, EN+ZH captions) -> {workdir}")
+    stages = args.stages or list(STAGES)
+    with LoopbackServer(data.root, port=urls_port(urls) if urls.exists() else 0) as srv:
+        write_urls(data, srv.base_url, urls)
+        out = {}
+        if "download" in stages:
+            out.update(run_stages(cfg, ["download"], force=args.force, use_ray=use_ray))
+    if not cfg.teacher.pretrained:
+        cfg.teacher.pretrained = ensure_teacher(cfg, args.small, use_ray=use_ray)
+    rest = [s for s in stages if s != "download"]
+    out.update(run_stages(cfg, rest, force=args.force, use_ray=use_ray))
+    print(f"[demo] done: results in {Path(cfg.stage_dir('eval')) / 'results.md'}, "
+          f"card in {Path(cfg.stage_dir('card')) / 'card.html'}, student in {Path(cfg.stage_dir('export')) / 'student'}")
+    return out
