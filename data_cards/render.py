@@ -1,0 +1,163 @@
+"""card: `card.md`, a self-contained `card.html` (every image embedded) and the PNG plots."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+
+from pipeline.config import Config
+from pipeline.stage import Store
+from . import plots
+from .collect import collect
+
+
+def funnel_numbers(facts: dict) -> list[tuple[str, int]]:
+    st = facts["stages"]
+    d = st.get("download", {}).get("stats", {})
+    steps = [("URLs", d.get("urls_total", 0)), ("downloaded", d.get("successes", 0))]
+    if "embed" in st:
+        steps.append(("decodable", st["embed"]["stats"].get("embedded", 0)))
+    if "balance" in st:
+        steps.append(("kept", st["balance"]["stats"].get("kept", 0)))
+    return steps
+
+
+def build(cfg: Config) -> dict:
+    """Compute the card's text and figures; returns {"md": str, "figures": {name: png}, "facts": ...}."""
+    f = collect(cfg)
+    st = f["stages"]
+    figs: dict[str, bytes] = {}
+    md = ["# Data card", "", f"Generated {f['generated']} by cidistill from the stage folders of `{cfg.workdir}`.", ""]
+    md += ["## Funnel", ""]
+    steps = funnel_numbers(f)
+    figs["funnel.png"] = plots.funnel(steps)
+    md += [f"![funnel](funnel.png)", "", "| step | samples |", "|---|---|"] + [f"| {n} | {v:,} |" for n, v in steps]
+    d = st.get("download", {}).get("stats", {})
+    fails = {k: v for k, v in d.get("status_dict", {}).items() if k != "success"}
+    md += ["", f"Download failures by reason: {json.dumps(fails) if fails else 'none'}; "
+           f"URLs rejected before download: {json.dumps(d.get('urls_rejected', {})) or 'none'}.", ""]
+    if "balance" in st:
+        b = st["balance"]["stats"]
+        figs["drops.png"] = plots.drops(b.get("removed_by_rule", {}), b.get("eps_sweep", {}))
+        md += ["## Image semantic balance", "", "![drops](drops.png)", "", "| rule | removed |", "|---|---|"]
+        md += [f"| {k} | {v:,} |" for k, v in b.get("removed_by_rule", {}).items()]
+        md += ["", f"Applied ε = {b.get('apply_eps')}; the sweep (what each ε would remove): "
+               + ", ".join(f"ε={e}: {v:,}" for e, v in b.get("eps_sweep", {}).items()) + ".", ""]
+        cs = f.get("cluster_sizes", {})
+        figs["clusters.png"] = plots.cluster_sizes(cs.get("sizes_before", []), cs.get("sizes_after", []),
+                                                   f.get("pseudo_label_sizes"))
+        md += ["## Clusters", "", "![clusters](clusters.png)", "",
+               f"- balance clusters: {b.get('clusters', 0)}; largest before {b.get('cluster_size_max_before')}, "
+               f"after {b.get('cluster_size_max_after')}"]
+        if "cluster" in st:
+            c = st["cluster"]["stats"]
+            md += [f"- pseudo-labels: k = {c.get('k')}, {c.get('empty_clusters')} empty, {c.get('tiny_clusters')} tiny, "
+                   f"largest {c.get('largest_cluster')}, median {c.get('median_cluster')}"]
+        md += [""]
+        imgs = f.get("images", {})
+        if f.get("dup_groups"):
+            rows = []
+            for g in f["dup_groups"]:
+                row = [(imgs[g["kept"]], f"KEPT {g['kept_vendor'] or ''}")] if g["kept"] in imgs else []
+                row += [(imgs[m["key"]], f"{m['reason']} {m['vendor'] or ''}") for m in g["members"] if m["key"] in imgs]
+                if row:
+                    rows.append(row)
+            if rows:
+                figs["duplicates.png"] = plots.image_grid(rows, "duplicate groups: kept image (green) beside what was dropped")
+            md += ["## Duplicate groups", "", "![duplicates](duplicates.png)", "",
+                   "| kept key | kept caption | dropped | reasons | styles |", "|---|---|---|---|---|"]
+            for g in f["dup_groups"]:
+                reasons = sorted({m["reason"] for m in g["members"]})
+                vendors = sorted({str(m["vendor"]) for m in g["members"]} | {str(g["kept_vendor"])})
+                md.append(f"| {g['kept']} | {html.escape(g['kept_caption'] or '')} | {g['size']} | {', '.join(reasons)} | {', '.join(vendors)} |")
+            md += [""]
+        if f.get("random_clusters"):
+            rows = [[(imgs[m["key"]], m["caption"] or "") for m in ms if m["key"] in imgs]
+                    for ms in f["random_clusters"].values()]
+            figs["random_clusters.png"] = plots.image_grid([r for r in rows if r], "random pseudo-label clusters")
+            md += ["## Random clusters", "", "![random clusters](random_clusters.png)", ""]
+        if f.get("map"):
+            figs["map.png"] = plots.embedding_map(f["map"]["xy"], f["map"]["cluster"])
+            md += ["## Embedding map", "", "![map](map.png)", ""]
+    if "captions" in f:
+        c = f["captions"]
+        figs["captions.png"] = plots.caption_lengths(c["en_len"], c["zh_len"])
+        md += ["## Captions", "", "![captions](captions.png)", "",
+               f"- {c['n']:,} downloaded pairs: English caption {c['en_present']:,}, Chinese {c['zh_present']:,}, "
+               f"both {c['both']:,}; empty English captions {c['n'] - c['en_present']:,}"]
+        if f.get("vendors"):
+            md += [f"- artist styles: " + ", ".join(f"{k} {v:,}" for k, v in sorted(f["vendors"].items()))]
+        md += [""]
+    md += ["## Lineage", "", "Why was a sample dropped?", "", "```python",
+           "from pipeline.config import load_config", "from data_cards.collect import why",
+           f"why(load_config('CONFIG'), '0000042')  # -> drop_reason, dup_of, cluster_id, caption, url", "```", ""]
+    md += ["## Provenance", "", f"- URL list: `{f.get('urls', {}).get('path', cfg.data.urls)}` "
+           f"sha256 `{f.get('urls', {}).get('sha256', '?')}`"]
+    for s, v in st.items():
+        if v.get("finished"):
+            md.append(f"- {s}: finished {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v['finished']))}")
+    md += ["- packages: " + ", ".join(f"{k} {v}" for k, v in f["versions"].items()), "",
+           "<details><summary>config</summary>", "", "```json", json.dumps(f["config"], indent=1), "```", "</details>", ""]
+    return {"md": "\n".join(md), "figures": figs, "facts": f}
+
+
+def to_html(md_text: str, figures: dict[str, bytes]) -> str:
+    """A small markdown subset to HTML with every PNG inlined as a data URI (one self-contained file)."""
+    out, in_code, in_table = [], False, False
+    for line in md_text.splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            if not in_table:
+                out.append("<table>")
+                in_table = True
+                out.append("<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>")
+            else:
+                out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            alt, name = line[2:].split("](")
+            data = base64.b64encode(figures[name.rstrip(")")]).decode()
+            out.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<li>{html.escape(line[2:]).replace('`', '')}</li>")
+        elif line.startswith("<"):
+            out.append(line)
+        elif line.strip():
+            out.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
+             "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow:auto}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>cidistill data card</title><style>{style}</style></head><body>\n" \
+           + "\n".join(out) + "\n</body></html>\n"
+
+
+def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
+    out = Store(cfg.stage_dir("card"))
+    t0 = time.time()
+    card = build(cfg)
+    for name, png in card["figures"].items():
+        out.write_bytes(name, png)
+    out.write_bytes("card.md", card["md"].encode())
+    out.write_bytes("card.html", to_html(card["md"], card["figures"]).encode())
+    stats = {"figures": sorted(card["figures"]), "funnel": dict(funnel_numbers(card["facts"])),
+             "seconds": round(time.time() - t0, 2)}
+    out.write_json("stats.json", stats)
+    out.write_json("_DONE", {"stage": "card", "finished": time.time()})
+    print(f"[card] done: {out.uri}/card.html ({len(card['figures'])} figures) in {stats['seconds']:.1f}s")
+    return stats
