@@ -41,15 +41,16 @@ class TrainModule(nn.Module):
         self.student, self.heads = student, heads
         self.register_buffer("text_cache", text_cache, persistent=False)
 
-    def forward(self, images, tokens, tokens_zh=None, rows=None):
+    def forward(self, images, tokens, tokens_zh, rows, batch: dict, weights: dict, loss_cfg) -> dict:
+        """Student embeddings, then the weighted loss terms: all inside forward, as DDP requires."""
         img = self.student.encode_image(images)
         if self.text_cache is not None:
-            txt = self.student.text.proj(self.text_cache[rows])
-            return {"img": img, "txt": txt}
-        out = {"img": img, "txt": self.student.encode_text(tokens)}
-        if tokens_zh is not None:
-            out["txt_zh"] = self.student.encode_text(tokens_zh)
-        return out
+            out = {"img": img, "txt": self.student.text.proj(self.text_cache[rows])}
+        else:
+            out = {"img": img, "txt": self.student.encode_text(tokens)}
+            if tokens_zh is not None:
+                out["txt_zh"] = self.student.encode_text(tokens_zh)
+        return compute_losses(weights, out, batch, self.heads, self.student.logit_scale, loss_cfg)
 
 
 def _autocast(precision: str, device: torch.device):
@@ -200,9 +201,9 @@ def train_worker(job: dict) -> dict:
                  "has_zh": has_zh[rows].to(device) if has_zh is not None else None}
         torch.manual_seed(tc.seed * 104729 + step)  # PartialFC's negative sample and any dropout
         with _autocast(tc.precision, device):
-            outs = model(x.to(device), tokens[rows].to(device),
-                         tokens_zh[rows].to(device) if tokens_zh is not None else None, rows.to(device))
-        terms = compute_losses(phase.losses, outs, batch, module.heads, module.student.logit_scale, tc.loss)
+            terms = model(x.to(device), tokens[rows].to(device),
+                          tokens_zh[rows].to(device) if tokens_zh is not None else None, rows.to(device),
+                          batch, phase.losses, tc.loss)
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             good = latest_checkpoint(out)
@@ -218,7 +219,7 @@ def train_worker(job: dict) -> dict:
         step += 1
         bar.update()
         if step % tc.log_every == 0 or step == total:
-            vals = {k: float(v) for k, v in terms.items()}
+            vals = {k: float(v.detach()) for k, v in terms.items()}
             if world > 1:
                 t = torch.tensor([float(loss)] + list(vals.values()))
                 torch.distributed.all_reduce(t)

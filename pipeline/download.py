@@ -133,6 +133,8 @@ class DownloadStage(Stage):
     def run_shards(self, pending: list[str]) -> dict[str, str]:
         from .stage import run_tasks
 
+        if any(not self.tmp.exists(f"{int(s)}.feather") for s in pending):
+            self._plan()  # the input shards were cleaned after a finished run: rebuild them (deterministic)
         downloader = self._downloader()
         items = [(downloader, int(s), self.tmp.url(f"{int(s)}.feather"), self.d.max_image_pixels) for s in pending]
         results = run_tasks(_download_one, items, use_ray=self.use_ray, retries=self.d.shard_retries,

@@ -1,0 +1,37 @@
+import pytest
+
+from pipeline.config import ConfigError, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("workdir: runs/x\ntrain: {batch_size: 32}\nbalance: {semantic_eps: [0.05, 0.1], apply_eps: 0.1}\n")
+    cfg = load_config(str(p), ["train.batch_size=64", "cluster.k=5"])
+    assert cfg.train.batch_size == 64 and cfg.cluster.k == 5 and cfg.workdir == "runs/x"
+    assert cfg.stage_dir("embed").endswith("runs/x/embed")
+    assert cfg.balance.semantic_eps == [0.05, 0.1]
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("trian: {batch_size: 3}\n", "trian"),
+    ("train: {batch_sise: 3}\n", "train.batch_sise"),
+    ("train: {batch_size: many}\n", "train.batch_size"),
+    ("balance: {semantic_eps: 0.1}\n", "balance.semantic_eps"),
+    ("train: {phases: [{steps: 3, losses: {clip: 1.0, clop: 1.0}}]}\n", "clop"),
+    ("balance: {keep: medium}\n", "balance.keep"),
+    ("stages: [download, paint]\n", "paint"),
+])
+def test_config_errors_name_the_key(tmp_path, text, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(str(p))
+
+
+def test_cli_reports_config_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    p = tmp_path / "c.yaml"
+    p.write_text("cluster: {k: ten}\n")
+    assert main(["cluster", "-c", str(p)]) == 2
+    assert "cluster.k" in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""The small demo end to end (the README's main job at test size), then checks on what each stage wrote."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import STAGES
+from pipeline.stage import Store
+
+
+def test_every_stage_done_and_rerun_skips(small_run, capsys):
+    for s in STAGES:
+        assert Store(small_run.stage_dir(s)).exists("_DONE"), s
+    from pipeline.cli import run_stages
+
+    capsys.readouterr()
+    run_stages(small_run, ["download", "embed", "balance", "cluster", "train", "eval", "export"])
+    out = capsys.readouterr().out
+    assert out.count("already done") == 7
+
+
+def test_embeddings_equal_direct_model_calls(small_run):
+    """The stage's float16 parquet equals calling the teacher directly on the same images and captions."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from kd.data import decode_rgb, read_tar_images
+    from kd.models import create
+
+    lm = create(small_run.teacher.model, small_run.teacher.pretrained)
+    lm.model.eval()
+    dl = Store(small_run.stage_dir("download"))
+    t = pq.read_table(Path(small_run.stage_dir("embed")) / "00000.parquet")
+    d = pq.read_table(Path(small_run.stage_dir("download")) / "00000.parquet").to_pandas().set_index("key")
+    raw = read_tar_images(dl, "00000.tar")
+    keys = t.column("key").to_pylist()[:16]
+    with torch.no_grad():
+        img = F.normalize(lm.model.encode_image(torch.stack(
+            [lm.preprocess_val(Image.fromarray(decode_rgb(raw[k], 0))) for k in keys])), dim=-1)
+        en = F.normalize(lm.model.encode_text(lm.tokenizer([d.loc[k, "caption"] for k in keys])), dim=-1)
+        zh = F.normalize(lm.model.encode_text(lm.tokenizer([d.loc[k, "caption_zh"] for k in keys])), dim=-1)
+    for col, want in (("image_emb", img), ("text_emb", en), ("text_emb_zh", zh)):
+        got = np.array(t.column(col).to_pylist()[:16], dtype=np.float32)
+        assert np.abs(got - want.numpy()).max() < 2e-3, col
+    assert all(d.loc[k, "caption_zh"] for k in keys)  # Chinese captions were present and embedded
+
+
+def test_embed_width_mismatch_is_a_clear_error(small_run, tmp_path):
+    import dataclasses
+    import shutil
+
+    from pipeline.embed import EmbedStage
+    from pipeline.stage import StageError
+
+    cfg = dataclasses.replace(small_run, dirs={"embed": str(tmp_path / "embed"), "download": small_run.stage_dir("download")})
+    shutil.copytree(small_run.stage_dir("embed"), tmp_path / "embed")
+    for p in (tmp_path / "embed").glob("00001*"):
+        p.unlink()
+    (tmp_path / "embed" / "_DONE").unlink()
+    cfg.teacher = dataclasses.replace(cfg.teacher, model="cid-wide-test", pretrained="",
+                                      model_config=str(_wide_config(tmp_path)))  # 512-d vs the demo's 256-d
+    with pytest.raises(StageError, match="512-d"):
+        EmbedStage(cfg, use_ray=False).run()
+
+
+def _wide_config(tmp_path):
+    p = tmp_path / "cid-wide-test.json"
+    p.write_text(json.dumps({"embed_dim": 512, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16,
+                                                                "patch_size": None},
+                             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}))
+    return p
+
+
+def test_balance_and_cluster_outputs_cover_every_sample(small_run):
+    emb_keys = {k for p in Path(small_run.stage_dir("embed")).glob("0*.parquet") for k in pq.read_table(p).column("key").to_pylist()}
+    bal = [pq.read_table(p) for p in sorted(Path(small_run.stage_dir("balance")).glob("0*.parquet"))]
+    keys = [k for t in bal for k in t.column("key").to_pylist()]
+    assert sorted(keys) == sorted(emb_keys)
+    kept = {k for t in bal for k, kp in zip(t.column("key").to_pylist(), t.column("kept").to_pylist()) if kp}
+    dropped = {k: d for t in bal for k, kp, d in zip(t.column("key").to_pylist(), t.column("kept").to_pylist(),
+                                                      t.column("dup_of").to_pylist()) if not kp}
+    assert all(d in kept for d in dropped.values() if d)  # dup_of always names a kept sample
+    stats = json.loads((Path(small_run.stage_dir("balance")) / "stats.json").read_text())
+    assert stats["kept"] == len(kept) and stats["removed"] == len(dropped)
+    assert sum(stats["removed_by_rule"].values()) == len(dropped)
+    clu = {k for p in Path(small_run.stage_dir("cluster")).glob("0*.parquet") for k in pq.read_table(p).column("key").to_pylist()}
+    assert clu == kept
+    cent = np.load(Path(small_run.stage_dir("cluster")) / "centroids.npy")
+    assert cent.shape[0] == small_run.cluster.k
+
+
+def test_exported_student_loads_with_open_clip_alone(small_run, tmp_path):
+    """A fresh process that imports only open_clip reproduces the trainer's embeddings."""
+    import torch
+
+    from kd.export import load_trained_student
+
+    lm = load_trained_student(small_run)
+    lm.model.eval()
+    images = torch.rand(3, 3, 64, 64)
+    texts = ["grinning face", "笑脸", "red heart"]
+    with torch.no_grad():
+        want_i = lm.model.encode_image(images).numpy()
+        want_t = lm.model.encode_text(lm.tokenizer(texts)).numpy()
+    np.save(tmp_path / "images.npy", images.numpy())
+    folder = Path(small_run.stage_dir("export")) / "student"
+    code = f"""
+import sys, json, numpy as np, torch
+from pipeline.runtime import fix_torchvision; fix_torchvision()   # CPU torch + CUDA torchvision on this box only
+import open_clip
+assert 'kd' not in sys.modules and 'pipeline.train' not in sys.modules
+m, _, pre = open_clip.create_model_and_transforms('local-dir:{folder}')
+tok = open_clip.get_tokenizer('local-dir:{folder}')
+m.eval()
+with torch.no_grad():
+    i = m.encode_image(torch.from_numpy(np.load('{tmp_path / "images.npy"}'))).numpy()
+    t = m.encode_text(tok({texts!r})).numpy()
+np.save('{tmp_path / "got_i.npy"}', i); np.save('{tmp_path / "got_t.npy"}', t)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert np.abs(np.load(tmp_path / "got_i.npy") - want_i).max() < 1e-4
+    assert np.abs(np.load(tmp_path / "got_t.npy") - want_t).max() < 1e-4
+
+
+def test_card_html_self_contained_and_numbers_match(small_run):
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    card = Path(small_run.stage_dir("card"))
+    html = (card / "card.html").read_text()
+    srcs = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    assert len(srcs) >= 6
+    for s in srcs:
+        assert s.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))).verify()
+    md = (card / "card.md").read_text()
+    bal = json.loads((Path(small_run.stage_dir("balance")) / "stats.json").read_text())
+    dl = json.loads((Path(small_run.stage_dir("download")) / "stats.json").read_text())
+    assert f"| kept | {bal['kept']:,} |" in md and f"| downloaded | {dl['successes']:,} |" in md
+    for rule, n in bal["removed_by_rule"].items():
+        assert f"| {rule} | {n:,} |" in md
+    assert "near_dup" in md and "Lineage" in md
+
+
+def test_lineage_why(small_run):
+    from data_cards.collect import why
+
+    bal = pq.read_table(Path(small_run.stage_dir("balance")) / "00000.parquet")
+    dropped = [r for r in bal.to_pylist() if not r["kept"]]
+    r = why(small_run, dropped[0]["key"])
+    assert r["drop_reason"] == dropped[0]["drop_reason"] and r["dup_of"] == dropped[0]["dup_of"] and r["caption"]
