@@ -23,7 +23,7 @@ from pipeline.config import Config, from_dict
 from pipeline.stage import StageError, Store
 from .data import augment, batch_indices, load_pairs, normalise
 from .losses import DistillHeads, compute_losses
-from .models import count_params, create, trim_vocab
+from .models import count_params, create, trim_padding, trim_vocab
 
 TEACHER_LOSSES = ("instance", "feature_distill", "cluster")
 
@@ -80,7 +80,7 @@ def _locked_text_features(model, tokens: torch.Tensor, batch: int = 512) -> torc
     text = model.text
     out = []
     for i in range(0, len(tokens), batch):
-        x = tokens[i:i + batch]
+        x = trim_padding(model, tokens[i:i + batch])
         mask = (x != text.config.pad_token_id).long()
         out.append(text.pooler(text.transformer(input_ids=x, attention_mask=mask), mask))
     return torch.cat(out)
