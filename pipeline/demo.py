@@ -15,7 +15,7 @@ from .demo_data import LoopbackServer, build_demo_data, cache_dir, table_digest,
 
 DEMO = {
     "data": {"samples_per_shard": 1000, "image_size": 64, "eval_vendor": "twitter"},
-    "teacher": {"model": "cid-demo-teacher", "batch_size": 256},
+    "teacher": {"model": "cid-demo-teacher", "batch_size": 256, "threads": 2},  # reads finish early: use both cores
     "balance": {"near_dup_cos": 0.98, "semantic_eps": [0.01, 0.02, 0.05, 0.1], "apply_eps": 0.02, "keep": "hard"},
     "cluster": {"k": 300},
     "student": {"model": "cid-tiny-rn", "context_length": 64, "trim_vocab": True},
