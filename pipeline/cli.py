@@ -3,7 +3,6 @@
     cidistill download|embed|balance|cluster|train|eval|export|card  [-c CONFIG] [--set key=value ...]
     cidistill run CONFIG          # the stages listed in the config, in order; finished ones are skipped
     cidistill demo [--small]      # build the emoji demo data, serve it on 127.0.0.1, run everything
-    cidistill compare             # the ablation table (see kd/compare.py)
 """
 from __future__ import annotations
 
@@ -71,10 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="test-sized data (a few hundred pairs)")
     p.add_argument("--stages", nargs="*", help="subset of stages to run")
     _common(p)
-    p = sub.add_parser("compare", help="ablation table: same student, same budget, several recipes")
-    p.add_argument("--small", action="store_true")
-    p.add_argument("--recipes", nargs="*", help="subset of recipes")
-    _common(p)
     return ap
 
 
@@ -95,10 +90,6 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args)
-        elif args.cmd == "compare":
-            from kd.compare import run_compare
-
-            run_compare(args)
         elif args.cmd == "run":
             cfg = make_config(args)
             run_stages(cfg, args.stages or cfg.stages, force=args.force, use_ray=not args.no_ray)
