@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Config
-from pipeline.stage import StageError, Store
+from pipeline.stage import StageError, Store, already_done
 from .data import load_pairs, normalise
 from .models import LoadedModel, count_params, create, trim_padding
 
@@ -182,9 +182,9 @@ def results_markdown(results: dict[str, dict]) -> str:
 
 def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
     out = Store(cfg.stage_dir("eval"))
-    if out.exists("_DONE") and not force:
-        print(f"[eval] already done ({out.uri}); nothing to do")
-        return out.read_json("results.json")
+    done = already_done(out, "eval", "results.json", force)
+    if done is not None:
+        return done
     t0 = time.time()
     results, per, cache = {}, {}, {}
     for spec in ("teacher", "student"):

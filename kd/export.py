@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config
-from pipeline.stage import StageError, Store
+from pipeline.stage import StageError, Store, already_done
 from .models import LoadedModel, count_params, create, state_dict_for_export
 
 
@@ -104,9 +104,9 @@ def model_card(title: str, lm: LoadedModel, facts: dict) -> str:
 
 def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
     out = Store(cfg.stage_dir("export"))
-    if out.exists("_DONE") and not force:
-        print(f"[export] already done ({out.uri}); nothing to do")
-        return out.read_json("stats.json")
+    done = already_done(out, "export", "stats.json", force)
+    if done is not None:
+        return done
     t0 = time.time()
     root = Path(cfg.stage_dir("export"))
     student = load_trained_student(cfg)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, from_dict
-from pipeline.stage import StageError, Store
+from pipeline.stage import StageError, Store, already_done
 from .data import augment, batch_indices, load_pairs, normalise
 from .losses import DistillHeads, compute_losses
 from .models import count_params, create, trim_padding, trim_vocab
@@ -288,9 +288,9 @@ def write_final(out: Path, cfg: Config, result: dict) -> None:
 def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
     out = Path(cfg.stage_dir("train"))
     st = Store(str(out))
-    if st.exists("_DONE") and not force:
-        print(f"[train] already done ({out}); nothing to do")
-        return st.read_json("stats.json")
+    done = already_done(st, "train", force=force)
+    if done is not None:
+        return done
     if force:
         shutil.rmtree(out, ignore_errors=True)
         st = Store(str(out))

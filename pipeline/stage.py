@@ -243,3 +243,11 @@ def join_on_key(left: pa.Table, right: pa.Table, key: str = "key") -> pa.Table:
     for name in rt.column_names:
         lt = lt.append_column(rt.schema.field(name), rt.column(name))
     return lt
+
+
+def already_done(out: Store, name: str, result: str = STATS, force: bool = False):
+    """The skip check of stages that are one global step (train, eval, export): their result, or None."""
+    if out.exists(DONE) and not force:
+        print(f"[{name}] already done ({out.uri}); nothing to do")
+        return out.read_json(result)
+    return None
