@@ -19,7 +19,10 @@ def funnel_numbers(facts: dict) -> list[tuple[str, int]]:
     if "embed" in st:
         steps.append(("decodable", st["embed"]["stats"].get("embedded", 0)))
     if "balance" in st:
-        steps.append(("kept", st["balance"]["stats"].get("kept", 0)))
+        b = st["balance"]["stats"]
+        if b.get("held_out"):  # the evaluation split (data.holdout) never enters balance or training
+            steps.append(("training split", b.get("input", 0) - b["held_out"]))
+        steps.append(("kept", b.get("kept", 0)))
     return steps
 
 
@@ -42,6 +45,9 @@ def build(cfg: Config) -> dict:
         figs["drops.png"] = plots.drops(b.get("removed_by_rule", {}), b.get("eps_sweep", {}))
         md += ["## Image semantic balance", "", "![drops](drops.png)", "", "| rule | removed |", "|---|---|"]
         md += [f"| {k} | {v:,} |" for k, v in b.get("removed_by_rule", {}).items()]
+        if b.get("held_out"):
+            md += ["", f"Held out for evaluation (`data.holdout = {cfg.data.holdout}`): {b['held_out']:,} samples; "
+                   "they take part in no rule and are never a duplicate's surviving copy."]
         md += ["", f"Applied ε = {b.get('apply_eps')}; the sweep (what each ε would remove): "
                + ", ".join(f"ε={e}: {v:,}" for e, v in b.get("eps_sweep", {}).items()) + ".", ""]
         cs = f.get("cluster_sizes", {})

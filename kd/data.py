@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import Config
-from pipeline.stage import Store, join_on_key
+from pipeline.stage import Store, holdout_mask, join_on_key
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -80,23 +80,25 @@ def shard_names(cfg: Config) -> list[str]:
 
 
 def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters: bool = False,
-               balanced: bool = False, vendor: str = "", exclude_vendor: str = "") -> Pairs:
-    """Join every stage's per-shard table by key. `vendor` keeps one artist style (eval), `exclude_vendor`
-    drops one (training on styles the evaluation never sees)."""
+               balanced: bool = False, split: str = "train") -> Pairs:
+    """Join every stage's per-shard table by key. `split`: "train" (everything but `data.holdout`), "eval"
+    (only the held-out pairs) or "all"."""
+    if split not in ("train", "eval", "all"):
+        raise ValueError(f"split must be train, eval or all, got {split!r}")
     dl = Store(cfg.stage_dir("download"))
     emb = Store(cfg.stage_dir("embed")) if teacher else None
     bal = Store(cfg.stage_dir("balance")) if balanced else None
     clu = Store(cfg.stage_dir("cluster")) if clusters else None
     keys, imgs, caps, zhs, metas, t_img, t_txt, cids = [], [], [], [], [], [], [], []
-    stats = {"rows": 0, "not_kept": 0, "no_embedding": 0, "undecodable": 0, "other_vendor": 0}
+    stats = {"rows": 0, "not_kept": 0, "no_embedding": 0, "undecodable": 0, "other_split": 0}
     for shard in shard_names(cfg):
         t = dl.read_table(f"{shard}.parquet")
         t = t.filter(pc.equal(t.column("status"), "success"))
         stats["rows"] += t.num_rows
-        if "vendor" in t.column_names and (vendor or exclude_vendor):
-            v = t.column("vendor")
-            mask = pc.equal(v, vendor) if vendor else pc.not_equal(v, exclude_vendor)
-            stats["other_vendor"] += t.num_rows - pc.sum(mask).as_py()
+        if split != "all":
+            held = holdout_mask(cfg.data.holdout, t)
+            mask = held if split == "eval" else pc.invert(held)
+            stats["other_split"] += t.num_rows - (pc.sum(mask).as_py() or 0)
             t = t.filter(mask)
         if bal is not None:
             b = bal.read_table(f"{shard}.parquet", columns=["key", "kept"])
@@ -133,7 +135,7 @@ def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters:
         if clu is not None:
             cids.append(t.column("cluster_id").to_numpy())
     if not keys:
-        raise ValueError("no training pairs: are the earlier stages done and is the vendor filter right?")
+        raise ValueError("no training pairs: are the earlier stages done and does data.holdout match anything?")
     images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     return Pairs(keys, images, caps, zhs, pa.concat_tables(metas),
                  torch.from_numpy(np.concatenate(t_img)) if t_img else None,
@@ -148,12 +150,14 @@ def normalise(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - m) / s
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, scale=(0.8, 1.0), shift: float = 0.1) -> torch.Tensor:
-    """Random resized crop as one batched affine warp (no flips: an emoji's direction is meaning)."""
+def augment(x: torch.Tensor, gen: torch.Generator, scale=(0.8, 1.0), shift: float = 0.1, offset: int = 0,
+            total: int = 0) -> torch.Tensor:
+    """Random resized crop as one batched affine warp (no flips: an emoji's direction is meaning). The draws
+    are made for a global batch of `total` rows and this worker's rows `offset…` are used."""
     n = x.shape[0]
-    s = torch.empty(n).uniform_(*scale, generator=gen)
-    tx = torch.empty(n).uniform_(-shift, shift, generator=gen)
-    ty = torch.empty(n).uniform_(-shift, shift, generator=gen)
+    total = max(total, offset + n)
+    s, tx, ty = (torch.empty(total).uniform_(lo, hi, generator=gen)[offset:offset + n]
+                 for lo, hi in (scale, (-shift, shift), (-shift, shift)))
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, tx, ty
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

@@ -128,8 +128,8 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, cache: dict | None = None
     if cache is not None and key in cache:
         test, train = cache[key]
     else:
-        test = load_pairs(cfg, image_size=size, vendor=cfg.eval.vendor)
-        train = load_pairs(cfg, image_size=size, exclude_vendor=cfg.eval.vendor) if "linear_probe" in tasks else None
+        test = load_pairs(cfg, image_size=size, split="eval" if cfg.data.holdout else "all")
+        train = load_pairs(cfg, image_size=size, split="train") if "linear_probe" in tasks and cfg.data.holdout else None
         if cache is not None:
             cache[key] = (test, train)
     res, per = {"params": count_params(lm.model), "eval_images": len(test)}, {}

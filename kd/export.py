@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import faults
 from pipeline.config import Config
 from pipeline.stage import StageError, Store, already_done
 from .models import LoadedModel, count_params, create, state_dict_for_export
@@ -37,6 +38,7 @@ def export_local_dir(lm: LoadedModel, out: Path, readme: str = "") -> Path:
         vocab = lm.model_cfg.get("text_cfg", {}).get("vocab_size", 49408)
         save_file(state_dict_for_export(lm.model, vocab), str(tmp / "open_clip_model.safetensors"))
         (tmp / "README.md").write_text(readme or f"# {out.name}\n\nopen_clip model exported by cidistill.\n")
+        faults.point()
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -109,6 +111,8 @@ def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
         return done
     t0 = time.time()
     root = Path(cfg.stage_dir("export"))
+    for leftover in root.glob(".*.tmp-*"):  # a folder a killed run did not finish
+        shutil.rmtree(leftover, ignore_errors=True)
     student = load_trained_student(cfg)
     evald = Path(cfg.stage_dir("eval")) / "results.md"
     facts = {"distilled from": f"{cfg.teacher.model} {cfg.teacher.pretrained}",

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline import faults
 from pipeline.config import Config, from_dict
 from pipeline.stage import StageError, Store, already_done
 from .data import augment, batch_indices, load_pairs, normalise
@@ -50,7 +51,25 @@ class TrainModule(nn.Module):
             out = {"img": img, "txt": self.student.encode_text(tokens)}
             if tokens_zh is not None:
                 out["txt_zh"] = self.student.encode_text(tokens_zh)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            out, batch = gather_global(out), gather_global(batch)
         return compute_losses(weights, out, batch, self.heads, self.student.logit_scale, loss_cfg)
+
+
+def gather_global(tensors: dict) -> dict:
+    """Every rank sees the whole global batch, so contrastive negatives and PartialFC positives are those of
+    one worker with the same global batch. Gradients flow back through the gather (summed over ranks), and
+    DDP's average then gives exactly the single-worker gradient."""
+    from torch.distributed.nn.functional import all_gather
+
+    return {k: torch.cat(all_gather(v.contiguous()) if v.requires_grad else _gather_nograd(v))
+            if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+
+
+def _gather_nograd(v: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(v) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, v.contiguous())
+    return parts
 
 
 def _autocast(precision: str, device: torch.device):
@@ -86,6 +105,22 @@ def _locked_text_features(model, tokens: torch.Tensor, batch: int = 512) -> torc
     return torch.cat(out)
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines of steps after the checkpoint (a killed run logged them; they are redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError):  # a line the kill cut short
+            pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     done = sorted(p for p in out.glob("step-*") if (p / "meta.json").exists())
     return done[-1] if done else None
@@ -103,6 +138,7 @@ def save_checkpoint(out: Path, step: int, module: TrainModule, opt, keep: int = 
     save_file({k: v.contiguous() for k, v in module.heads.state_dict().items()}, tmp / "heads.safetensors")
     torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
+    faults.point()
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(p for p in out.glob("step-*") if p != final)[:-(keep - 1) or None]:
@@ -126,6 +162,8 @@ def train_worker(job: dict) -> dict:
     torch.manual_seed(tc.seed)
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.glob(".tmp-step-*"):  # a checkpoint a killed run did not finish
+        shutil.rmtree(leftover, ignore_errors=True)
 
     # -- data: what the phases need, nothing more
     weights_any = {k for ph in tc.phases for k, w in ph.losses.items() if w}
@@ -136,7 +174,7 @@ def train_worker(job: dict) -> dict:
     size = size if isinstance(size, int) else size[0]
     balanced = tc.use_balanced and Store(cfg.stage_dir("balance")).exists("_DONE")
     pairs = load_pairs(cfg, image_size=size, teacher=need_teacher, clusters=need_clusters, balanced=balanced,
-                       exclude_vendor=tc.exclude_vendor)
+                       split="train")
     tokens = lm.tokenizer(pairs.captions)
     use_zh = job.get("chinese", True) and any(pairs.captions_zh)
     tokens_zh = lm.tokenizer([c or pairs.captions[i] for i, c in enumerate(pairs.captions_zh)]) if use_zh else None
@@ -182,6 +220,8 @@ def train_worker(job: dict) -> dict:
 
     total = sum(ph.steps for ph in tc.phases)
     mean, std = lm.preprocess_cfg.get("mean", (0.481, 0.458, 0.408)), lm.preprocess_cfg.get("std", (0.269, 0.261, 0.276))
+    if rank == 0:
+        _truncate_log(out / "log.jsonl", step)
     log_f = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, desc="train", disable=rank != 0, leave=False)
     t_start, t_log, last = time.time(), time.time(), {}
@@ -191,10 +231,11 @@ def train_worker(job: dict) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         rows = batch_indices(len(pairs), tc.batch_size, step, tc.seed, rank, world)
-        gen = torch.Generator().manual_seed(tc.seed * 7919 + step * 31 + rank)
         x = normalise(pairs.images[rows], mean, std)
-        if tc.augment:
-            x = augment(x, gen)
+        if tc.augment:  # each row's warp is drawn for the global batch, so any worker count sees the same
+            gen = torch.Generator().manual_seed(tc.seed * 7919 + step * 31)
+            per_rank = len(batch_indices(len(pairs), tc.batch_size, step, tc.seed, 0, world))
+            x = augment(x, gen, offset=rank * per_rank, total=tc.batch_size)
         batch = {"cluster_id": pairs.cluster_id[rows].to(device) if pairs.cluster_id is not None else None,
                  "t_img": pairs.t_img[rows].to(device) if pairs.t_img is not None else None,
                  "t_txt": pairs.t_txt[rows].to(device) if pairs.t_txt is not None else None,
@@ -218,6 +259,7 @@ def train_worker(job: dict) -> dict:
             module.student.logit_scale.clamp_(0, math.log(100))
         step += 1
         bar.update()
+        faults.point()
         if step % tc.log_every == 0 or step == total:
             vals = {k: float(v.detach()) for k, v in terms.items()}
             if world > 1:
@@ -242,8 +284,15 @@ def train_worker(job: dict) -> dict:
     bar.close()
     if log_f:
         log_f.close()
-    return {"steps": step, "seconds": time.time() - t_start, "pairs": len(pairs), "data": pairs.stats,
-            "student_params": count_params(student), "last": last}
+    result = {"steps": step, "seconds": time.time() - t_start, "pairs": len(pairs), "data": pairs.stats,
+              "student_params": count_params(student), "last": last, "workers": world}
+    if world > 1:  # where each rank ran (shows the placement across nodes)
+        import ray
+
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        result["worker_nodes"] = nodes
+    return result
 
 
 def train(cfg: Config, out_dir: str, *, use_ray: bool = True, lock_text: bool = False, chinese: bool = True,
@@ -267,7 +316,7 @@ def train(cfg: Config, out_dir: str, *, use_ray: bool = True, lock_text: bool = 
 
     trainer = TorchTrainer(loop, train_loop_config=job,
                            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-                                                        resources_per_worker={"CPU": 1}),
+                                                        resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
                            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
                            run_config=RunConfig(name="cidistill-train", storage_path=str(Path(out_dir).resolve() / "_ray")))
     trainer.fit()

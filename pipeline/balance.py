@@ -4,6 +4,8 @@
   near_dup       cosine >= near_dup_cos to an earlier item of its k-means cluster
   semantic_dup   cosine >  1 - eps to an earlier item of its cluster (SemDeDup's rule)
   cluster_cap    beyond the per-cluster cap (optional)
+and marks `held_out` the evaluation split (data.holdout), which takes no part in any rule: an evaluation
+image is never a duplicate's surviving representative, so holding it out costs training no sample.
 "Earlier" is the keep policy's order inside the cluster: hard (farthest from the centroid first, as
 SemDeDup), easy (nearest first) or random. Memory is bounded by the largest cluster: oversized clusters are
 split, and similarities are computed in row blocks. Decisions are saved once, then written per shard."""
@@ -18,8 +20,8 @@ import pyarrow.compute as pc
 
 from .cluster import assign, l2n, spherical_kmeans
 from .config import BalanceConfig, Config
-from .schema import BALANCE_SCHEMA
-from .stage import Stage, StageError, Store, shard_stats_name
+from .schema import BALANCE_SCHEMA, DROP_REASONS
+from .stage import Stage, StageError, Store, holdout_mask, join_on_key, shard_stats_name
 
 BLOCK = 2048
 
@@ -75,20 +77,23 @@ def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, ma
     return labels, np.stack(cents)
 
 
-def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: BalanceConfig) -> tuple[pa.Table, dict]:
+def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: BalanceConfig,
+                      held_out: np.ndarray | None = None) -> tuple[pa.Table, dict]:
     """The whole rule on in-memory arrays. Returns a table key/kept/drop_reason/dup_of/balance_cluster
     and the stats."""
     n = len(keys)
     reason = np.full(n, None, dtype=object)
+    if held_out is not None:
+        reason[held_out] = "held_out"
     dup_of = np.full(n, None, dtype=object)
     cluster = np.full(n, -1, np.int32)
     norms = np.linalg.norm(x, axis=1)
-    bad = ~np.isfinite(x).all(1) | (norms < 1e-6)
+    bad = (~np.isfinite(x).all(1) | (norms < 1e-6)) & (reason == None)  # noqa: E711
     reason[bad] = "bad_embedding"
     # exact duplicates: the first key (sorted) of each hash group survives
     first_of: dict[str, int] = {}
     for i in np.argsort(keys, kind="stable"):
-        if bad[i] or not hashes[i]:
+        if reason[i] is not None or not hashes[i]:
             continue
         j = first_of.setdefault(hashes[i], i)
         if j != i:
@@ -135,8 +140,8 @@ def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: B
     kept = np.array([r is None for r in reason])
     counts = Counter(r for r in reason if r is not None)
     stats.update(kept=int(kept.sum()), removed=int((~kept).sum()),
-                 removed_by_rule={r: int(counts.get(r, 0)) for r in ("bad_embedding", "exact_dup", "near_dup",
-                                                                      "semantic_dup", "cluster_cap")},
+                 removed_by_rule={r: int(counts.get(r, 0)) for r in DROP_REASONS if r != "held_out"},
+                 held_out=int(counts.get("held_out", 0)),
                  eps_sweep={str(e): sweep[e] for e in eps_sorted}, apply_eps=bc.apply_eps,
                  clusters=int(len(sizes_before)),
                  cluster_size_max_before=int(sizes_before.max()) if len(sizes_before) else 0,
@@ -165,9 +170,15 @@ class BalanceStage(Stage):
             return self.out.read_table("_decisions.parquet")
         from kd.data import emb_matrix
 
-        keys, xs, hashes, shard_of = [], [], [], []
+        keys, xs, hashes, shard_of, held = [], [], [], [], []
+        dl = Store(self.cfg.stage_dir("download"))
         for s in self.shards():
             t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash"])
+            if self.cfg.data.holdout:
+                col = self.cfg.data.holdout.partition("=")[0]
+                d = dl.read_table(f"{s}.parquet", columns=["key", col])
+                t = join_on_key(t, d.filter(pc.is_valid(d.column("key"))))
+                held.append(holdout_mask(self.cfg.data.holdout, t).to_numpy(zero_copy_only=False))
             keys += t.column("key").to_pylist()
             xs.append(emb_matrix(t.column("image_emb")))
             hashes += [h or "" for h in t.column("image_hash").to_pylist()]
@@ -176,7 +187,8 @@ class BalanceStage(Stage):
         if dup:
             raise StageError(f"duplicate keys across embed shards (e.g. {dup[:3]}): the embed folder mixes runs")
         x = np.concatenate(xs) if xs else np.zeros((0, 1), np.float32)
-        table, extra = balance_decisions(np.array(keys, dtype=object), x, np.array(hashes, dtype=object), self.bc)
+        table, extra = balance_decisions(np.array(keys, dtype=object), x, np.array(hashes, dtype=object), self.bc,
+                                         np.concatenate(held) if held else None)
         table = table.append_column("shard", pa.array(shard_of, pa.string()))
         self.out.write_json("cluster_sizes.json", {k: extra[k] for k in ("sizes_before", "sizes_after")})
         self.out.write_json("_global_stats.json", extra["stats"])

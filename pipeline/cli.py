@@ -3,6 +3,7 @@
     cidistill download|embed|balance|cluster|train|eval|export|card  [-c CONFIG] [--set key=value ...]
     cidistill run CONFIG          # the stages listed in the config, in order; finished ones are skipped
     cidistill demo [--small]      # build the emoji demo data, serve it on 127.0.0.1, run everything
+    cidistill compare [--demo] [-c CONFIG] [--variants ...]   # the ablation table (kd/compare.py)
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import importlib
 import sys
 import time
 
+from . import faults
 from .config import STAGES, ConfigError, Config, load_config
 from .runtime import set_env_defaults
 from .stage import StageError
@@ -41,6 +43,7 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
     t0 = time.time()
     out = {}
     for s in stages:
+        faults.set_stage(s)
         out[s] = stage_func(s)(cfg, force=force, use_ray=use_ray)
     print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
     return out
@@ -70,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="test-sized data (a few hundred pairs)")
     p.add_argument("--stages", nargs="*", help="subset of stages to run")
     _common(p)
+    p = sub.add_parser("compare", help="ablations: the same student under each training recipe, one table")
+    p.add_argument("--demo", action="store_true", help="on the demo's data and teacher (after `cidistill demo`)")
+    p.add_argument("--small", action="store_true", help="with --demo: the small demo")
+    p.add_argument("--variants", nargs="*", help="subset of: clip instance cid cid_unbalanced dcclip config")
+    _common(p)
     return ap
 
 
@@ -90,6 +98,20 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             run_demo(args)
+        elif args.cmd == "compare":
+            from kd.compare import compare
+
+            if args.demo:
+                from .demo import demo_run_config
+
+                cfg = demo_run_config(args)
+            else:
+                cfg = make_config(args)
+            if not args.no_ray:
+                from .runtime import init_ray
+
+                init_ray(cfg.ray_address or None)
+            compare(cfg, args.variants, use_ray=not args.no_ray)
         elif args.cmd == "run":
             cfg = make_config(args)
             run_stages(cfg, args.stages or cfg.stages, force=args.force, use_ray=not args.no_ray)
@@ -99,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageError, FileNotFoundError) as e:
         print(f"cidistill: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, unwritable folder: say where, keep what finished
+        print(f"cidistill: error: stage {faults.current_stage()!r} could not write its output: {e}. Finished shards "
+              "are kept; free space or fix permissions and rerun to resume.", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -80,15 +80,22 @@ def assign(x: np.ndarray, centroids: np.ndarray, gpu: bool = False) -> tuple[np.
     return ids[:, 0].astype(np.int32), sim[:, 0].astype(np.float32)
 
 
+DEDUP_REASONS = ("exact_dup", "near_dup", "semantic_dup", "cluster_cap")
+
+
 def kept_embeddings(cfg: Config, shard: str, joint: bool) -> tuple[list[str], np.ndarray]:
-    """A shard's kept keys and their (image or joint) teacher embeddings."""
+    """A shard's kept keys and their (image or joint) teacher embeddings; with `cluster.use_balanced` off,
+    the duplicates too (never held-out or bad embeddings)."""
     from kd.data import emb_matrix
     import pyarrow.compute as pc
 
     e = Store(cfg.stage_dir("embed")).read_table(f"{shard}.parquet", columns=["key", "image_emb", "text_emb"])
-    b = Store(cfg.stage_dir("balance")).read_table(f"{shard}.parquet", columns=["key", "kept"])
+    b = Store(cfg.stage_dir("balance")).read_table(f"{shard}.parquet", columns=["key", "kept", "drop_reason"])
     t = join_on_key(e, b)
-    t = t.filter(t.column("kept")).sort_by("key")
+    use = t.column("kept")
+    if not cfg.cluster.use_balanced:
+        use = pc.or_(use, pc.fill_null(pc.is_in(t.column("drop_reason"), pa.array(DEDUP_REASONS)), False))
+    t = t.filter(use).sort_by("key")
     x = emb_matrix(t.column("image_emb"))
     if joint:
         txt = emb_matrix(t.column("text_emb"))

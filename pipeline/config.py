@@ -37,7 +37,10 @@ class DataConfig:
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai"])
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
-    eval_vendor: str = "twitter"        # demo: artist style held out from every training set
+    max_caption_chars: int = 4000       # longer captions are cut (and counted); tokenizers keep far less
+    # "column=value": matching pairs are the evaluation split, held out of balance, cluster and training
+    # (the demo holds out one artist style: "vendor=twitter"); empty = no held-out split
+    holdout: str = ""
 
 
 @dataclass
@@ -75,6 +78,7 @@ class ClusterConfig:
     max_points_per_centroid: int = 256
     two_level_above: int = 4096         # k above this trains with two-level k-means
     min_cluster_size: int = 2           # clusters smaller than this are reported as tiny
+    use_balanced: bool = True           # False: cluster the duplicates too (every non-held-out sample; ablation d)
     seed: int = 0
     gpu: bool = False
 
@@ -115,13 +119,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "bf16"             # bf16 | fp32 | fp16 (cuda)
     workers: int = 1
+    cpus_per_worker: float = 1.0        # Ray Train resources per worker (GPU runs: one GPU each as well)
     use_gpu: bool = False
     ckpt_every: int = 100
     log_every: int = 10
     seed: int = 0
     threads: int = 0                    # torch threads per worker; 0 = all
     use_balanced: bool = True           # False: train on every embedded sample (ablation d)
-    exclude_vendor: str = ""            # hold an artist style out (demo eval split)
     augment: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -129,7 +133,6 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "retrieval"])
-    vendor: str = "twitter"
     batch_size: int = 256
     probe_max_iter: int = 300
     bootstrap: int = 1000
@@ -174,6 +177,8 @@ class Config:
             self.balance.semantic_eps = sorted(set(self.balance.semantic_eps) | {self.balance.apply_eps})
         if not 0.0 < self.train.loss.partial_fc_r <= 1.0:
             raise ConfigError("train.loss.partial_fc_r: must be in (0, 1]")
+        if self.data.holdout and "=" not in self.data.holdout:
+            raise ConfigError(f"data.holdout: expected COLUMN=VALUE, got {self.data.holdout!r}")
         if self.cluster.k < 1:
             raise ConfigError("cluster.k: must be >= 1")
         from kd.losses import LOSS_NAMES  # the loss registry is the single source of valid names

@@ -14,16 +14,17 @@ from .config import Config, load_config
 from .demo_data import LoopbackServer, build_demo_data, cache_dir, table_digest, urls_port, write_urls
 
 DEMO = {
-    "data": {"samples_per_shard": 1000, "image_size": 64, "eval_vendor": "twitter"},
+    "data": {"samples_per_shard": 1000, "image_size": 64, "holdout": "vendor=twitter",
+             # base emoji + its EN/ZH names: the zero-shot classes; subgroup: the linear-probe label
+             "extra_cols": ["caption_zh", "emoji", "base", "base_name", "base_name_zh", "group", "subgroup", "vendor"]},
     "teacher": {"model": "cid-demo-teacher", "batch_size": 256, "threads": 2},  # reads finish early: use both cores
-    "balance": {"near_dup_cos": 0.98, "semantic_eps": [0.01, 0.02, 0.05, 0.1], "apply_eps": 0.02, "keep": "hard"},
+    "balance": {"near_dup_cos": 0.99, "semantic_eps": [0.01, 0.02, 0.05, 0.1], "apply_eps": 0.05, "keep": "hard"},
     "cluster": {"k": 300},
     "student": {"model": "cid-tiny-rn", "context_length": 64, "trim_vocab": True},
-    "train": {"batch_size": 128, "lr": 2e-3, "exclude_vendor": "twitter", "ckpt_every": 100,
+    "train": {"batch_size": 128, "lr": 2e-3, "ckpt_every": 100,
               # ~1.7 s a step at batch 128 on 2 cores: 250 steps keep the first demo run near 15 minutes
               "phases": [{"steps": 50, "losses": {"feature_distill": 1.0}},
                          {"steps": 200, "losses": {"cluster": 0.5, "instance": 1.0, "align": 0.5}}]},
-    "eval": {"vendor": "twitter"},
 }
 SMALL = {
     "data": {"samples_per_shard": 100},
@@ -45,24 +46,34 @@ def demo_config(workdir: str, small: bool, overrides: list[str] | None = None, c
     return load_config(config_file, overrides, base=base)
 
 
-def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
-    """Train (once) and cache the demo's LiT teacher; returns its `local-dir:` path."""
-    from kd.export import export_local_dir
-    from kd.models import create
-    from kd.train import latest_checkpoint, train
+def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
+    """The demo teacher's training config and its cache folder, keyed by what shapes the teacher (not by
+    every train field, so that new unrelated options keep the cache)."""
+    from .stage import Store
 
     tcfg = dataclasses.replace(
         cfg, student=dataclasses.replace(cfg.student, model=cfg.teacher.model, trim_vocab=False, pretrained=""),
         train=dataclasses.replace(cfg.train, phases=[dataclasses.replace(cfg.train.phases[0], steps=TEACHER_STEPS[small],
                                                                          losses={"clip": 1.0})],
                                   lr=1e-3, batch_size=128, use_balanced=False, workers=1, ckpt_every=50))
-    from .stage import Store
-
-    digest_src = json.dumps({"train": dataclasses.asdict(tcfg.train), "model": tcfg.student.model,
+    t = tcfg.train
+    recipe = {k: getattr(t, k) for k in ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "precision",
+                                         "seed", "augment", "use_balanced")}
+    recipe["phases"] = [dataclasses.asdict(p) for p in t.phases]
+    digest_src = json.dumps({"train": recipe, "holdout": cfg.data.holdout, "model": tcfg.student.model,
                              "data": Store(cfg.stage_dir("download")).read_json("stats.json").get("successes"),
                              "small": small}, sort_keys=True)
     key = hashlib.sha256(digest_src.encode()).hexdigest()[:12]
-    final = cache_dir() / "teachers" / f"{cfg.teacher.model}-{key}"
+    return tcfg, cache_dir() / "teachers" / f"{cfg.teacher.model}-{key}"
+
+
+def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
+    """Train (once) and cache the demo's LiT teacher; returns its `local-dir:` path."""
+    from kd.export import export_local_dir
+    from kd.models import create
+    from kd.train import latest_checkpoint, train
+
+    tcfg, final = teacher_recipe(cfg, small)
     if (final / "open_clip_model.safetensors").exists():
         print(f"[teacher] cached: {final}")
         return f"local-dir:{final}"
@@ -78,6 +89,17 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
                                 "trained with the CLIP loss on the demo's apple+google emoji.\n")
     shutil.rmtree(work, ignore_errors=True)
     return f"local-dir:{final}"
+
+
+def demo_run_config(args) -> Config:
+    """The config of a demo that has downloaded (its teacher trained once and cached)."""
+    workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
+    cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
+    if args.ray_address:
+        cfg.ray_address = args.ray_address
+    if not cfg.teacher.pretrained:
+        cfg.teacher.pretrained = ensure_teacher(cfg, args.small, use_ray=not args.no_ray)
+    return cfg
 
 
 def run_demo(args) -> dict:

@@ -47,6 +47,35 @@ def _read_url_tables(urls: str, columns: list[str]):
             yield f, pq.read_table(fh, columns=columns)
 
 
+def clean_text_columns(table: pa.Table, columns: list[str], max_chars: int, fixed: Counter) -> pa.Table:
+    """Captions as valid UTF-8 strings of bounded length: binary columns (the only way a parquet file holds
+    non-UTF-8 text) are decoded with replacement characters, over-long ones cut; both counted in `fixed`."""
+    for name in columns:
+        col = table.column(name)
+        if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type) or pa.types.is_string(col.type)
+                or pa.types.is_large_string(col.type)):
+            continue
+        values = col.to_pylist()
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            out = []
+            for v in values:
+                if v is None:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(v.decode("utf-8"))
+                except UnicodeDecodeError:
+                    out.append(v.decode("utf-8", errors="replace"))
+                    fixed[f"{name}_not_utf8"] += 1
+            values = out
+        long = sum(1 for v in values if v is not None and len(v) > max_chars)
+        if long or not pa.types.is_string(col.type):
+            fixed[f"{name}_truncated"] += long
+            values = [v[:max_chars] if v is not None else None for v in values]
+            table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
+    return table
+
+
 class DownloadStage(Stage):
     def __init__(self, cfg: Config, use_ray: bool = True):
         self.cfg, self.d, self.use_ray = cfg, cfg.data, use_ray
@@ -69,6 +98,7 @@ class DownloadStage(Stage):
             raise StageError("data.urls is empty: give a parquet file/folder/glob with url and caption columns")
         seen: set[str] = set()
         rejected: Counter = Counter()
+        fixed: Counter = Counter()
         rejected_rows = []
         shards, total, next_id = [], 0, 0
         allowed = {s.lower() for s in self.d.allowed_schemes}
@@ -90,6 +120,8 @@ class DownloadStage(Stage):
                     seen.add(u)
                     keep.append(i)
             table = table.take(pa.array(keep, pa.int64()))
+            text_cols = [self.d.caption_col] + [c for c in self.columns if c not in (self.d.url_col, self.d.caption_col)]
+            table = clean_text_columns(table, text_cols, self.d.max_caption_chars, fixed)
             total += table.num_rows
             n = self.d.samples_per_shard
             for j in range(math.ceil(table.num_rows / n)):
@@ -107,7 +139,7 @@ class DownloadStage(Stage):
         if rejected_rows:
             self.out.write_table("rejected.parquet", pa.Table.from_pylist(rejected_rows))
         self.out.write_json("_plan.json", {"shards": shards, "urls_accepted": total,
-                                           "urls_rejected": dict(rejected)})
+                                           "urls_rejected": dict(rejected), "text_fixed": dict(fixed)})
 
     # -- work
     def _downloader(self):
@@ -145,6 +177,7 @@ class DownloadStage(Stage):
         plan = self.out.read_json("_plan.json")
         stats["urls_rejected"] = plan["urls_rejected"]
         stats["urls_accepted"] = plan["urls_accepted"]
+        stats["text_fixed"] = plan.get("text_fixed", {})
         stats["urls_total"] = plan["urls_accepted"] + sum(plan["urls_rejected"].values())
         # img2dataset catches per-sample exceptions and only prints them: check nothing went missing
         rows = sum(pq.read_metadata(self.out.fs.open(self.out.path(f"{s}.parquet"), "rb")).num_rows
@@ -167,7 +200,23 @@ def _download_one(item) -> str:
     downloader, shard_id, feather, max_pixels = item
     set_env_defaults()
     os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(max_pixels))  # OpenCV's own decode-size guard
-    downloader.download_shard((shard_id, feather))
+    # img2dataset deletes the input file it was given: hand it a copy, so that a retry after a worker died
+    # late (shard written, task not yet returned) still finds the shard's URLs
+    import uuid
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(feather)
+    attempt = f"{path}.attempt-{uuid.uuid4().hex[:8]}"
+    fs.copy(path, attempt)
+    try:
+        downloader.download_shard((shard_id, feather.replace(path, attempt) if feather.endswith(path) else attempt))
+    finally:
+        if fs.exists(attempt):
+            fs.rm(attempt)
+    from . import faults
+
+    faults.point()
     return shard_name(shard_id)
 
 

@@ -108,6 +108,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
     else:
+        # local workers import this package even when it is run from a checkout that is not pip-installed
+        root = str(Path(__file__).resolve().parents[1])
+        runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING, **kwargs)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-DROP_REASONS = ("exact_dup", "near_dup", "semantic_dup", "cluster_cap", "bad_embedding")
+# why a sample is not kept; `held_out` = the evaluation split (data.holdout), never a training sample
+DROP_REASONS = ("bad_embedding", "exact_dup", "near_dup", "semantic_dup", "cluster_cap", "held_out")
 
 
 def emb_type(dim: int) -> pa.DataType:

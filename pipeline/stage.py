@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from . import faults
+
 DONE = "_DONE"
 STATS = "stats.json"
 
@@ -55,12 +57,14 @@ class Store:
         """Atomic: write under a temporary name in the same folder, then rename into place."""
         final = self.path(name)
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)  # `--force` may have removed the folder
         try:
             with self.fs.open(tmp, "wb") as f:
                 f.write(data)
                 if self._local:
                     f.flush()
                     os.fsync(f.fileno())
+            faults.point()  # a crash here leaves only the temp file, which the next run removes
             self.fs.mv(tmp, final)
         except BaseException:
             if self.fs.exists(tmp):
@@ -90,7 +94,7 @@ class Store:
         """Remove temp files a killed run left behind."""
         tmps = self.glob("*.tmp-*")
         for t in tmps:
-            self.fs.rm(self.path(t))
+            self.fs.rm(self.path(t), recursive=True)  # a folder too (a checkpoint being written)
         return len(tmps)
 
 
@@ -147,6 +151,9 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
         return results
     import ray
 
+    if faults.ray_env():  # reliability tests: kill points fire in the workers too
+        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars", {})
+        ray_options["runtime_env"] = {"env_vars": dict(job_env, **faults.ray_env())}
     remote = ray.remote(fn).options(max_retries=retries, retry_exceptions=True, num_cpus=num_cpus, **ray_options)
     pending = {remote.remote(it): it for it in items}
     while pending:
@@ -250,4 +257,18 @@ def already_done(out: Store, name: str, result: str = STATS, force: bool = False
     if out.exists(DONE) and not force:
         print(f"[{name}] already done ({out.uri}); nothing to do")
         return out.read_json(result)
+    out.clean_temps()  # what a killed run left half-written
     return None
+
+
+def holdout_mask(holdout: str, table: pa.Table) -> "pa.Array":
+    """Which rows of a download table belong to the held-out evaluation split (`data.holdout` = COL=VALUE)."""
+    import pyarrow.compute as pc
+
+    if not holdout:
+        return pa.array([False] * table.num_rows)
+    col, _, value = holdout.partition("=")
+    if col not in table.column_names:
+        raise StageError(f"data.holdout: column {col!r} is not in the download table "
+                         f"(columns: {table.column_names}); add it to data.extra_cols")
+    return pc.fill_null(pc.equal(table.column(col), value), False)

@@ -73,3 +73,36 @@ def test_download_counts_failures_and_resumes(tmp_path, ray_session, small_data,
     assert {p.name: p.read_bytes() for p in out.glob("0000[023].parquet")} == before
     keys2 = [k for s in sorted(out.glob("0*.parquet")) for k in pq.read_table(s).column("key").to_pylist()]
     assert sorted(keys2) == sorted(keys)
+
+
+def test_worker_death_is_retried_and_a_failing_shard_is_reported(tmp_path, ray_session, small_data, server,
+                                                                  bad_site, monkeypatch):
+    from pipeline import faults
+    from pipeline.stage import StageError
+
+    urls, n_good = _urls(tmp_path, small_data, server, bad_site)
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.samples_per_shard=20",
+                             "data.extra_cols=[caption_zh]", "data.timeout=3", "data.shard_retries=1"])
+    # the first Ray worker to finish a shard is SIGKILLed before it returns: Ray retries that shard
+    mark = tmp_path / "killed-once"
+    monkeypatch.setenv("CIDISTILL_KILL_AT", "download@worker:1")
+    monkeypatch.setenv("CIDISTILL_KILL_ONCE", str(mark))
+    faults.set_stage("download")
+    try:
+        stats = DownloadStage(cfg).run()
+    finally:
+        faults.set_stage("none")
+    assert mark.exists() and stats["successes"] == n_good and stats["samples_lost"] == 0
+
+    # a shard whose input is broken fails on every retry: reported with its error, the others finish
+    monkeypatch.delenv("CIDISTILL_KILL_AT")
+    cfg2 = load_config(None, [f"workdir={tmp_path / 'w2'}", f"data.urls={urls}", "data.samples_per_shard=20",
+                              "data.extra_cols=[caption_zh]", "data.timeout=3", "data.shard_retries=1"])
+    stage = DownloadStage(cfg2)
+    stage.shards()
+    (Path(cfg2.stage_dir("download")) / "_tmp" / "2.feather").write_bytes(b"not arrow")
+    with pytest.raises(StageError, match="00002"):
+        stage.run()
+    out = Path(cfg2.stage_dir("download"))
+    st = json.loads((out / "stats.json").read_text())
+    assert list(st["failed_shards"]) == ["00002"] and st["shards_done"] == 3 and not (out / "_DONE").exists()

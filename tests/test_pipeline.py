@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -87,7 +88,13 @@ def test_balance_and_cluster_outputs_cover_every_sample(small_run):
     assert all(d in kept for d in dropped.values() if d)  # dup_of always names a kept sample
     stats = json.loads((Path(small_run.stage_dir("balance")) / "stats.json").read_text())
     assert stats["kept"] == len(kept) and stats["removed"] == len(dropped)
-    assert sum(stats["removed_by_rule"].values()) == len(dropped)
+    assert sum(stats["removed_by_rule"].values()) + stats["held_out"] == len(dropped)
+    # the held-out evaluation style is exactly the held_out rows, and none of it is kept or trained on
+    reasons = {k: r for t in bal for k, r in zip(t.column("key").to_pylist(), t.column("drop_reason").to_pylist())}
+    dl = pa.concat_tables([pq.read_table(p, columns=["key", "vendor", "status"])
+                           for p in Path(small_run.stage_dir("download")).glob("0*.parquet")]).to_pylist()
+    twitter = {r["key"] for r in dl if r["status"] == "success" and r["vendor"] == "twitter"}
+    assert twitter and {k for k, r in reasons.items() if r == "held_out"} == twitter
     clu = {k for p in Path(small_run.stage_dir("cluster")).glob("0*.parquet") for k in pq.read_table(p).column("key").to_pylist()}
     assert clu == kept
     cent = np.load(Path(small_run.stage_dir("cluster")) / "centroids.npy")

@@ -1,0 +1,154 @@
+"""`cidistill compare`: the ablation table. The same student, data, batch and number of steps under each
+training recipe, evaluated the same way on the held-out split, with the teacher as reference:
+
+  clip            plain CLIP loss, student alone (EN + ZH captions): the from-scratch baseline
+  instance        instance discrimination only (feature distillation + interactive contrastive)
+  cid             CLIP-CID: cluster discrimination + instance discrimination, on the balanced data
+  cid_unbalanced  the same on the data before balancing (pseudo-labels re-clustered on it too)
+  dcclip          DC-CLIP two-stage: feature distillation, then student image-text alignment
+  config          the config's own schedule (the train stage's student; reused when it is done)
+
+Each variant trains into COMPARE_DIR/<name>/ with the train stage's own skip/resume; results are cached
+per variant. Paired McNemar tests on per-image zero-shot correctness compare each recipe with `clip`."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import Config, PhaseConfig
+from pipeline.stage import Store
+
+VARIANTS = ("config", "clip", "cid", "instance", "dcclip", "cid_unbalanced")  # cheapest evidence first
+CLUSTER_W, INSTANCE_W = 0.5, 1.0
+
+
+def variant_config(cfg: Config, name: str, root: Path) -> Config:
+    """The config of one recipe: same student/batch/steps as `cfg.train`, only the losses (and data) differ."""
+    total = sum(p.steps for p in cfg.train.phases)
+    stage1 = cfg.train.phases[0].steps if len(cfg.train.phases) > 1 else total // 5
+    phases = {
+        "clip": [PhaseConfig(total, {"clip": 1.0})],
+        "instance": [PhaseConfig(total, {"instance": INSTANCE_W})],
+        "cid": [PhaseConfig(total, {"cluster": CLUSTER_W, "instance": INSTANCE_W})],
+        "cid_unbalanced": [PhaseConfig(total, {"cluster": CLUSTER_W, "instance": INSTANCE_W})],
+        "dcclip": [PhaseConfig(stage1, {"feature_distill": 1.0}), PhaseConfig(total - stage1, {"align": 1.0})],
+    }
+    if name == "config":
+        return cfg
+    if name not in phases:
+        raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
+    dirs = dict(cfg.dirs, train=str(root / name / "train"))
+    train = dataclasses.replace(cfg.train, phases=phases[name])
+    cluster = cfg.cluster
+    if name == "cid_unbalanced":
+        train = dataclasses.replace(train, use_balanced=False)
+        cluster = dataclasses.replace(cfg.cluster, use_balanced=False)
+        dirs["cluster"] = str(root / name / "cluster")
+    return dataclasses.replace(cfg, dirs=dirs, train=train, cluster=cluster)
+
+
+def _save_npz(store: Store, name: str, arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    store.write_bytes(name, buf.getvalue())
+
+
+def _load_npz(store: Store, name: str) -> dict:
+    with store.fs.open(store.path(name), "rb") as f:
+        return dict(np.load(io.BytesIO(f.read())))
+
+
+def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) -> tuple[dict, dict]:
+    """Train (skip when done) and evaluate one recipe; evaluation cached in ROOT/<name>/."""
+    from kd import train as train_mod
+    from pipeline import cluster as cluster_mod
+
+    from .evaluate import evaluate, load_for_eval
+
+    vcfg = variant_config(cfg, name, root)
+    out = Store(str(root / name))
+    if out.exists("eval.json"):
+        return out.read_json("eval.json"), _load_npz(out, "correct.npz")
+    ev = Store(cfg.stage_dir("eval"))
+    if name in ("teacher", "config") and ev.exists("_DONE"):  # the eval stage already measured these two
+        spec = "teacher" if name == "teacher" else "student"
+        res = ev.read_json("results.json")[spec]
+        if name == "config":
+            tstats = Store(cfg.stage_dir("train")).read_json("stats.json")
+            res.update(train_seconds=tstats.get("seconds"), train_pairs=tstats.get("pairs"), steps=tstats.get("steps"))
+        return res, _load_npz(ev, f"{spec}_correct.npz")
+    t0 = time.time()
+    if name == "teacher":
+        lm = load_for_eval(cfg, "teacher")
+        res, per = evaluate(cfg, lm, cache=cache)
+    else:
+        if not vcfg.cluster.use_balanced:
+            cluster_mod.run_stage(vcfg, use_ray=use_ray)
+        tstats = train_mod.run_stage(vcfg, use_ray=use_ray)
+        res, per = evaluate(vcfg, load_for_eval(vcfg, "student"), cache=cache)
+        res.update(train_seconds=tstats.get("seconds"), train_pairs=tstats.get("pairs"), steps=tstats.get("steps"),
+                   losses={f"phase{i}": p.losses for i, p in enumerate(vcfg.train.phases)})
+    res["eval_seconds"] = round(time.time() - t0, 1)
+    _save_npz(out, "correct.npz", per)
+    out.write_json("eval.json", res)  # last: marks the variant done
+    return res, per
+
+
+def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
+    cols = [("zeroshot_en_top1", "ZS EN"), ("zeroshot_zh_top1", "ZS ZH"), ("probe_top1", "probe"),
+            ("retrieval_en.i2t_r@1", "I→T R@1 EN"), ("retrieval_zh.i2t_r@1", "I→T R@1 ZH"),
+            ("retrieval_en.t2i_r@5", "T→I R@5 EN")]
+    head = ["recipe"] + [c[1] for c in cols] + ["EN vs clip (p)", "ZH vs clip (p)", "params", "img/s", "train s", "pairs"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, r in results.items():
+        cells = [name]
+        for k, _ in cols:
+            v = r
+            for part in k.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+            cells.append("–" if v is None else f"{100 * v:.1f}")
+        for lang in ("en", "zh"):
+            t = tests.get(name, {}).get(lang)
+            cells.append("–" if t is None else f"{100 * t['delta']:+.1f} ({t['p_value']:.2g})")
+        cells += [f"{r['params']:,}", f"{r['image_throughput']:.0f}",
+                  "–" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}", str(r.get("train_pairs", "–"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True, out_dir: str = "") -> dict:
+    from .evaluate import paired_test
+
+    root = Path(out_dir or Path(cfg.workdir) / "compare")
+    names = list(variants or VARIANTS)
+    if cfg.teacher.pretrained:
+        names = ["teacher"] + [n for n in names if n != "teacher"]
+    results, per, cache = {}, {}, {}
+    for name in names:
+        print(f"[compare] {name}")
+        results[name], per[name] = run_variant(cfg, name, root, cache, use_ray)
+    tests = {}
+    if "clip" in per:
+        for name in names:
+            if name in ("clip", "teacher"):
+                continue
+            tests[name] = {}
+            for lang in ("en", "zh"):
+                a, b = per[name].get(f"zeroshot_{lang}"), per["clip"].get(f"zeroshot_{lang}")
+                if a is not None and b is not None:
+                    tests[name][lang] = dict(paired_test(a.astype(bool), b.astype(bool)),
+                                             delta=float(a.mean() - b.mean()))
+    md = (f"# Ablations: same student ({cfg.student.model}), batch {cfg.train.batch_size}, "
+          f"{sum(p.steps for p in cfg.train.phases)} steps\n\n"
+          "Zero-shot top-1 (%) on the held-out split; `vs clip`: difference in points and the exact McNemar "
+          "p-value on the same images.\n\n" + table_markdown(results, tests))
+    store = Store(str(root))
+    store.write_bytes("results.md", md.encode())
+    store.write_json("results.json", {"results": results, "paired_vs_clip": tests})
+    print(md)
+    print(f"[compare] done: {len(names)} recipes -> {root / 'results.md'}")
+    return {"results": results, "paired_vs_clip": tests}
