@@ -69,7 +69,6 @@ def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) 
 
     from .evaluate import evaluate, load_for_eval
 
-    vcfg = variant_config(cfg, name, root)
     out = Store(str(root / name))
     if out.exists("eval.json"):
         return out.read_json("eval.json"), _load_npz(out, "correct.npz")
@@ -86,6 +85,7 @@ def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) 
         lm = load_for_eval(cfg, "teacher")
         res, per = evaluate(cfg, lm, cache=cache)
     else:
+        vcfg = variant_config(cfg, name, root)
         if not vcfg.cluster.use_balanced:
             cluster_mod.run_stage(vcfg, use_ray=use_ray)
         tstats = train_mod.run_stage(vcfg, use_ray=use_ray)

@@ -106,6 +106,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     runtime_env = {"worker_process_setup_hook": "pipeline.runtime.worker_setup",
                    "env_vars": {k: os.environ[k] for k in ENV_DEFAULTS}}
     if address:
+        if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster of local nodes (tests, one box)
+            kwargs.setdefault("_node_ip_address", "127.0.0.1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
     else:
         # local workers import this package even when it is run from a checkout that is not pip-installed
@@ -113,7 +115,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
+        # address="local": always a fresh local instance, never a stale one a test cluster recorded in /tmp/ray
+        ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING, **kwargs)
     try:  # Ray Data's per-op progress bars are noisy in logs; keep the global one
         from ray.data import DataContext

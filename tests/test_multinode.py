@@ -15,7 +15,9 @@ import yaml
 from pipeline.config import to_dict
 
 JOB = r'''
-import json, sys
+import json, os, sys
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray then resolves 127.0.0.1 to itself, not the host IP
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from pathlib import Path
 from ray.cluster_utils import Cluster
 from pipeline.demo_data import LoopbackServer, build_demo_data, write_urls
@@ -31,7 +33,7 @@ with LoopbackServer(data.root) as srv:
     import yaml
     cfg = yaml.safe_load(open(cfg_path))
     write_urls(data, srv.base_url, Path(cfg["data"]["urls"]))
-    rc = main(["run", cfg_path, "--ray-address", cluster.address])
+    rc = main(["run", cfg_path, "--ray-address", "127.0.0.1:" + cluster.address.rsplit(":", 1)[-1]])
 import ray
 nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
 (out / "cluster.json").write_text(json.dumps({"rc": rc, "nodes": nodes}))
