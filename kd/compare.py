@@ -99,6 +99,8 @@ def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) 
 
 
 def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
+    from .evaluate import lookup
+
     cols = [("zeroshot_en_top1", "ZS EN"), ("zeroshot_zh_top1", "ZS ZH"), ("probe_top1", "probe"),
             ("retrieval_en.i2t_r@1", "I→T R@1 EN"), ("retrieval_zh.i2t_r@1", "I→T R@1 ZH"),
             ("retrieval_en.t2i_r@5", "T→I R@5 EN")]
@@ -107,9 +109,7 @@ def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
     for name, r in results.items():
         cells = [name]
         for k, _ in cols:
-            v = r
-            for part in k.split("."):
-                v = v.get(part) if isinstance(v, dict) else None
+            v = lookup(r, k)
             cells.append("–" if v is None else f"{100 * v:.1f}")
         for lang in ("en", "zh"):
             t = tests.get(name, {}).get(lang)

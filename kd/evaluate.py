@@ -162,6 +162,14 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, cache: dict | None = None
     return res, per
 
 
+def lookup(results: dict, dotted: str):
+    """results["retrieval_en"]["i2t_r@1"] for "retrieval_en.i2t_r@1"; None when absent."""
+    v = results
+    for part in dotted.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
 def results_markdown(results: dict[str, dict]) -> str:
     cols = [("zeroshot_en_top1", "ZS EN top-1"), ("zeroshot_zh_top1", "ZS ZH top-1"), ("zeroshot_en_top5", "ZS EN top-5"),
             ("zeroshot_zh_top5", "ZS ZH top-5"), ("probe_top1", "probe top-1"), ("retrieval_en.i2t_r@1", "I→T R@1 EN"),
@@ -171,9 +179,7 @@ def results_markdown(results: dict[str, dict]) -> str:
     for name, r in results.items():
         cells = []
         for k, _ in cols:
-            v = r
-            for part in k.split("."):
-                v = v.get(part) if isinstance(v, dict) else None
+            v = lookup(r, k)
             cells.append("–" if v is None else f"{v:,}" if k == "params" else f"{v:.0f}" if k == "image_throughput"
                          else f"{100 * v:.1f}%")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
