@@ -69,6 +69,8 @@ def _content(path: Path, root: str):
         return [_strip(json.loads(ln), root) for ln in path.read_text().splitlines()]
     if path.name == "state.pt":
         return None  # optimizer state: its weights' effect is compared through model.safetensors
+    if path.name == "results.md":
+        return None  # a rendering of results.json (compared above, minus timings) with measured img/s cells
     if path.name == "README.md":
         return None  # model card names its own folder
     return path.read_bytes()
