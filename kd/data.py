@@ -144,24 +144,46 @@ def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters:
 
 
 def normalise(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
-    x = images_u8.float().div_(255)
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
+    return standardise(images_u8.float().div_(255), mean, std)
+
+
+def standardise(x01: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x01.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x01.dtype).view(1, 3, 1, 1)
+    return (x01 - m) / s
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, scale=(0.8, 1.0), shift: float = 0.1, offset: int = 0,
-            total: int = 0) -> torch.Tensor:
-    """Random resized crop as one batched affine warp (no flips: an emoji's direction is meaning). The draws
-    are made for a global batch of `total` rows and this worker's rows `offset…` are used."""
+            total: int = 0, style: bool = False) -> torch.Tensor:
+    """Random resized crop as one batched affine warp (no flips: an emoji's direction is meaning) on [0, 1]
+    images. `style` adds what differs between artists' renderings of one emoji: a small rotation, blur,
+    saturation, contrast and brightness (no hue shift: a heart's colour is its name). Draws are made for a
+    global batch of `total` rows and this worker's rows `offset…` are used."""
     n = x.shape[0]
     total = max(total, offset + n)
-    s, tx, ty = (torch.empty(total).uniform_(lo, hi, generator=gen)[offset:offset + n]
-                 for lo, hi in (scale, (-shift, shift), (-shift, shift)))
+
+    def draw(lo, hi):
+        return torch.empty(total).uniform_(lo, hi, generator=gen)[offset:offset + n]
+
+    s, tx, ty = draw(*scale), draw(-shift, shift), draw(-shift, shift)
+    rot = draw(-0.2, 0.2) if style else torch.zeros(n)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, tx, ty
+    theta[:, 0, 0], theta[:, 0, 1] = s * torch.cos(rot), -s * torch.sin(rot)
+    theta[:, 1, 0], theta[:, 1, 1] = s * torch.sin(rot), s * torch.cos(rot)
+    theta[:, 0, 2], theta[:, 1, 2] = tx, ty
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if not style:
+        return x
+    blur, sat, con, bri = draw(0, 1), draw(0.6, 1.4), draw(0.7, 1.3), draw(-0.1, 0.1)
+    size = x.shape[-1]
+    soft = F.interpolate(F.avg_pool2d(x, 2), size=(size, size), mode="bilinear", align_corners=False)
+    x = torch.lerp(x, soft, blur.view(n, 1, 1, 1))
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = gray + sat.view(n, 1, 1, 1) * (x - gray)
+    mu = x.mean((1, 2, 3), keepdim=True)
+    x = mu + con.view(n, 1, 1, 1) * (x - mu) + bri.view(n, 1, 1, 1)
+    return x.clamp_(0, 1)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:

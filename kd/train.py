@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from pipeline import faults
 from pipeline.config import Config, from_dict
 from pipeline.stage import StageError, Store, already_done
-from .data import augment, batch_indices, load_pairs, normalise
+from .data import augment, batch_indices, load_pairs, standardise
 from .losses import DistillHeads, compute_losses
 from .models import count_params, create, trim_padding, trim_vocab
 
@@ -231,11 +231,12 @@ def train_worker(job: dict) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         rows = batch_indices(len(pairs), tc.batch_size, step, tc.seed, rank, world)
-        x = normalise(pairs.images[rows], mean, std)
+        x = pairs.images[rows].float().div_(255)
         if tc.augment:  # each row's warp is drawn for the global batch, so any worker count sees the same
             gen = torch.Generator().manual_seed(tc.seed * 7919 + step * 31)
             per_rank = len(batch_indices(len(pairs), tc.batch_size, step, tc.seed, 0, world))
-            x = augment(x, gen, offset=rank * per_rank, total=tc.batch_size)
+            x = augment(x, gen, offset=rank * per_rank, total=tc.batch_size, style=tc.style_augment)
+        x = standardise(x, mean, std)
         batch = {"cluster_id": pairs.cluster_id[rows].to(device) if pairs.cluster_id is not None else None,
                  "t_img": pairs.t_img[rows].to(device) if pairs.t_img is not None else None,
                  "t_txt": pairs.t_txt[rows].to(device) if pairs.t_txt is not None else None,

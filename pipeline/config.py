@@ -126,7 +126,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0                    # torch threads per worker; 0 = all
     use_balanced: bool = True           # False: train on every embedded sample (ablation d)
-    augment: bool = True
+    augment: bool = True                # random resized crop
+    style_augment: bool = False         # + rotation, blur, colour jitter: generalise across artist styles
     loss: LossConfig = field(default_factory=LossConfig)
 
 

@@ -55,12 +55,17 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
         cfg, student=dataclasses.replace(cfg.student, model=cfg.teacher.model, trim_vocab=False, pretrained=""),
         train=dataclasses.replace(cfg.train, phases=[dataclasses.replace(cfg.train.phases[0], steps=TEACHER_STEPS[small],
                                                                          losses={"clip": 1.0})],
-                                  lr=1e-3, batch_size=128, use_balanced=False, workers=1, ckpt_every=50))
+                                  lr=1e-3, batch_size=128, use_balanced=False, workers=1, ckpt_every=50,
+                                  style_augment=True))  # it is evaluated on an artist style it never saw
     t = tcfg.train
     recipe = {k: getattr(t, k) for k in ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "precision",
-                                         "seed", "augment", "use_balanced")}
+                                         "seed", "augment", "style_augment", "use_balanced")}
     recipe["phases"] = [dataclasses.asdict(p) for p in t.phases]
-    digest_src = json.dumps({"train": recipe, "holdout": cfg.data.holdout, "model": tcfg.student.model,
+    from kd.models import demo_teacher_config
+
+    arch = demo_teacher_config() or {}
+    arch = dict(arch, text_cfg={k: v for k, v in arch.get("text_cfg", {}).items() if not k.endswith("_name")})
+    digest_src = json.dumps({"train": recipe, "holdout": cfg.data.holdout, "model": tcfg.student.model, "arch": arch,
                              "data": Store(cfg.stage_dir("download")).read_json("stats.json").get("successes"),
                              "small": small}, sort_keys=True)
     key = hashlib.sha256(digest_src.encode()).hexdigest()[:12]

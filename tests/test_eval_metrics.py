@@ -1,0 +1,42 @@
+"""The evaluation's numbers on inputs whose answer is known."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kd.evaluate import linear_probe, paired_test, recall_at, topk_correct
+
+
+def test_recall_perfect_for_matching_pairs_and_chance_for_shuffled():
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(200, 32, generator=g), dim=-1)
+    r = recall_at(x, x)
+    assert r["i2t_r@1"] == 1.0 and r["t2i_r@1"] == 1.0
+    shuffled = recall_at(x, x[torch.randperm(200, generator=g)])
+    assert shuffled["i2t_r@1"] < 0.05 and shuffled["t2i_r@10"] < 0.2
+
+
+def test_topk_counts_the_label_inside_the_top_k():
+    img = torch.eye(4)
+    cls = torch.eye(4)
+    labels = torch.tensor([0, 1, 3, 2])
+    assert topk_correct(img, cls, labels, 1).tolist() == [True, True, False, False]
+    assert topk_correct(img, cls, labels, 4).all()
+
+
+def test_linear_probe_learns_separable_classes_and_not_random_labels():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 16)) * 3
+    y = rng.integers(0, 10, 600)
+    x = centres[y] + rng.normal(size=(600, 16))
+    good = linear_probe(x[:500], y[:500], x[500:], y[500:])
+    assert good["probe_top1"] > 0.9 and good["probe_C"] in (0.01, 0.1, 1.0)
+    noise = linear_probe(x[:500], rng.integers(0, 10, 500), x[500:], y[500:])
+    assert noise["probe_top1"] < 0.3
+
+
+def test_paired_test_counts_discordant_images():
+    a = np.array([True] * 30 + [False] * 70)
+    b = np.array([False] * 30 + [False] * 70)
+    r = paired_test(a, b)
+    assert (r["a_only"], r["b_only"]) == (30, 0) and r["p_value"] < 1e-6
+    assert paired_test(a, a)["p_value"] == 1.0
