@@ -37,10 +37,11 @@ def _losses(folder):
 
 def test_two_workers_follow_the_one_worker_loss_curve(small_run, ray_session, tmp_path):
     """Same global batch: Ray Train over 2 gloo workers (features gathered across them) vs one worker, fp32.
-    The feature_distill, instance and align terms agree within 3 % per step (BatchNorm statistics are per
-    worker). The cluster term does not yet: it runs 4–9 % higher on 2 workers (open item in issue #10), so it
-    is left out of this check rather than hidden under a loose tolerance."""
+    The student is a BatchNorm-free ViT: a ResNet's BatchNorm normalises over each worker's half batch (no
+    SyncBatchNorm on CPU), which alone moved the instance and cluster terms by 3–9 %. Without it every
+    term, the cluster term included, must agree closely at every step."""
     cfg = _cfg(small_run, steps=6)
+    cfg.student = dataclasses.replace(cfg.student, model="cid-tiny-vit")
     cfg.train.batch_size, cfg.train.threads, cfg.train.precision = 32, 1, "fp32"
     one = train(cfg, str(tmp_path / "one"), use_ray=False)
     cfg.train.workers = 2
@@ -49,6 +50,6 @@ def test_two_workers_follow_the_one_worker_loss_curve(small_run, ray_session, tm
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):
-        for term in ("feature_distill", "instance", "align"):
+        for term in ("feature_distill", "instance", "align", "cluster"):
             if term in ra:
-                assert abs(ra[term] - rb[term]) <= 0.03 * abs(ra[term]), (term, ra, rb)
+                assert abs(ra[term] - rb[term]) <= 0.005 * abs(ra[term]), (term, ra, rb)
