@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pipeline.config import Config
 from pipeline.stage import StageError, Store, already_done
 from .data import load_pairs, normalise
-from .models import LoadedModel, count_params, create, trim_padding
+from .models import LoadedModel, count_params, create, encode_text
 
 TEMPLATES = {
     "en": ["{}", "an emoji of {}.", "a {} emoji.", "an icon showing {}."],
@@ -51,7 +51,7 @@ def image_features(lm: LoadedModel, images_u8: torch.Tensor, batch: int = 256) -
 
 @torch.no_grad()
 def text_features(lm: LoadedModel, texts: list[str], batch: int = 512) -> torch.Tensor:
-    out = [lm.model.encode_text(trim_padding(lm.model, lm.tokenizer(texts[i:i + batch]))).float()
+    out = [encode_text(lm.model, lm.tokenizer(texts[i:i + batch])).float()
            for i in range(0, len(texts), batch)]
     return F.normalize(torch.cat(out), dim=-1)
 

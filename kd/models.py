@@ -207,3 +207,40 @@ def trim_padding(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return tokens
     longest = int((tokens != pad).sum(1).max().item()) if len(tokens) else 1
     return tokens[:, :max(1, longest)]
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor, chunks: int = 4) -> torch.Tensor:
+    """model.encode_text(tokens) without the cost of padding. HF towers: cut to the longest caption (they
+    mask padding). open_clip's own causal text transformer: a token never attends to later ones and the
+    pooled token is the end-of-text one, so the columns after it change nothing; rows are sorted by length
+    and run in `chunks` groups, each cut to its longest row (EN captions here use at most 27 of 64 positions)."""
+    if getattr(model, "text", None) is not None or not _causal_clip_text(model) or tokens.ndim != 2 or not len(tokens):
+        return model.encode_text(trim_padding(model, tokens))
+    from open_clip.transformer import text_global_pool
+
+    eos = getattr(model, "text_eos_id", None)
+    if model.text_pool_type == "argmax":  # the pooled (end-of-text) position; nothing after it matters
+        lengths = tokens.argmax(1) + 1
+    else:
+        lengths = (tokens == eos).int().argmax(1) + 1
+    order = torch.argsort(lengths, descending=True)
+    out = None
+    for part in torch.tensor_split(order, min(chunks, len(order))):
+        if not len(part):
+            continue
+        n = max(1, int(lengths[part].max()))
+        t = tokens[part, :n]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(t).to(cast) + model.positional_embedding[:n].to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = text_global_pool(x, t, model.text_pool_type, eos_token_id=eos)
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+        if out is None:
+            out = x.new_empty(len(tokens), x.shape[1])
+        out[part] = x
+    return out
+
+
+def _causal_clip_text(model: nn.Module) -> bool:
+    return (getattr(model, "attn_mask", None) is not None and hasattr(model, "positional_embedding")
+            and getattr(model, "text_pool_type", "") in ("argmax", "eos") and hasattr(model, "token_embedding"))

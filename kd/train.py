@@ -24,7 +24,7 @@ from pipeline.config import Config, from_dict
 from pipeline.stage import StageError, Store, already_done
 from .data import augment, batch_indices, load_pairs, standardise
 from .losses import DistillHeads, compute_losses
-from .models import count_params, create, trim_padding, trim_vocab
+from .models import count_params, create, encode_text, trim_padding, trim_vocab
 
 TEACHER_LOSSES = ("instance", "feature_distill", "cluster")
 
@@ -48,9 +48,9 @@ class TrainModule(nn.Module):
         if self.text_cache is not None:
             out = {"img": img, "txt": self.student.text.proj(self.text_cache[rows])}
         else:
-            out = {"img": img, "txt": self.student.encode_text(tokens)}
+            out = {"img": img, "txt": encode_text(self.student, tokens)}
             if tokens_zh is not None:
-                out["txt_zh"] = self.student.encode_text(tokens_zh)
+                out["txt_zh"] = encode_text(self.student, tokens_zh)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             out, batch = gather_global(out), gather_global(batch)
         return compute_losses(weights, out, batch, self.heads, self.student.logit_scale, loss_cfg)

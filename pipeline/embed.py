@@ -55,7 +55,7 @@ class TeacherEmbedder:
         from PIL import Image
 
         from kd.data import decode_rgb
-        from kd.models import trim_padding
+        from kd.models import encode_text
 
         ok, pixels, hashes, errors = [], [], [], []
         for b in images:
@@ -82,8 +82,8 @@ class TeacherEmbedder:
                 emb = np.full((n, dim), np.nan, np.float32)
                 idx = [i for i, t in enumerate(texts) if t and t.strip()]
                 if idx:
-                    tok = trim_padding(self.lm.model, self.lm.tokenizer([texts[i] for i in idx])).to(self.device)
-                    emb[idx] = F.normalize(self.lm.model.encode_text(tok).float(), dim=-1).cpu().numpy()
+                    tok = self.lm.tokenizer([texts[i] for i in idx]).to(self.device)
+                    emb[idx] = F.normalize(encode_text(self.lm.model, tok).float(), dim=-1).cpu().numpy()
                 out[col] = emb
         return out
 
