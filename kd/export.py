@@ -69,27 +69,31 @@ def export_onnx(lm: LoadedModel, out: Path) -> dict:
 
     model = lm.model.eval()
     size = lm.model_cfg["vision_cfg"]["image_size"]
-    img = torch.randn(2, 3, size, size)
-    txt = lm.tokenizer(["a smiling face", "一只猫"])
+    # traced with a batch of 2, checked on a batch of 3: the batch axis must really be dynamic
+    img, img_check = torch.randn(2, 3, size, size), torch.randn(3, 3, size, size)
+    txt, txt_check = lm.tokenizer(["a smiling face", "一只猫"]), lm.tokenizer(["red heart", "笑脸", "a cat face, animal"])
 
-    class Img(torch.nn.Module):
+    class Encoder(torch.nn.Module):
+        """The model as a submodule (its weights become ONNX initialisers). Kept in eval mode: the exporter
+        restores the wrapper's mode afterwards, which a fresh module's train mode would push into BatchNorm."""
+        def __init__(self, fn: str):
+            super().__init__()
+            self.model, self.fn = model, fn
+
         def forward(self, x):
-            return model.encode_image(x, normalize=True)
-
-    class Txt(torch.nn.Module):
-        def forward(self, t):
-            return model.encode_text(t, normalize=True)
+            return getattr(self.model, self.fn)(x, normalize=True)
 
     diffs = {}
-    for name, mod, x in (("image", Img(), img), ("text", Txt(), txt)):
+    for name, mod, x, check in (("image", Encoder("encode_image").eval(), img, img_check),
+                                ("text", Encoder("encode_text").eval(), txt, txt_check)):
         path = out / f"{name}_encoder.onnx"
         torch.onnx.export(mod, (x,), str(path), input_names=["input"], output_names=["embedding"],
                           dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
                           dynamo=False)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"input": x.numpy()})[0]
+        got = sess.run(None, {"input": check.numpy()})[0]
         with torch.no_grad():
-            want = mod(x).numpy()
+            want = mod(check).numpy()
         diffs[name] = float(np.abs(got - want).max())
     return diffs
 

@@ -134,6 +134,15 @@ np.save('{tmp_path / "got_i.npy"}', i); np.save('{tmp_path / "got_t.npy"}', t)
     assert np.abs(np.load(tmp_path / "got_t.npy") - want_t).max() < 1e-4
 
 
+def test_onnx_encoders_match_torch(small_run, tmp_path):
+    """The optional edge export: image and text encoders in ONNX give torch's embeddings in onnxruntime."""
+    from kd.export import export_onnx, load_trained_student
+
+    diffs = export_onnx(load_trained_student(small_run), tmp_path)
+    assert set(diffs) == {"image", "text"} and (tmp_path / "image_encoder.onnx").exists()
+    assert max(diffs.values()) < 1e-4, diffs
+
+
 def test_card_html_self_contained_and_numbers_match(small_run):
     import base64
     import io
