@@ -224,13 +224,13 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, chunks: int = 4) -> torc
     else:
         lengths = (tokens == eos).int().argmax(1) + 1
     order = torch.argsort(lengths, descending=True)
+    cast = model.transformer.get_cast_dtype()
     out = None
     for part in torch.tensor_split(order, min(chunks, len(order))):
         if not len(part):
             continue
         n = max(1, int(lengths[part].max()))
         t = tokens[part, :n]
-        cast = model.transformer.get_cast_dtype()
         x = model.token_embedding(t).to(cast) + model.positional_embedding[:n].to(cast)
         x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
         x = text_global_pool(x, t, model.text_pool_type, eos_token_id=eos)
@@ -242,5 +242,7 @@ def encode_text(model: nn.Module, tokens: torch.Tensor, chunks: int = 4) -> torc
 
 
 def _causal_clip_text(model: nn.Module) -> bool:
+    pool = getattr(model, "text_pool_type", "")
     return (getattr(model, "attn_mask", None) is not None and hasattr(model, "positional_embedding")
-            and getattr(model, "text_pool_type", "") in ("argmax", "eos") and hasattr(model, "token_embedding"))
+            and hasattr(model, "token_embedding")
+            and (pool == "argmax" or (pool == "eos" and getattr(model, "text_eos_id", None) is not None)))
