@@ -3,7 +3,8 @@ discrimination) ÷ one plain `clip` step of the same student, same batch, same r
 of the cluster head.
 
     python bench/bench_cid_step.py                                  # the demo's student, k=10^6, r=0.1
-    python bench/bench_cid_step.py --model ViT-B-32 --batch 256 --device cuda
+    python bench/bench_cid_step.py --model ViT-B-32 --batch 256 --teacher-dim 768 --device cuda
+    python bench/bench_cid_step.py --model ViT-B-32 --batch 256 --teacher-dim 768 --steps 3 --warmup 1   # CPU
 """
 import argparse
 import resource
@@ -25,6 +26,7 @@ def main(argv=None):
     ap.add_argument("--r", type=float, default=0.1)
     ap.add_argument("--teacher-dim", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv=None):
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
         times = []
-        for i in range(a.steps + 2):
+        for i in range(a.steps + a.warmup):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -62,7 +64,7 @@ def main(argv=None):
             opt.step()
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            if i >= 2:  # warm-up steps excluded
+            if i >= a.warmup:
                 times.append(time.perf_counter() - t)
         return statistics.median(times)
 

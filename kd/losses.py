@@ -25,15 +25,17 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float
 
 
 def margin_logits(cos: torch.Tensor, target_col: torch.Tensor, s: float, m: float) -> torch.Tensor:
-    """ArcFace/UNICOM logits: s·cos(θ+m) in each row's target column, s·cos θ elsewhere."""
-    cos = cos.float().clamp(-1 + 1e-7, 1 - 1e-7)
+    """ArcFace/UNICOM logits: s·cos(θ+m) in each row's target column, s·cos θ elsewhere. Only the target
+    column is clamped and re-angled: the other columns (up to 10^5 per row under PartialFC) pass once."""
+    cos = cos.float()
     rows = torch.arange(cos.shape[0], device=cos.device)
-    theta_t = torch.acos(cos[rows, target_col])
+    cos_t = cos[rows, target_col].clamp(-1 + 1e-7, 1 - 1e-7)
+    theta_t = torch.acos(cos_t)
     # past θ+m > π cos(θ+m) stops decreasing; fall back to a linear penalty (as ArcFace's "easy margin" off)
-    target_logit = torch.where(theta_t + m < math.pi, torch.cos(theta_t + m), cos[rows, target_col] - m * math.sin(m))
-    out = cos.clone()
-    out[rows, target_col] = target_logit
-    return s * out
+    target_logit = torch.where(theta_t + m < math.pi, torch.cos(theta_t + m), cos_t - m * math.sin(m))
+    out = cos * s
+    out[rows, target_col] = s * target_logit
+    return out
 
 
 def partial_fc_sample(labels: torch.Tensor, num_classes: int, r: float, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,9 +54,13 @@ def partial_fc_sample(labels: torch.Tensor, num_classes: int, r: float, generato
 
 
 def cluster_loss(student_img: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, s: float, m: float,
-                 r: float, generator=None) -> torch.Tensor:
+                 r: float, generator=None, centres_unit: bool = False) -> torch.Tensor:
+    """centres_unit: the rows are already unit-norm (frozen centres, DistillHeads), so the sampled
+    10^5 x d block is not normalised again every step."""
     ids, col = partial_fc_sample(labels, centres.shape[0], r, generator)
-    w = F.normalize(centres[ids].float(), dim=-1)
+    w = centres[ids].float()
+    if not centres_unit:
+        w = F.normalize(w, dim=-1)
     cos = F.normalize(student_img.float(), dim=-1) @ w.t()
     return F.cross_entropy(margin_logits(cos, col, s, m), col)
 
@@ -86,7 +92,7 @@ class DistillHeads(nn.Module):
                 nn.init.zeros_(a.bias)
         self.to_teacher = student_dim != teacher_dim   # instance/cluster project only when widths differ
         if centroids is not None:
-            self.centres = nn.Parameter(centroids.float().clone(), requires_grad=learn_centres)
+            self.centres = nn.Parameter(F.normalize(centroids.float(), dim=-1), requires_grad=learn_centres)
         else:
             self.centres = None
         self.instance_logit_scale = nn.Parameter(torch.tensor(math.log(1 / instance_temperature)))
@@ -145,7 +151,8 @@ def compute_losses(weights: dict[str, float], out: dict, batch: dict, heads: Dis
             raise ValueError("the cluster loss needs the cluster stage's centroids")
         s_img = heads.img_in_teacher_space(out["img"].float())
         terms["cluster"] = weights["cluster"] * cluster_loss(
-            s_img, batch["cluster_id"], heads.centres, loss_cfg.margin_s, loss_cfg.margin_m, loss_cfg.partial_fc_r)
+            s_img, batch["cluster_id"], heads.centres, loss_cfg.margin_s, loss_cfg.margin_m, loss_cfg.partial_fc_r,
+            centres_unit=not heads.centres.requires_grad)
     return terms
 
 

@@ -26,6 +26,8 @@ def test_partial_fc_full_when_r_is_one_and_keeps_positives():
     labels = torch.tensor([3, 3, 17, 42, 0, 49])
     full = F.cross_entropy(margin_logits(F.normalize(x) @ F.normalize(centres).t(), labels, 32, 0.3), labels)
     assert torch.allclose(cluster_loss(x, labels, centres, 32, 0.3, r=1.0), full)
+    frozen = DistillHeads(d, d, centroids=centres).centres  # stored unit-norm, not normalised per step
+    assert torch.allclose(cluster_loss(x, labels, frozen, 32, 0.3, r=1.0, centres_unit=True), full)
     for seed in range(20):
         ids, col = partial_fc_sample(labels, k, 0.1, torch.Generator().manual_seed(seed))
         assert set(labels.tolist()) <= set(ids.tolist())
