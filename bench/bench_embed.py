@@ -1,54 +1,112 @@
-"""Embed stage throughput (Ray Data actor pool, from webdataset shards to parquet) / a bare encode_image
-loop over already-decoded tensors with the same model, batch and threads, measured in the same run.
+"""Embed stage throughput (Ray Data actor pool, webdataset shards -> parquet) / a bare loop over
+already-decoded tensors with the same model, batch, threads and precision, measured in the same run.
+The steady rate is the difference of a 1-shard and an N-shard run of the stage (start-up cancels out).
+Two anchors: `encode_image` alone (the issue's definition) and image + EN + ZH text towers (the same work
+the stage does per pair).
 
-    python bench/bench_embed.py --workdir runs/demo     # needs a finished download stage there
+    python bench/bench_embed.py --workdir runs/demo                          # the demo's teacher
+    python bench/bench_embed.py --workdir runs/demo --model ViT-B-32 --shards 3
 """
 import argparse
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 
-def main():
+def timed_loop(fn, seconds: float = 20.0) -> float:
+    """Calls per second of fn after one warm-up call."""
+    fn()
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds or n < 2:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - t)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="runs/demo")
     ap.add_argument("--model", default="")
     ap.add_argument("--pretrained", default="")
     ap.add_argument("--batch", type=int, default=256)
-    a = ap.parse_args()
+    ap.add_argument("--shards", type=int, default=0, help="embed only the first N download shards (0 = all)")
+    a = ap.parse_args(argv)
     from pipeline.demo import demo_config
-    from pipeline.embed import EmbedStage
+    from pipeline.embed import EmbedStage, TeacherEmbedder, _read_shard
     from pipeline.runtime import init_ray
     from pipeline.stage import Store
-    from kd.models import create
+    from kd.data import decode_rgb
+    from kd.models import encode_text
+    from PIL import Image
 
     cfg = demo_config(a.workdir, small=False)
-    prev = Store(cfg.stage_dir("embed")).read_json("_DONE")["config"]["teacher"] if Store(cfg.stage_dir("embed")).exists("_DONE") else {}
-    cfg.teacher.model = a.model or prev.get("model", cfg.teacher.model)
+    done = Store(cfg.stage_dir("embed"))
+    prev = done.read_json("_DONE")["config"]["teacher"] if done.exists("_DONE") else {}
+    if a.model:  # another teacher: random weights unless --pretrained (throughput does not depend on them)
+        prev = {k: v for k, v in prev.items() if k not in ("model", "pretrained", "model_config")}
+    for k, v in prev.items():
+        setattr(cfg.teacher, k, v)
+    cfg.teacher.model = a.model or cfg.teacher.model
     cfg.teacher.pretrained = a.pretrained or prev.get("pretrained", "")
     cfg.teacher.batch_size = a.batch
+    src = Path(cfg.stage_dir("download"))
+    shards = sorted(p.stem for p in src.glob("*.tar"))[: a.shards or None]
+    if len(shards) < 2:
+        raise SystemExit("need at least 2 shards: the steady rate is the difference of a 1-shard and an N-shard run")
+    tmp = Path(tempfile.mkdtemp())
     init_ray(num_cpus=2)
-    out = tempfile.mkdtemp()
-    cfg.dirs = {"embed": out}
-    t = time.perf_counter()
-    stats = EmbedStage(cfg).run()
-    stage_ips = stats["embedded"] / (time.perf_counter() - t)
-    shutil.rmtree(out)
-    lm = create(cfg.teacher.model, cfg.teacher.pretrained)
-    lm.model.eval()
-    torch.set_num_threads(int(cfg.teacher.threads or cfg.teacher.cpus_per_actor))
-    s = lm.model_cfg["vision_cfg"]["image_size"]
-    x = torch.randn(a.batch, 3, s, s)
-    n, t = 0, time.perf_counter()
-    with torch.no_grad():
-        while time.perf_counter() - t < 20:
-            lm.model.encode_image(x)
-            n += a.batch
-    bare_ips = n / (time.perf_counter() - t)
-    print(f"embed stage {stage_ips:.0f} img/s (incl. Ray start-up, decode, text towers, parquet) vs bare "
-          f"encode_image {bare_ips:.0f} img/s -> ratio {stage_ips / bare_ips:.2f} ({cfg.teacher.model})")
+
+    def run_stage(names: list[str]) -> tuple[int, float]:
+        sub = tmp / f"download-{len(names)}"
+        sub.mkdir()
+        for s in names:  # a download folder holding just these shards
+            for ext in (".tar", ".parquet"):
+                shutil.copy(src / f"{s}{ext}", sub / f"{s}{ext}")
+        shutil.copy(src / "_DONE", sub / "_DONE")
+        cfg.dirs = {"download": str(sub), "embed": str(tmp / f"embed-{len(names)}")}
+        t = time.perf_counter()
+        n = EmbedStage(cfg).run()["embedded"]
+        return n, time.perf_counter() - t
+
+    n1, t1 = run_stage(shards[:1])
+    n, t_all = run_stage(shards)
+    stage_ips = n / t_all
+    steady = (n - n1) / (t_all - t1)  # start-up (actor spawn, model load, first read) cancels out
+    sub = tmp / f"download-{len(shards)}"
+
+    # anchor: the same model, threads and precision, on tensors decoded and tokenized beforehand
+    emb = TeacherEmbedder(vars(cfg.teacher))
+    rows = _read_shard({"shard": shards[0], "folder": str(sub)})[: a.batch]
+    x = torch.stack([emb.lm.preprocess_val(Image.fromarray(decode_rgb(r["image"], 0))) for r in rows])
+    tok_en = emb.lm.tokenizer([r["caption"] for r in rows])
+    tok_zh = emb.lm.tokenizer([r["caption_zh"] or r["caption"] for r in rows])
+    shutil.rmtree(tmp)
+    autocast = lambda: torch.autocast(emb.device, dtype=emb.dtype, enabled=emb.dtype is not None)
+
+    @torch.no_grad()
+    def image_only():
+        with autocast():
+            emb.lm.model.encode_image(x)
+
+    @torch.no_grad()
+    def all_towers():
+        with autocast():
+            emb.lm.model.encode_image(x)
+            encode_text(emb.lm.model, tok_en)
+            encode_text(emb.lm.model, tok_zh)
+
+    bare_img = timed_loop(image_only) * len(x)
+    bare_all = timed_loop(all_towers) * len(x)
+    print(f"{cfg.teacher.model}, batch {len(x)}, {torch.get_num_threads()} threads, {emb.dtype or 'fp32'}, "
+          f"{n} pairs in {len(shards)} shards")
+    print(f"embed stage {stage_ips:.1f} pairs/s end to end in {t_all:.0f}s (actor start-up, read, decode, EN+ZH "
+          f"text, parquet); steady {steady:.1f} pairs/s = ({n} - {n1} pairs) / ({t_all:.1f} - {t1:.1f}s of a 1-shard run); "
+          f"start-up ~{t1 - n1 / steady:.0f}s")
+    for name, bare in (("encode_image", bare_img), ("image+EN+ZH text", bare_all)):
+        print(f"bare {name} {bare:.1f}/s -> ratio end to end {stage_ips / bare:.2f}, steady {steady / bare:.2f}")
 
 
 if __name__ == "__main__":
