@@ -1,7 +1,8 @@
 """`cidistill compare`: the ablation table. The same student, data, batch and number of steps under each
 training recipe, evaluated the same way on the held-out split, with the teacher as reference:
 
-  clip            plain CLIP loss, student alone (EN + ZH captions): the from-scratch baseline
+  clip            plain CLIP loss, student alone (EN + ZH captions): the from-scratch baseline (a text
+                  tower cut from the teacher keeps its shape but starts from random weights)
   instance        instance discrimination only (feature distillation + interactive contrastive)
   cid             CLIP-CID: cluster discrimination + instance discrimination, on the balanced data
   cid_unbalanced  the same on the data before balancing (pseudo-labels re-clustered on it too)
@@ -43,12 +44,13 @@ def variant_config(cfg: Config, name: str, root: Path) -> Config:
         raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
     dirs = dict(cfg.dirs, train=str(root / name / "train"))
     train = dataclasses.replace(cfg.train, phases=phases[name])
+    student = dataclasses.replace(cfg.student, text_init="random") if name == "clip" else cfg.student
     cluster = cfg.cluster
     if name == "cid_unbalanced":
         train = dataclasses.replace(train, use_balanced=False)
         cluster = dataclasses.replace(cfg.cluster, use_balanced=False)
         dirs["cluster"] = str(root / name / "cluster")
-    return dataclasses.replace(cfg, dirs=dirs, train=train, cluster=cluster)
+    return dataclasses.replace(cfg, dirs=dirs, train=train, cluster=cluster, student=student)
 
 
 def _save_npz(store: Store, name: str, arrays: dict) -> None:

@@ -127,6 +127,9 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
         is_file = bool(pretrained) and os.path.isfile(pretrained)
         tag = pretrained if pretrained and not is_file else None
         kwargs = {"force_context_length": context_length} if context_length else {}
+        # an HF text tower whose config says "not pretrained" (a student's tower cut from the teacher) gets its
+        # weights from us; open_clip would otherwise try to load pretrained ones from hf_model_name
+        kwargs["pretrained_text"] = bool(model_cfg.get("text_cfg", {}).get("hf_model_pretrained", True))
         model, pre_train, pre_val = oc.create_model_and_transforms(name, pretrained=tag, device=device, **kwargs)
         if is_file:
             load_into(model, read_state_dict(pretrained), pretrained)

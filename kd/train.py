@@ -25,6 +25,7 @@ from pipeline.stage import StageError, Store, already_done
 from .data import augment, batch_indices, load_pairs, standardise
 from .losses import DistillHeads, compute_losses
 from .models import count_params, create, encode_text, trim_padding, trim_vocab
+from .text_tower import student_with_teacher_text
 
 TEACHER_LOSSES = ("instance", "feature_distill", "cluster")
 
@@ -175,8 +176,11 @@ def train_worker(job: dict) -> dict:
     balanced = tc.use_balanced and Store(cfg.stage_dir("balance")).exists("_DONE")
     pairs = load_pairs(cfg, image_size=size, teacher=need_teacher, clusters=need_clusters, balanced=balanced,
                        split="train")
-    tokens = lm.tokenizer(pairs.captions)
     use_zh = job.get("chinese", True) and any(pairs.captions_zh)
+    student_model_config = sc.model_config
+    if sc.text_from_teacher and not job.get("lock_text"):
+        lm, student_model_config = student_with_teacher_text(cfg, lm, pairs.captions + (pairs.captions_zh if use_zh else []), out)
+    tokens = lm.tokenizer(pairs.captions)
     tokens_zh = lm.tokenizer([c or pairs.captions[i] for i, c in enumerate(pairs.captions_zh)]) if use_zh else None
     has_zh = torch.tensor([bool(c) for c in pairs.captions_zh]) if use_zh else None
 
@@ -185,7 +189,7 @@ def train_worker(job: dict) -> dict:
     if job.get("lock_text"):
         student.lock_text_tower()
         text_cache = _locked_text_features(student, tokens)
-    elif sc.trim_vocab:
+    elif sc.trim_vocab and not sc.text_from_teacher:  # a tower cut from the teacher has its corpus vocabulary
         old2new = trim_vocab(student, torch.cat([tokens] + ([tokens_zh] if tokens_zh is not None else [])))
         tokens = old2new[tokens]
         tokens_zh = old2new[tokens_zh] if tokens_zh is not None else None
@@ -197,11 +201,17 @@ def train_worker(job: dict) -> dict:
         centroids = torch.from_numpy(np.load(Path(cfg.stage_dir("cluster")) / "centroids.npy"))
     heads = DistillHeads(lm.embed_dim, teacher_dim, centroids, tc.loss.learn_centres, tc.loss.instance_temperature)
     module = TrainModule(student, heads, text_cache).to(device)
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    # pretrained text layers (a tower cut from the teacher) learn slower than what starts from scratch
+    slow = {id(p) for n, p in named if sc.text_from_teacher and n.startswith("student.text.transformer.")
+            and "word_embeddings" not in n}
+    groups = []
+    for scale, picked in ((1.0, [p for p in params if id(p) not in slow]),
+                          (sc.text_lr_scale, [p for p in params if id(p) in slow])):
+        groups += [{"params": [p for p in picked if p.ndim >= 2], "weight_decay": tc.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in picked if p.ndim < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(0.9, 0.98), eps=1e-6)
     step = 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:  # resume
@@ -229,7 +239,7 @@ def train_worker(job: dict) -> dict:
         pi, phase, sip = _phase_at(tc.phases, step)
         lr = _lr(sip, phase.steps, tc.lr, tc.warmup_steps)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         rows = batch_indices(len(pairs), tc.batch_size, step, tc.seed, rank, world)
         x = pairs.images[rows].float().div_(255)
         if tc.augment:  # each row's warp is drawn for the global batch, so any worker count sees the same
@@ -286,7 +296,8 @@ def train_worker(job: dict) -> dict:
     if log_f:
         log_f.close()
     result = {"steps": step, "seconds": time.time() - t_start, "pairs": len(pairs), "data": pairs.stats,
-              "student_params": count_params(student), "last": last, "workers": world}
+              "student_params": count_params(student), "last": last, "workers": world,
+              "student_model": lm.name, "student_model_config": student_model_config}
     if world > 1:  # where each rank ran (shows the placement across nodes)
         import ray
 
@@ -331,7 +342,8 @@ def write_final(out: Path, cfg: Config, result: dict) -> None:
     shutil.copyfile(ckpt / "model.safetensors", out / "model.safetensors.tmp")
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
     st = Store(str(out))
-    st.write_json("student.json", {"model": cfg.student.model, "model_config": cfg.student.model_config,
+    st.write_json("student.json", {"model": result.get("student_model", cfg.student.model),
+                                   "model_config": result.get("student_model_config", cfg.student.model_config),
                                    "context_length": cfg.student.context_length, "checkpoint": ckpt.name})
 
 

@@ -90,6 +90,10 @@ class StudentConfig:
     pretrained: str = ""                # start from these weights (file / local-dir:)
     context_length: int = 64
     trim_vocab: bool = True
+    text_from_teacher: int = 0          # >0: text tower = this many of the teacher's HF text layers (kd/text_tower.py)
+    text_lr_scale: float = 0.2          # lr factor for those pretrained layers (the new vocab rows get the full lr)
+    text_init: str = "teacher"          # teacher: start from those layers' weights | random: same shape, no weights
+    text_vocab_common: int = 3000       # + the teacher's most frequent words beyond the corpus (prompts, queries)
 
 
 @dataclass
@@ -176,6 +180,10 @@ class Config:
             raise ConfigError(f"balance.keep: must be hard, easy or random, got {self.balance.keep!r}")
         if self.balance.apply_eps not in self.balance.semantic_eps:
             self.balance.semantic_eps = sorted(set(self.balance.semantic_eps) | {self.balance.apply_eps})
+        if self.student.text_init not in ("teacher", "random"):
+            raise ConfigError(f"student.text_init: must be teacher or random, got {self.student.text_init!r}")
+        if self.student.text_from_teacher < 0:
+            raise ConfigError("student.text_from_teacher: must be >= 0 (0 = the student's own text tower)")
         if not 0.0 < self.train.loss.partial_fc_r <= 1.0:
             raise ConfigError("train.loss.partial_fc_r: must be in (0, 1]")
         if self.data.holdout and "=" not in self.data.holdout:

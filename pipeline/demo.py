@@ -20,7 +20,9 @@ DEMO = {
     "teacher": {"model": "cid-demo-teacher", "batch_size": 256, "threads": 2},  # reads finish early: use both cores
     "balance": {"near_dup_cos": 0.99, "semantic_eps": [0.01, 0.02, 0.05, 0.1], "apply_eps": 0.05, "keep": "hard"},
     "cluster": {"k": 300},
-    "student": {"model": "cid-tiny-rn", "context_length": 64, "trim_vocab": True},
+    # text tower: 3 of the teacher's 6 MiniLM layers + a corpus vocabulary with the Chinese characters
+    # (kd/text_tower.py); image tower: cid-tiny-rn's small ResNet
+    "student": {"model": "cid-tiny-rn", "context_length": 64, "text_from_teacher": 3, "text_lr_scale": 0.1},
     "train": {"batch_size": 128, "lr": 2e-3, "ckpt_every": 100,
               # ~0.8 s a step at batch 128 on 2 cores (text tower run without its padding): 400 steps ~5 min
               "phases": [{"steps": 50, "losses": {"feature_distill": 1.0}},
@@ -52,7 +54,8 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
     from .stage import Store
 
     tcfg = dataclasses.replace(
-        cfg, student=dataclasses.replace(cfg.student, model=cfg.teacher.model, trim_vocab=False, pretrained=""),
+        cfg, student=dataclasses.replace(cfg.student, model=cfg.teacher.model, trim_vocab=False, pretrained="",
+                                         text_from_teacher=0),
         train=dataclasses.replace(cfg.train, phases=[dataclasses.replace(cfg.train.phases[0], steps=TEACHER_STEPS[small],
                                                                          losses={"clip": 1.0})],
                                   lr=1e-3, batch_size=128, use_balanced=False, workers=1, ckpt_every=50,

