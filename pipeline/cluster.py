@@ -46,9 +46,12 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int = 20, seed: int = 0, g
         rng = np.random.default_rng(seed)
         sample = x[rng.choice(n, info["train_points"], replace=False)] if info["train_points"] < n else x
         nc1 = int(math.sqrt(k))
-        centroids = two_level_clustering(sample, nc1, k, rebalance=True, clustering_niter=niter, spherical=True,
-                                         seed=seed) if _two_level_takes_kwargs() else two_level_clustering(sample, nc1, k)
-        centroids = l2n(centroids)
+        # few points per centre is expected at large k (reported in info): min_points_per_centroid=1 stops
+        # faiss from warning once per sub-clustering
+        out = two_level_clustering(sample, nc1, k, rebalance=True, clustering_niter=niter, spherical=True,
+                                   seed=seed, min_points_per_centroid=1) if _two_level_takes_kwargs() \
+            else two_level_clustering(sample, nc1, k)
+        centroids = l2n(out[0] if isinstance(out, tuple) else out)  # newer faiss also returns iteration stats
         info["method"] = f"two-level ({nc1} x {k // nc1})"
     else:
         km = faiss.Kmeans(d, k, niter=niter, seed=seed, spherical=True, gpu=gpu, verbose=verbose,

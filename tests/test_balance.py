@@ -66,3 +66,17 @@ def test_exact_dups_and_bad_embeddings():
 def test_k_larger_than_samples_is_a_clear_error():
     with pytest.raises(StageError, match="larger than the number of samples"):
         spherical_kmeans(np.ones((5, 4), np.float32), 10)
+
+
+def test_two_level_kmeans_for_large_k():
+    """Large k trains two-level (sqrt(k) coarse cells, then each cell's share of k): unit centroids, k of
+    them, and every planted group's members land in one cluster."""
+    from pipeline.cluster import assign
+
+    x, group = planted(n_groups=60, per_group=5, spread=0.01)
+    cents, info = spherical_kmeans(x, 64, niter=10, two_level_above=16)
+    assert info["method"].startswith("two-level") and cents.shape == (64, x.shape[1])
+    assert np.allclose(np.linalg.norm(cents, axis=1), 1, atol=1e-5)
+    labels, _ = assign(x, cents)
+    grouped = [labels[group == g] for g in range(60)]
+    assert sum(len(set(g.tolist())) == 1 for g in grouped) >= 57
