@@ -2,7 +2,8 @@
 discrimination) ÷ one plain `clip` step of the same student, same batch, same run; and the extra peak memory
 of the cluster head.
 
-    python bench/bench_cid_step.py                                  # the demo's student, k=10^6, r=0.1
+    python bench/bench_cid_step.py --model cid-tiny-rn-text3 \
+        --model-config runs/demo/train/student_arch/cid-tiny-rn-text3.json     # the demo's student, k=10^6, r=0.1
     python bench/bench_cid_step.py --model ViT-B-32 --batch 256 --teacher-dim 768 --device cuda
     python bench/bench_cid_step.py --model ViT-B-32 --batch 256 --teacher-dim 768 --steps 3 --warmup 1   # CPU
 """
@@ -21,10 +22,11 @@ def rss_mb() -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="cid-tiny-rn")
+    ap.add_argument("--model-config", default="", help="JSON config registering --model (e.g. a train stage's student_arch/*.json)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--k", type=int, default=1_000_000)
     ap.add_argument("--r", type=float, default=0.1)
-    ap.add_argument("--teacher-dim", type=int, default=256)
+    ap.add_argument("--teacher-dim", type=int, default=384)  # the demo teacher's width
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     ap.add_argument("--precision", default="bf16")
@@ -37,7 +39,7 @@ def main(argv=None):
 
     dev = torch.device(a.device)
     torch.manual_seed(0)
-    lm = create(a.model)
+    lm = create(a.model, model_config=a.model_config)
     size = lm.model_cfg["vision_cfg"]["image_size"]
     size = size if isinstance(size, int) else size[0]
     ctx = lm.model_cfg.get("text_cfg", {}).get("context_length", 77)
@@ -79,7 +81,8 @@ def main(argv=None):
     print(f"student {a.model} ({count_params(lm.model):,} params), batch {a.batch}, {a.precision} on {a.device}")
     print(f"clip step {1000 * t_clip:.1f} ms | CID step (k={a.k:,}, r={a.r}) {1000 * t_cid:.1f} ms")
     print(f"ratio CID/clip = {t_cid / t_clip:.2f}  (goal <= 1.15)")
-    print(f"cluster head: centres {centres_mb:.0f} MiB (fp32, frozen); peak memory +{mem1 - mem0:.0f} MiB over the clip step")
+    print(f"cluster head: centres {centres_mb:.0f} MiB (fp32, frozen); peak memory +{mem1 - mem0:.0f} MiB over the clip step"
+          + ("" if dev.type == "cuda" else f" (process RSS: includes this script's own {centres_mb:.0f} MiB source copy)"))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ added as a token of its own (BERT splits CJK text into characters; MiniLM knows 
 tower lives in a folder (config.json + tokenizer files) that the student's open_clip config names, so the
 export is an ordinary open_clip `local-dir` model with an HF text tower.
 
-Measured (demo, text-only distillation, teacher images x student text, held-out style): 3 of MiniLM's 6
-layers and a 5.2k vocabulary (7.5M parameters) reached EN 18.1% / ZH 14.9% zero-shot top-1 after 300 steps,
-where the from-scratch 6x128 student text tower reached 8.3% EN.
+Measured on the demo (held-out style, EN / ZH zero-shot top-1; teacher 16.3 % / 0.5 %): the student with this
+tower (3 of 6 layers, 8.9k tokens) 14.1 % / 13.9 %, against 6.6 % / 2.3 % with a 6x128 text tower trained from
+scratch on CLIP's byte-level BPE, and 8.9 % / 6.8 % for this architecture trained alone from random weights.
 """
 from __future__ import annotations
 
