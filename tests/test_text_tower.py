@@ -56,3 +56,13 @@ def test_chinese_characters_get_their_own_tokens(teacher, tmp_path):
     assert layers == [0, 2, 5]
     assert len(lm.tokenizer.tokenizer.vocab) < len(teacher.tokenizer.tokenizer.vocab) / 4
     assert sum(p.numel() for p in lm.model.text.parameters()) < sum(p.numel() for p in teacher.model.text.parameters()) / 3
+
+
+def test_teacher_without_an_hf_text_tower_is_a_clear_error(teacher, tmp_path):
+    from kd.models import ModelLoadError
+
+    clip_like = {"embed_dim": 512, "text_cfg": {"width": 512, "layers": 12, "context_length": 77}}
+    with pytest.raises(ModelLoadError, match="text_from_teacher needs a teacher whose text tower"):
+        build_student_text_tower(clip_like, {}, CORPUS, 3, tmp_path / "t")
+    with pytest.raises(ModelLoadError, match="has 6 layers"):
+        build_student_text_tower(teacher.model_cfg, teacher.model.state_dict(), CORPUS, 7, tmp_path / "t7")
