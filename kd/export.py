@@ -33,8 +33,8 @@ def export_local_dir(lm: LoadedModel, out: Path, readme: str = "") -> Path:
                 if (src / f).exists():
                     shutil.copyfile(src / f, tmp / f)
             text["hf_model_pretrained"] = False  # weights come from the safetensors file
-        hf_model = Path(text.get("hf_model_name") or "/nonexistent")
-        if (hf_model / "config.json").exists():
+        hf_model = Path(text.get("hf_model_name") or "")
+        if text.get("hf_model_name") and (hf_model / "config.json").exists():
             # the HF tower's architecture travels with the folder; open_clip reads it from hf_model_name,
             # which must be a path: the folder's final one (moving the folder means editing this one line)
             shutil.copyfile(hf_model / "config.json", tmp / "config.json")

@@ -34,8 +34,7 @@ def corpus_vocab(tokenizer, texts: list[str], common: int = 3000) -> list[str]:
     seen = dict.fromkeys(SPECIALS)
     ordered = sorted(tokenizer.vocab, key=tokenizer.vocab.get)
     seen.update(dict.fromkeys(t for t in ordered if len(t.removeprefix("##")) == 1))
-    words = [t for t in ordered if len(t) > 1 and not (t.startswith("[") and t.endswith("]"))
-             and len(t.removeprefix("##")) > 1]
+    words = [t for t in ordered if len(t.removeprefix("##")) > 1 and not (t.startswith("[") and t.endswith("]"))]
     seen.update(dict.fromkeys(words[:common]))
     for text in texts:
         for word in tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(
@@ -44,7 +43,7 @@ def corpus_vocab(tokenizer, texts: list[str], common: int = 3000) -> list[str]:
             if pieces == [tokenizer.unk_token]:
                 seen.setdefault(word[0], None)
             else:
-                seen.update(dict.fromkeys(p for p in pieces if p not in seen))
+                seen.update(dict.fromkeys(pieces))  # known keys keep their place
     return list(seen)
 
 
@@ -109,8 +108,8 @@ def build_student_text_tower(teacher_cfg: dict, teacher_sd: dict[str, torch.Tens
 
 
 def student_with_teacher_text(cfg, lm: LoadedModel, texts: list[str], out: Path) -> tuple[LoadedModel, str]:
-    """The configured student's image tower + a text tower cut from the teacher's (kd/text_tower.py), in the
-    teacher's embedding width. Its open_clip config and tower folder go to out/student_arch/, built in a
+    """The configured student's image tower + a text tower cut from the teacher's, in the teacher's
+    embedding width. Its open_clip config and tower folder go to out/student_arch/, built in a
     private folder and renamed into place, so Ray workers sharing `out` never read a half-written one (they
     all build the same content: vocabulary order and new rows are fixed by the corpus and the seed)."""
     teacher = create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
