@@ -1,4 +1,4 @@
-"""Semantic dedup of N x 512 planted embeddings: the stage's blocked rule vs the brute-force per-cluster
+"""Semantic dedup of N x 512 planted embeddings: the stage's int8-screened rule (at the default thresholds) vs the brute-force per-cluster
 similarity-matrix reference (SemDeDup's formulation), same clusters, same order; prints the ratio, checks
 the kept sets agree, and reports peak memory. Also k-means wall time at large k (two-level).
 
@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 
-from pipeline.balance import earlier_max, keep_order, semdedup_reference
+from pipeline.config import BalanceConfig
+from pipeline.semdedup import keep_order, screened_earlier_max, semdedup_reference
 from pipeline.cluster import assign, l2n, spherical_kmeans
 
 
@@ -35,7 +36,8 @@ def main():
     groups = [np.flatnonzero(labels == c) for c in range(a.k)]
     orders = [g[keep_order(x[g], cents[c], "hard", rng)] for c, g in enumerate(groups) if len(g)]
     t = time.perf_counter()
-    ours = [~(earlier_max(x[o])[0] > 1 - a.eps) for o in orders]
+    thresholds = [1 - e for e in BalanceConfig().semantic_eps] + [1 - a.eps, BalanceConfig().near_dup_cos]
+    ours = [~(screened_earlier_max(x[o], thresholds)[0] > 1 - a.eps) for o in orders]
     t_ours = time.perf_counter() - t
     t = time.perf_counter()
     ref = [semdedup_reference(x[o], a.eps) for o in orders]

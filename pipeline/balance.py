@@ -8,7 +8,7 @@ and marks `held_out` the evaluation split (data.holdout), which takes no part in
 image is never a duplicate's surviving representative, so holding it out costs training no sample.
 "Earlier" is the keep policy's order inside the cluster: hard (farthest from the centroid first, as
 SemDeDup), easy (nearest first) or random. Memory is bounded by the largest cluster: oversized clusters are
-split, and similarities are computed in row blocks. Decisions are saved once, then written per shard."""
+split, and similarities are computed in row blocks (int8-screened, exact where it decides: semdedup.py). Decisions are saved once, then written per shard."""
 from __future__ import annotations
 
 import math
@@ -21,40 +21,8 @@ import pyarrow.compute as pc
 from .cluster import assign, l2n, spherical_kmeans
 from .config import BalanceConfig, Config
 from .schema import BALANCE_SCHEMA, DROP_REASONS
+from .semdedup import keep_order, screened_earlier_max
 from .stage import Stage, StageError, Store, holdout_mask, join_on_key, shard_stats_name
-
-BLOCK = 2048
-
-
-def earlier_max(x: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """For rows in keep order: the max cosine to any earlier row and which row (-1 for the first)."""
-    n = len(x)
-    best = np.full(n, -np.inf, np.float32)
-    arg = np.full(n, -1, np.int64)
-    for a in range(1, n, block):
-        b = min(n, a + block)
-        s = x[a:b] @ x[:b].T                                  # (rows a..b) x (all rows before b)
-        s[np.arange(b - a)[:, None] <= np.arange(b)[None, :] - a] = -np.inf  # only strictly earlier rows
-        arg[a:b] = s.argmax(1)
-        best[a:b] = s[np.arange(b - a), arg[a:b]]
-    return best, arg
-
-
-def semdedup_reference(x: np.ndarray, eps: float) -> np.ndarray:
-    """SemDeDup's own formulation, for tests and the bench: the full similarity matrix of a cluster in
-    keep order, upper triangle, column max; True = keep."""
-    sim = x @ x.T
-    tri = np.triu(sim, k=1)
-    m = tri.max(axis=0) if len(x) > 1 else np.zeros(len(x))
-    return ~(m > 1 - eps)
-
-
-def keep_order(x: np.ndarray, centroid: np.ndarray, policy: str, rng: np.random.Generator) -> np.ndarray:
-    if policy == "random":
-        return rng.permutation(len(x))
-    sim = x @ centroid
-    return np.argsort(sim if policy == "hard" else -sim, kind="stable")  # hard: least similar first
-
 
 def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, max_size: int, seed: int):
     """Split clusters above max_size with a sub-k-means so that no cluster exceeds it (bounds memory)."""
@@ -102,6 +70,7 @@ def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: B
     xs = l2n(x[live])
     stats: dict = {"input": n}
     eps_sorted = sorted(bc.semantic_eps)
+    thresholds = [1 - e for e in eps_sorted] + [1 - bc.apply_eps, bc.near_dup_cos]
     sweep = Counter()
     sizes_before = sizes_after = np.zeros(0, np.int64)
     if len(live):
@@ -122,7 +91,7 @@ def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: B
             if not len(idx):
                 continue
             order = idx[keep_order(xs[idx], cents[c], bc.keep, rng)]
-            best, arg = earlier_max(xs[order])
+            best, arg = screened_earlier_max(xs[order], thresholds)
             for e in eps_sorted:
                 sweep[e] += int((best > 1 - e).sum())
             kept_in_cluster = 0

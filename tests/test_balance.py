@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from pipeline.balance import balance_decisions, earlier_max, keep_order, semdedup_reference
+from pipeline.balance import balance_decisions
+from pipeline.semdedup import earlier_max, keep_order, screened_earlier_max, semdedup_reference
 from pipeline.cluster import l2n, spherical_kmeans
 from pipeline.config import BalanceConfig
 from pipeline.stage import StageError
@@ -80,3 +81,23 @@ def test_two_level_kmeans_for_large_k():
     labels, _ = assign(x, cents)
     grouped = [labels[group == g] for g in range(60)]
     assert sum(len(set(g.tolist())) == 1 for g in grouped) >= 57
+
+
+def test_int8_screen_agrees_with_exact_kernel_at_every_threshold():
+    """Many pairs within the screen's error band of the thresholds: the screened kernel must still give the
+    exact kernel's answer at each threshold, the exact max where it reaches the lowest one, and an `arg`
+    whose cosine is that max."""
+    rng = np.random.default_rng(3)
+    base = l2n(rng.normal(size=(150, 512)))
+    noise = rng.uniform(0.1, 0.6, size=(600, 1)) * rng.normal(size=(600, 512)) / np.sqrt(512)
+    x = l2n(np.repeat(base, 4, 0) + noise).astype(np.float32)[rng.permutation(600)]
+    thresholds = [0.9, 0.95, 0.98]
+    exact, _ = earlier_max(x)
+    best, arg = screened_earlier_max(x, thresholds, block=64)
+    for t in thresholds:
+        assert np.array_equal(best > t, exact > t) and np.array_equal(best >= t, exact >= t)
+    hit = exact >= 0.9
+    assert 100 < hit.sum() < 600 and ((exact > 0.87) & (exact < 0.93)).sum() > 20  # the band is populated
+    assert np.allclose(best[hit], exact[hit], atol=1e-5) and (arg[~hit] == -1).all()
+    assert (arg[hit] < np.flatnonzero(hit)).all()
+    assert np.allclose(np.einsum("ij,ij->i", x[hit], x[arg[hit]]), best[hit], atol=1e-5)
