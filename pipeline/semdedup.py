@@ -67,7 +67,7 @@ def screened_earlier_max(x: np.ndarray, thresholds, block: int = INT8_BLOCK) -> 
     n = len(x)
     t_sorted = np.sort(np.asarray(list(thresholds), np.float32))
     t_min = float(t_sorted[0])
-    if n < EXACT_BELOW:
+    if n < EXACT_BELOW or not hasattr(torch, "_int_mm"):  # tiny cluster, or a torch without int8 matmul
         best, arg = earlier_max(x)
         arg[best < t_min] = -1
         return best, arg
