@@ -8,7 +8,8 @@ and marks `held_out` the evaluation split (data.holdout), which takes no part in
 image is never a duplicate's surviving representative, so holding it out costs training no sample.
 "Earlier" is the keep policy's order inside the cluster: hard (farthest from the centroid first, as
 SemDeDup), easy (nearest first) or random. Memory is bounded by the largest cluster: oversized clusters are
-split, and similarities are computed in row blocks (int8-screened, exact where it decides: semdedup.py). Decisions are saved once, then written per shard."""
+split, and similarities are computed in row blocks (int8-screened, exact where it decides: semdedup.py).
+Decisions are saved once, then written per shard."""
 from __future__ import annotations
 
 import math
