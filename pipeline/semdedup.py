@@ -16,17 +16,22 @@ EXACT_BELOW = 64            # tiny clusters: the exact kernel is as fast
 _FP_SLACK = 1e-4            # fp32 rounding of the "exact" dots (BLAS order) and of the scaled integers
 
 
+def exact_rows(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp32: for the given rows (ascending), the max cosine to any strictly earlier row and which row."""
+    sim = x[rows] @ x[: rows[-1] + 1].T
+    sim[np.arange(sim.shape[1])[None, :] >= rows[:, None]] = -np.inf
+    arg = sim.argmax(1)
+    return sim[np.arange(len(rows)), arg], arg
+
+
 def earlier_max(x: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """For rows in keep order: the max cosine to any earlier row and which row (-1 for the first)."""
     n = len(x)
     best = np.full(n, -np.inf, np.float32)
     arg = np.full(n, -1, np.int64)
     for a in range(1, n, block):
-        b = min(n, a + block)
-        s = x[a:b] @ x[:b].T                                  # (rows a..b) x (all rows before b)
-        s[np.arange(b - a)[:, None] <= np.arange(b)[None, :] - a] = -np.inf  # only strictly earlier rows
-        arg[a:b] = s.argmax(1)
-        best[a:b] = s[np.arange(b - a), arg[a:b]]
+        rows = np.arange(a, min(n, a + block))
+        best[rows], arg[rows] = exact_rows(x, rows)
     return best, arg
 
 
@@ -99,9 +104,6 @@ def screened_earlier_max(x: np.ndarray, thresholds, block: int = INT8_BLOCK) -> 
         redo = cand[open_rows]
         for r0 in range(0, len(redo), BLOCK):
             rows = redo[r0:r0 + BLOCK]
-            sim = x[rows] @ x[: rows.max() + 1].T
-            sim[np.arange(sim.shape[1])[None, :] >= rows[:, None]] = -np.inf
-            arg_out[rows] = sim.argmax(1)
-            best[rows] = sim[np.arange(len(rows)), arg_out[rows]]
+            best[rows], arg_out[rows] = exact_rows(x, rows)
     arg_out[best < t_min] = -1
     return best, arg_out
