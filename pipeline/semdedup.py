@@ -65,10 +65,10 @@ def quantise(x: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 def screened_earlier_max(x: np.ndarray, thresholds, block: int = INT8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Like `earlier_max`, exact where it decides something: for every t in `thresholds` and every row,
-    (best > t) and (best >= t) equal the exact answers. Where the exact max reaches min(thresholds), `best`
-    is that exact max and `arg` an earlier row with cosine `best` (the exact argmax unless another earlier row
-    lies within the screening error of it, then the one the screen ranks first); below, `best` is at most
-    min(thresholds) (an estimate) and `arg` -1."""
+    (best > t) and (best >= t) equal the exact answers. Where the exact max reaches min(thresholds), `arg` is
+    an earlier row and `best` its exact cosine: the exact max, unless another earlier row lies within the
+    screening error of it (then `best` may sit below the max by less than that error, never across a
+    threshold). Below, `best` is at most min(thresholds) (an estimate) and `arg` -1."""
     n = len(x)
     t_sorted = np.sort(np.asarray(list(thresholds), np.float32))
     t_min = float(t_sorted[0])

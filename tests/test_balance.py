@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipeline.balance import balance_decisions
-from pipeline.semdedup import earlier_max, keep_order, screened_earlier_max, semdedup_reference
+from pipeline.semdedup import earlier_max, keep_order, quantise, screened_earlier_max, semdedup_reference
 from pipeline.cluster import l2n, spherical_kmeans
 from pipeline.config import BalanceConfig
 from pipeline.stage import StageError
@@ -85,19 +85,28 @@ def test_two_level_kmeans_for_large_k():
 
 def test_int8_screen_agrees_with_exact_kernel_at_every_threshold():
     """Many pairs within the screen's error band of the thresholds: the screened kernel must still give the
-    exact kernel's answer at each threshold, the exact max where it reaches the lowest one, and an `arg`
-    whose cosine is that max."""
+    exact kernel's answer at each threshold and, where the max reaches the lowest one, an `arg` whose exact
+    cosine is `best`, within the screening error below the max (near-ties may pick another earlier row)."""
     rng = np.random.default_rng(3)
     base = l2n(rng.normal(size=(150, 512)))
     noise = rng.uniform(0.1, 0.6, size=(600, 1)) * rng.normal(size=(600, 512)) / np.sqrt(512)
-    x = l2n(np.repeat(base, 4, 0) + noise).astype(np.float32)[rng.permutation(600)]
+    x = l2n(np.repeat(base, 4, 0) + noise)
     thresholds = [0.9, 0.95, 0.98]
+    # pairs built at cosine t + delta, |delta| <= 0.004: inside int8 rounding, so only the error bound saves them
+    u = l2n(rng.normal(size=(300, 512)))
+    v = rng.normal(size=(300, 512))
+    v = l2n(v - (v * u).sum(1, keepdims=True) * u)
+    cos = np.repeat(thresholds, 100) + rng.uniform(-0.004, 0.004, 300)
+    near = cos[:, None] * u + np.sqrt(1 - cos[:, None] ** 2) * v
+    x = np.concatenate([x, u, near]).astype(np.float32)[rng.permutation(1200)]
     exact, _ = earlier_max(x)
     best, arg = screened_earlier_max(x, thresholds, block=64)
     for t in thresholds:
         assert np.array_equal(best > t, exact > t) and np.array_equal(best >= t, exact >= t)
     hit = exact >= 0.9
-    assert 100 < hit.sum() < 600 and ((exact > 0.87) & (exact < 0.93)).sum() > 20  # the band is populated
-    assert np.allclose(best[hit], exact[hit], atol=1e-5) and (arg[~hit] == -1).all()
+    assert 300 < hit.sum() < 1200 and ((exact > 0.87) & (exact < 0.93)).sum() > 20  # the band is populated
+    margin = quantise(x)[2]
+    assert (best[hit] <= exact[hit] + 1e-5).all() and (exact[hit] - best[hit] < margin).all()
+    assert np.median(exact[hit] - best[hit]) < 1e-6 and (arg[~hit] == -1).all()  # near-ties are rare
     assert (arg[hit] < np.flatnonzero(hit)).all()
     assert np.allclose(np.einsum("ij,ij->i", x[hit], x[arg[hit]]), best[hit], atol=1e-5)
