@@ -51,9 +51,12 @@ def image_features(lm: LoadedModel, images_u8: torch.Tensor, batch: int = 256) -
 
 @torch.no_grad()
 def text_features(lm: LoadedModel, texts: list[str], batch: int = 512) -> torch.Tensor:
-    out = [encode_text(lm.model, lm.tokenizer(texts[i:i + batch])).float()
-           for i in range(0, len(texts), batch)]
-    return F.normalize(torch.cat(out), dim=-1)
+    if not texts:
+        return torch.empty(0, lm.embed_dim)
+    tokens = torch.cat([lm.tokenizer(texts[i:i + 4096]) for i in range(0, len(texts), 4096)])
+    # sorted by length over all texts, batches of ~`batch` rows each cut to its longest
+    out = encode_text(lm.model, tokens, chunks=-(-len(texts) // batch))
+    return F.normalize(out.float(), dim=-1)
 
 
 def classifier(lm: LoadedModel, names: list[str], lang: str) -> torch.Tensor:

@@ -200,48 +200,56 @@ def state_dict_for_export(model: nn.Module, vocab_size: int = 49408) -> dict[str
     return sd
 
 
-def trim_padding(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """HF text towers attend with a padding mask, so trailing pad columns change nothing but cost time:
-    cut them to the batch's longest caption (6x fewer FLOPs for short captions at context 64).
-    open_clip's own text transformer keeps its fixed context (its causal mask has that size)."""
-    text = getattr(model, "text", None)
-    pad = getattr(getattr(text, "config", None), "pad_token_id", None)
-    if pad is None or tokens.ndim != 2:
-        return tokens
-    longest = int((tokens != pad).sum(1).max().item()) if len(tokens) else 1
-    return tokens[:, :max(1, longest)]
+def token_lengths(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """How many leading columns of each row matter, or None when the tower needs all of them. HF towers
+    mask (right) padding; open_clip's causal text transformer pools the end-of-text token, and no token
+    attends to a later one, so nothing after that token changes the output."""
+    pad = getattr(getattr(getattr(model, "text", None), "config", None), "pad_token_id", None)
+    if tokens.ndim != 2 or not len(tokens):
+        return None
+    if pad is not None:
+        return (tokens != pad).sum(1).clamp(min=1)
+    if not _causal_clip_text(model):
+        return None
+    if model.text_pool_type == "argmax":
+        return tokens.argmax(1) + 1
+    return (tokens == model.text_eos_id).int().argmax(1) + 1
+
+
+def by_length(model: nn.Module, tokens: torch.Tensor, fn, chunks: int) -> torch.Tensor:
+    """fn(tokens) computed without the cost of padding: rows sorted by length, run in `chunks` groups,
+    each cut to its longest row (EN captions here use at most 27 of 64 positions, ZH ones vary more)."""
+    lengths = token_lengths(model, tokens)
+    if lengths is None:
+        return fn(tokens)
+    order = torch.argsort(lengths, descending=True, stable=True)  # ties keep input order: reproducible groups
+    out = None
+    for part in torch.tensor_split(order, max(1, min(chunks, len(order)))):
+        if not len(part):
+            continue
+        x = fn(tokens[part, :int(lengths[part].max())])
+        if out is None:
+            out = x.new_empty(len(tokens), *x.shape[1:])
+        out[part] = x
+    return out
 
 
 def encode_text(model: nn.Module, tokens: torch.Tensor, chunks: int = 4) -> torch.Tensor:
-    """model.encode_text(tokens) without the cost of padding. HF towers: cut to the longest caption (they
-    mask padding). open_clip's own causal text transformer: a token never attends to later ones and the
-    pooled token is the end-of-text one, so the columns after it change nothing; rows are sorted by length
-    and run in `chunks` groups, each cut to its longest row (EN captions here use at most 27 of 64 positions)."""
-    if getattr(model, "text", None) is not None or not _causal_clip_text(model) or tokens.ndim != 2 or not len(tokens):
-        return model.encode_text(trim_padding(model, tokens))
+    """model.encode_text(tokens), values and gradients, without the cost of padding (see by_length)."""
+    if getattr(model, "text", None) is not None or not _causal_clip_text(model):
+        return by_length(model, tokens, model.encode_text, chunks)
     from open_clip.transformer import text_global_pool
 
-    eos = getattr(model, "text_eos_id", None)
-    if model.text_pool_type == "argmax":  # the pooled (end-of-text) position; nothing after it matters
-        lengths = tokens.argmax(1) + 1
-    else:
-        lengths = (tokens == eos).int().argmax(1) + 1
-    order = torch.argsort(lengths, descending=True)
     cast = model.transformer.get_cast_dtype()
-    out = None
-    for part in torch.tensor_split(order, min(chunks, len(order))):
-        if not len(part):
-            continue
-        n = max(1, int(lengths[part].max()))
-        t = tokens[part, :n]
+
+    def causal(t):  # open_clip's encode_text with the context cut to t's width
+        n = t.shape[1]
         x = model.token_embedding(t).to(cast) + model.positional_embedding[:n].to(cast)
         x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
-        x = text_global_pool(x, t, model.text_pool_type, eos_token_id=eos)
-        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
-        if out is None:
-            out = x.new_empty(len(tokens), x.shape[1])
-        out[part] = x
-    return out
+        x = text_global_pool(x, t, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        return model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+
+    return by_length(model, tokens, causal, chunks)
 
 
 def _causal_clip_text(model: nn.Module) -> bool:

@@ -24,7 +24,7 @@ from pipeline.config import Config, from_dict
 from pipeline.stage import StageError, Store, already_done
 from .data import augment, batch_indices, load_pairs, standardise
 from .losses import DistillHeads, compute_losses
-from .models import count_params, create, encode_text, trim_padding, trim_vocab
+from .models import count_params, create, by_length, encode_text, trim_vocab
 from .text_tower import student_with_teacher_text
 
 TEACHER_LOSSES = ("instance", "feature_distill", "cluster")
@@ -98,12 +98,12 @@ def _phase_at(phases, step: int):
 @torch.no_grad()
 def _locked_text_features(model, tokens: torch.Tensor, batch: int = 512) -> torch.Tensor:
     text = model.text
-    out = []
-    for i in range(0, len(tokens), batch):
-        x = trim_padding(model, tokens[i:i + batch])
+
+    def pooled(x):
         mask = (x != text.config.pad_token_id).long()
-        out.append(text.pooler(text.transformer(input_ids=x, attention_mask=mask), mask))
-    return torch.cat(out)
+        return text.pooler(text.transformer(input_ids=x, attention_mask=mask), mask)
+
+    return by_length(model, tokens, pooled, chunks=-(-len(tokens) // batch))
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -262,10 +262,21 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict, prefix: str = "") -> dict:
+    """`over` wins key by key; a list is indexed by number (`train.phases.1.steps=450`)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old, key = out.get(k), f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(old, list) and v and all(str(i).isdigit() for i in v):
+            old = list(old)
+            for i, item in v.items():
+                if int(i) >= len(old):
+                    raise ConfigError(f"{key}.{i}: the list has {len(old)} item(s)")
+                was = old[int(i)]
+                old[int(i)] = merge(was, item, f"{key}.{i}.") if isinstance(item, dict) and isinstance(was, dict) else item
+            out[k] = old
+        else:
+            out[k] = merge(old, v, f"{key}.") if isinstance(v, dict) and isinstance(old, dict) else v
     return out
 
 

@@ -4,7 +4,7 @@ writes one parquet per shard (schema.embed_schema) as soon as all of that shard'
 from __future__ import annotations
 
 import hashlib
-import io
+import threading
 from collections import defaultdict
 
 import numpy as np
@@ -25,7 +25,9 @@ def _read_shard(row: dict) -> list[dict]:
     shard, folder = row["shard"], row["folder"]
     store = Store(folder)
     t = store.read_table(f"{shard}.parquet")
-    t = t.filter(pc.equal(t.column("status"), "success"))
+    # key order, not img2dataset's (thread completion) order: a batch's rows, and so its numerics, are then
+    # the same in every run (a resumed shard is byte-identical)
+    t = t.filter(pc.equal(t.column("status"), "success")).sort_by("key")
     images = read_tar_images(store, f"{shard}.tar")
     zh = t.column("caption_zh").to_pylist() if "caption_zh" in t.column_names else [None] * t.num_rows
     return [{"shard": shard, "key": k, "image": images.get(k, b""), "caption": c or "", "caption_zh": z or ""}
@@ -48,14 +50,13 @@ class TeacherEmbedder:
         prec = tc.precision if tc.precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         self.keep_prefeatures = keep_prefeatures
+        self._model_lock = threading.Lock()  # two calls in flight: one prepares while the other runs the model
 
-    def embed(self, images: list[bytes], captions: list[str], captions_zh: list[str]) -> dict:
-        import torch
-        import torch.nn.functional as F
+    def prepare(self, images: list[bytes], captions: list[str], captions_zh: list[str]) -> dict:
+        """Decode, preprocess, hash and tokenise: CPU work that runs beside the previous batch's forward."""
         from PIL import Image
 
         from kd.data import decode_rgb
-        from kd.models import encode_text
 
         ok, pixels, hashes, errors = [], [], [], []
         for b in images:
@@ -69,23 +70,37 @@ class TeacherEmbedder:
                 ok.append(False)
                 hashes.append("")
                 errors.append(f"undecodable: {type(e).__name__}")
-        n, dim = len(images), self.lm.embed_dim
-        out = {"ok": np.array(ok), "image_hash": np.array(hashes, dtype=object), "error": np.array(errors, dtype=object)}
-        with torch.no_grad(), torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
+        out = {"n": len(images), "ok": np.array(ok), "image_hash": np.array(hashes, dtype=object),
+               "error": np.array(errors, dtype=object), "pixels": pixels, "tokens": {}}
+        for col, texts in (("text_emb", captions), ("text_emb_zh", captions_zh)):
+            idx = [i for i, t in enumerate(texts) if t and t.strip()]
+            out["tokens"][col] = (idx, self.lm.tokenizer([texts[i] for i in idx]) if idx else None)
+        return out
+
+    def forward(self, prep: dict) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        from kd.models import encode_text
+
+        n, dim = prep["n"], self.lm.embed_dim
+        out = {k: prep[k] for k in ("ok", "image_hash", "error")}
+        with self._model_lock, torch.no_grad(), \
+                torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
             img = np.zeros((n, dim), np.float32)
-            if pixels:
-                idx = np.flatnonzero(out["ok"])
-                x = torch.stack(pixels).to(self.device)
-                img[idx] = F.normalize(self.lm.model.encode_image(x).float(), dim=-1).cpu().numpy()
+            if prep["pixels"]:
+                x = torch.stack(prep["pixels"]).to(self.device)
+                img[np.flatnonzero(out["ok"])] = F.normalize(self.lm.model.encode_image(x).float(), dim=-1).cpu().numpy()
             out["image_emb"] = img
-            for col, texts in (("text_emb", captions), ("text_emb_zh", captions_zh)):
+            for col, (idx, tok) in prep["tokens"].items():
                 emb = np.full((n, dim), np.nan, np.float32)
-                idx = [i for i, t in enumerate(texts) if t and t.strip()]
                 if idx:
-                    tok = self.lm.tokenizer([texts[i] for i in idx]).to(self.device)
-                    emb[idx] = F.normalize(encode_text(self.lm.model, tok).float(), dim=-1).cpu().numpy()
+                    emb[idx] = F.normalize(encode_text(self.lm.model, tok.to(self.device)).float(), dim=-1).cpu().numpy()
                 out[col] = emb
         return out
+
+    def embed(self, images: list[bytes], captions: list[str], captions_zh: list[str]) -> dict:
+        return self.forward(self.prepare(images, captions, captions_zh))
 
     def __call__(self, batch: dict) -> dict:
         res = self.embed(list(batch["image"]), [str(c) for c in batch["caption"]], [str(c) for c in batch["caption_zh"]])
@@ -183,9 +198,12 @@ class EmbedStage(Stage):
         ds = ray.data.from_items([{"shard": s, "folder": self.src.uri} for s in shards], override_num_blocks=len(shards))
         ds = ds.flat_map(_read_shard)
         # actors take cpus_per_actor each; Ray Data's read tasks need the rest (a pool on every core hangs)
-        ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs, batch_size=tc.batch_size,
-                            concurrency=tc.num_actors, num_cpus=tc.cpus_per_actor, num_gpus=tc.gpus_per_actor or None,
-                            batch_format="numpy")
+        # two calls per actor at once: batch N+1 is decoded and tokenised while batch N is in the model
+        # (TeacherEmbedder.forward holds a lock, so one forward at a time and torch keeps its threads)
+        pool = ray.data.ActorPoolStrategy(size=tc.num_actors, max_concurrent_calls_per_actor=2,
+                                          enable_true_multi_threading=True)
+        ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs, batch_size=tc.batch_size, compute=pool,
+                            num_cpus=tc.cpus_per_actor, num_gpus=tc.gpus_per_actor or None, batch_format="numpy")
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
     def _write(self, shard: str, rows: dict, errs: dict, dim: int) -> None:

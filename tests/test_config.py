@@ -12,6 +12,16 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.balance.semantic_eps == [0.05, 0.1]
 
 
+def test_override_a_list_item_by_index(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {phases: [{steps: 5, losses: {feature_distill: 1.0}}, {steps: 7, losses: {align: 1.0}}]}\n")
+    cfg = load_config(str(p), ["train.phases.1.steps=450", "train.phases.0.losses={instance: 1.0}"])
+    assert [(ph.steps, ph.losses) for ph in cfg.train.phases] == [(5, {"feature_distill": 1.0, "instance": 1.0}),
+                                                                (450, {"align": 1.0})]
+    with pytest.raises(ConfigError, match="train.phases.2"):
+        load_config(str(p), ["train.phases.2.steps=3"])
+
+
 @pytest.mark.parametrize("text,needle", [
     ("trian: {batch_size: 3}\n", "trian"),
     ("train: {batch_sise: 3}\n", "train.batch_sise"),

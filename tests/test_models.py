@@ -29,3 +29,25 @@ def test_encode_text_equals_open_clip():
         for name in g_want:
             scale = float(g_want[name].abs().max()) + 1e-12  # fp32 sums in another order: relative to the largest
             assert float((g_want[name] - g_got[name]).abs().max()) <= 1e-5 * scale, name
+
+
+def test_encode_text_equals_hf_tower():
+    """HF towers (the demo teacher's MiniLM): rows sorted by length and cut per group give the tower's own
+    padded-batch output and gradients, for Chinese and English captions of very different lengths."""
+    from kd.models import DEMO_TEACHER, token_lengths
+
+    torch.manual_seed(0)
+    lm = create(DEMO_TEACHER)
+    model, tok = lm.model.eval(), lm.tokenizer(CAPTIONS)
+    lengths = token_lengths(model, tok)
+    assert int(lengths.min()) < int(lengths.max()) < tok.shape[1]  # groups get cut to different widths
+    want, got = model.encode_text(tok), encode_text(model, tok, chunks=3)
+    assert torch.allclose(want, got, atol=1e-5)
+    g_want = _grads(model, lambda: model.encode_text(tok))
+    g_got = _grads(model, lambda: encode_text(model, tok, chunks=3))
+    assert g_want.keys() == g_got.keys() and g_want
+    # relative to the largest gradient anywhere: a key bias's gradient is zero up to rounding (softmax
+    # ignores it), so its own scale would measure noise
+    scale = max(float(g.abs().max()) for g in g_want.values())
+    for name in g_want:
+        assert float((g_want[name] - g_got[name]).abs().max()) <= 1e-5 * scale, name
