@@ -48,7 +48,8 @@ def main(argv=None):
     if a.model:  # another teacher: random weights unless --pretrained (throughput does not depend on them)
         prev = {k: v for k, v in prev.items() if k not in ("model", "pretrained", "model_config")}
     for k, v in prev.items():
-        setattr(cfg.teacher, k, v)
+        if hasattr(cfg.teacher, k):  # a field an older version wrote is left out
+            setattr(cfg.teacher, k, v)
     cfg.teacher.model = a.model or cfg.teacher.model
     cfg.teacher.pretrained = a.pretrained or prev.get("pretrained", "")
     cfg.teacher.batch_size = a.batch

@@ -4,9 +4,7 @@ folder, open_clip tag). Demo tasks: ~1.9k base-emoji names on the held-out artis
 fitted on the training styles only (never on the evaluation images)."""
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

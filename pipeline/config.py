@@ -54,7 +54,6 @@ class TeacherConfig:
     gpus_per_actor: float = 0.0
     threads: int = 0                    # torch threads per actor; 0 = cpus_per_actor
     precision: str = "auto"             # auto | fp32 | bf16 | fp16
-    keep_prefeatures: bool = False
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from .config import Config, TeacherConfig
-from .schema import embed_schema, emb_type
+from .schema import embed_schema
 from .stage import Stage, StageError, Store, shard_stats_name
 
 
@@ -37,7 +37,7 @@ def _read_shard(row: dict) -> list[dict]:
 class TeacherEmbedder:
     """Loads the teacher once; embeds batches. Also usable in-process (tests, eval) via `embed`."""
 
-    def __init__(self, teacher: dict, keep_prefeatures: bool = False):
+    def __init__(self, teacher: dict):
         import torch
 
         from kd.models import create
@@ -49,7 +49,6 @@ class TeacherEmbedder:
         self.lm.model.eval()
         prec = tc.precision if tc.precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
-        self.keep_prefeatures = keep_prefeatures
         self._model_lock = threading.Lock()  # two calls in flight: one prepares while the other runs the model
 
     def prepare(self, images: list[bytes], captions: list[str], captions_zh: list[str]) -> dict:
@@ -184,7 +183,7 @@ class EmbedStage(Stage):
 
     def _batches(self, shards: list[str]):
         tc = self.cfg.teacher
-        kwargs = {"teacher": vars(tc), "keep_prefeatures": tc.keep_prefeatures}
+        kwargs = {"teacher": vars(tc)}
         if not self.use_ray:
             emb = TeacherEmbedder(**kwargs)
             for s in shards:

@@ -13,7 +13,7 @@ def emb_type(dim: int) -> pa.DataType:
     return pa.list_(pa.float16(), dim)
 
 
-def embed_schema(dim: int, prefeat_dim: int = 0) -> pa.Schema:
+def embed_schema(dim: int) -> pa.Schema:
     """embed/0000N.parquet: the teacher's view of each decodable pair (L2-normalised, float16)."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
@@ -22,8 +22,6 @@ def embed_schema(dim: int, prefeat_dim: int = 0) -> pa.Schema:
         pa.field("text_emb_zh", emb_type(dim)),        # null when the pair has no Chinese caption
         pa.field("image_hash", pa.string()),            # sha256 of the decoded RGB pixels
     ]
-    if prefeat_dim:
-        fields.append(pa.field("image_prefeat", emb_type(prefeat_dim)))  # before the projection
     return pa.schema(fields, metadata={b"dim": str(dim).encode()})
 
 
