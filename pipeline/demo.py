@@ -51,7 +51,8 @@ def demo_config(workdir: str, small: bool, overrides: list[str] | None = None, c
 
 def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
     """The demo teacher's training config and its cache folder, keyed by what shapes the teacher (not by
-    every train field, so that new unrelated options keep the cache)."""
+    every train field, so that new unrelated options keep the cache). Its seed is fixed: the student's
+    `train.seed` varies the student against the same teacher."""
     from .stage import Store
 
     tcfg = dataclasses.replace(
@@ -59,7 +60,7 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
                                          text_from_teacher=0),
         train=dataclasses.replace(cfg.train, phases=[dataclasses.replace(cfg.train.phases[0], steps=TEACHER_STEPS[small],
                                                                          losses={"clip": 1.0})],
-                                  lr=1e-3, batch_size=128, use_balanced=False, workers=1, ckpt_every=50,
+                                  lr=1e-3, batch_size=128, use_balanced=False, workers=1, ckpt_every=50, seed=0,
                                   style_augment=True))  # it is evaluated on an artist style it never saw
     t = tcfg.train
     recipe = {k: getattr(t, k) for k in ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "precision",

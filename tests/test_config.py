@@ -45,3 +45,17 @@ def test_cli_reports_config_error(tmp_path, capsys):
     p.write_text("cluster: {k: ten}\n")
     assert main(["cluster", "-c", str(p)]) == 2
     assert "cluster.k" in capsys.readouterr().err
+
+
+def test_student_seed_keeps_the_cached_demo_teacher(tmp_path):
+    """The demo teacher is cached by what shapes it: another student seed must not retrain it (nor pair a
+    student with embeddings of a different teacher), while another held-out style must."""
+    from pipeline.demo import demo_config, teacher_recipe
+
+    (tmp_path / "download").mkdir()
+    (tmp_path / "download" / "stats.json").write_text('{"successes": 1234}')
+    base, path = teacher_recipe(demo_config(str(tmp_path), small=True), True)
+    seeded, seeded_path = teacher_recipe(demo_config(str(tmp_path), small=True, overrides=["train.seed=3"]), True)
+    assert seeded_path == path and seeded.train.seed == base.train.seed == 0
+    other = demo_config(str(tmp_path), small=True, overrides=["data.holdout=vendor=apple"])
+    assert teacher_recipe(other, True)[1] != path
