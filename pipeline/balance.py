@@ -47,9 +47,9 @@ def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, ma
 
 
 def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: BalanceConfig,
-                      held_out: np.ndarray | None = None) -> tuple[pa.Table, dict]:
+                      held_out: np.ndarray | None = None, text: np.ndarray | None = None) -> tuple[pa.Table, dict]:
     """The whole rule on in-memory arrays. Returns a table key/kept/drop_reason/dup_of/balance_cluster
-    and the stats."""
+    and the stats. `text`: the caption embeddings, needed with `semantic_on: joint`."""
     n = len(keys)
     reason = np.full(n, None, dtype=object)
     if held_out is not None:
@@ -69,7 +69,12 @@ def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: B
             reason[i], dup_of[i] = "exact_dup", keys[j]
     live = np.flatnonzero(reason == None)  # noqa: E711 (object array)
     xs = l2n(x[live])
-    stats: dict = {"input": n}
+    if bc.semantic_on == "joint":
+        if text is None:
+            raise ValueError("balance.semantic_on=joint needs the caption embeddings")
+        # [image, caption] / sqrt(2): a cosine is the mean of the two (no caption: at most 1/sqrt(2), never a dup)
+        xs = l2n(np.concatenate([xs, l2n(np.nan_to_num(text[live]))], axis=1))
+    stats: dict = {"input": n, "semantic_on": bc.semantic_on}
     eps_sorted = sorted(bc.semantic_eps)
     thresholds = [1 - e for e in eps_sorted] + [1 - bc.apply_eps, bc.near_dup_cos]
     sweep = Counter()
@@ -140,10 +145,11 @@ class BalanceStage(Stage):
             return self.out.read_table("_decisions.parquet")
         from kd.data import emb_matrix
 
-        keys, xs, hashes, shard_of, held = [], [], [], [], []
+        keys, xs, txt, hashes, shard_of, held = [], [], [], [], [], []
         dl = Store(self.cfg.stage_dir("download"))
         for s in self.shards():
-            t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash"])
+            cols = ["key", "image_emb", "image_hash"] + (["text_emb"] if self.bc.semantic_on == "joint" else [])
+            t = self.emb.read_table(f"{s}.parquet", columns=cols)
             if self.cfg.data.holdout:
                 col = self.cfg.data.holdout.partition("=")[0]
                 d = dl.read_table(f"{s}.parquet", columns=["key", col])
@@ -151,6 +157,8 @@ class BalanceStage(Stage):
                 held.append(holdout_mask(self.cfg.data.holdout, t).to_numpy(zero_copy_only=False))
             keys += t.column("key").to_pylist()
             xs.append(emb_matrix(t.column("image_emb")))
+            if self.bc.semantic_on == "joint":
+                txt.append(emb_matrix(t.column("text_emb")))
             hashes += [h or "" for h in t.column("image_hash").to_pylist()]
             shard_of += [s] * t.num_rows
         dup = [k for k, c in Counter(keys).items() if c > 1]
@@ -158,7 +166,7 @@ class BalanceStage(Stage):
             raise StageError(f"duplicate keys across embed shards (e.g. {dup[:3]}): the embed folder mixes runs")
         x = np.concatenate(xs) if xs else np.zeros((0, 1), np.float32)
         table, extra = balance_decisions(np.array(keys, dtype=object), x, np.array(hashes, dtype=object), self.bc,
-                                         np.concatenate(held) if held else None)
+                                         np.concatenate(held) if held else None, np.concatenate(txt) if txt else None)
         table = table.append_column("shard", pa.array(shard_of, pa.string()))
         self.out.write_json("cluster_sizes.json", {k: extra[k] for k in ("sizes_before", "sizes_after")})
         self.out.write_json("_global_stats.json", extra["stats"])

@@ -62,6 +62,9 @@ class BalanceConfig:
     semantic_eps: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
     apply_eps: float = 0.05
     keep: str = "hard"                  # hard | easy | random
+    # image: near/semantic rules read the teacher image cosine (SemDeDup); joint: the mean of the image and
+    # caption cosines, so lookalike images with different captions are not duplicates of each other
+    semantic_on: str = "image"
     kmeans_k: int = 0                   # 0 = about sqrt(N)
     max_cluster_size: int = 20000       # clusters above are split (bounds memory)
     cluster_cap: int = 0                # 0 = no cap
@@ -177,6 +180,8 @@ class Config:
             raise ConfigError(f"dirs: unknown stage(s) {bad}")
         if self.balance.keep not in ("hard", "easy", "random"):
             raise ConfigError(f"balance.keep: must be hard, easy or random, got {self.balance.keep!r}")
+        if self.balance.semantic_on not in ("image", "joint"):
+            raise ConfigError(f"balance.semantic_on: must be image or joint, got {self.balance.semantic_on!r}")
         if self.balance.apply_eps not in self.balance.semantic_eps:
             self.balance.semantic_eps = sorted(set(self.balance.semantic_eps) | {self.balance.apply_eps})
         if self.student.text_init not in ("teacher", "random"):

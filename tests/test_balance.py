@@ -36,6 +36,32 @@ def test_eps_rule_keeps_one_per_planted_group(keep):
         assert kept[j] and group[j] == group[i]
 
 
+def test_joint_rule_keeps_lookalike_images_with_different_captions():
+    """`semantic_on: joint`: a planted image group whose members share a caption is still cut to one; a group
+    of lookalike images each with its own caption (distinct classes that look alike) is kept whole, which
+    the image-only rule would cut to one."""
+    x, group = planted()
+    rng = np.random.default_rng(7)
+    text = l2n(rng.normal(size=(len(x), 64)))
+    for g in range(20):  # groups 0-19: one caption per group; 20-39 and the singles: a caption each
+        text[group == g] = text[np.flatnonzero(group == g)[0]]
+    text[5] = np.nan  # a missing caption (row 5 is in group 1): never a joint duplicate
+    keys = np.array([f"{i:06d}" for i in range(len(x))], dtype=object)
+    no_hash = np.array([""] * len(x), dtype=object)
+    kept = {}
+    for mode in ("image", "joint"):
+        bc = BalanceConfig(semantic_eps=[0.05], apply_eps=0.05, near_dup_cos=0.9999, kmeans_k=8, semantic_on=mode)
+        table, extra = balance_decisions(keys, x, no_hash, bc, text=text)
+        kept[mode] = np.array(table.column("kept").to_pylist())
+        assert extra["stats"]["semantic_on"] == mode
+    assert all(kept["image"][group == g].sum() == 1 for g in range(40))
+    assert kept["joint"][5] and kept["joint"][group == 1].sum() == 2
+    assert all(kept["joint"][group == g].sum() == 1 for g in range(20) if g != 1)
+    assert all(kept["joint"][group == g].all() for g in range(20, 40)) and kept["joint"][group == -1].all()
+    with pytest.raises(ValueError, match="caption embeddings"):
+        balance_decisions(keys, x, no_hash, BalanceConfig(semantic_on="joint", kmeans_k=8))
+
+
 def test_kept_set_equals_bruteforce_semdedup_per_cluster():
     rng = np.random.default_rng(1)
     x = l2n(rng.normal(size=(600, 32)) + np.repeat(rng.normal(size=(30, 32)), 20, 0) * 2)
