@@ -146,9 +146,10 @@ class BalanceStage(Stage):
         from kd.data import emb_matrix
 
         keys, xs, txt, hashes, shard_of, held = [], [], [], [], [], []
+        joint = self.bc.semantic_on == "joint"
         dl = Store(self.cfg.stage_dir("download"))
         for s in self.shards():
-            cols = ["key", "image_emb", "image_hash"] + (["text_emb"] if self.bc.semantic_on == "joint" else [])
+            cols = ["key", "image_emb", "image_hash"] + (["text_emb"] if joint else [])
             t = self.emb.read_table(f"{s}.parquet", columns=cols)
             if self.cfg.data.holdout:
                 col = self.cfg.data.holdout.partition("=")[0]
@@ -157,7 +158,7 @@ class BalanceStage(Stage):
                 held.append(holdout_mask(self.cfg.data.holdout, t).to_numpy(zero_copy_only=False))
             keys += t.column("key").to_pylist()
             xs.append(emb_matrix(t.column("image_emb")))
-            if self.bc.semantic_on == "joint":
+            if joint:
                 txt.append(emb_matrix(t.column("text_emb")))
             hashes += [h or "" for h in t.column("image_hash").to_pylist()]
             shard_of += [s] * t.num_rows

@@ -268,6 +268,9 @@ def to_dict(cfg) -> dict:
 
 def merge(base: dict, over: dict, prefix: str = "") -> dict:
     """`over` wins key by key; a list is indexed by number (`train.phases.1.steps=450`)."""
+    def one(old, new, key: str):
+        return merge(old, new, f"{key}.") if isinstance(new, dict) and isinstance(old, dict) else new
+
     out = dict(base)
     for k, v in over.items():
         old, key = out.get(k), f"{prefix}{k}"
@@ -276,11 +279,10 @@ def merge(base: dict, over: dict, prefix: str = "") -> dict:
             for i, item in v.items():
                 if int(i) >= len(old):
                     raise ConfigError(f"{key}.{i}: the list has {len(old)} item(s)")
-                was = old[int(i)]
-                old[int(i)] = merge(was, item, f"{key}.{i}.") if isinstance(item, dict) and isinstance(was, dict) else item
+                old[int(i)] = one(old[int(i)], item, f"{key}.{i}")
             out[k] = old
         else:
-            out[k] = merge(old, v, f"{key}.") if isinstance(v, dict) and isinstance(old, dict) else v
+            out[k] = one(old, v, key)
     return out
 
 
