@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from .cluster import assign, l2n, spherical_kmeans
 from .config import BalanceConfig, Config
 from .schema import BALANCE_SCHEMA, DROP_REASONS
-from .semdedup import keep_order, screened_earlier_max
+from .semdedup import gather, keep_order, screened_earlier_max
 from .stage import Stage, StageError, Store, holdout_mask, join_on_key, shard_stats_name
 
 def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, max_size: int, seed: int):
@@ -96,8 +96,8 @@ def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: B
             idx = members[bounds[c]:bounds[c + 1]]
             if not len(idx):
                 continue
-            order = idx[keep_order(xs[idx], cents[c], bc.keep, rng)]
-            best, arg = screened_earlier_max(xs[order], thresholds)
+            order = idx[keep_order(gather(xs, idx).numpy(), cents[c], bc.keep, rng)]
+            best, arg = screened_earlier_max(xs, thresholds, rows=order)
             for e in eps_sorted:
                 sweep[e] += int((best > 1 - e).sum())
             kept_in_cluster = 0

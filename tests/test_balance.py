@@ -136,3 +136,10 @@ def test_int8_screen_agrees_with_exact_kernel_at_every_threshold():
     assert np.median(exact[hit] - best[hit]) < 1e-6 and (arg[~hit] == -1).all()  # near-ties are rare
     assert (arg[hit] < np.flatnonzero(hit)).all()
     assert np.allclose(np.einsum("ij,ij->i", x[hit], x[arg[hit]]), best[hit], atol=1e-5)
+    # the stage's path: rows of a larger matrix gathered inside (into reused buffers), default block size
+    pool = np.concatenate([l2n(rng.normal(size=(500, 512))).astype(np.float32), x])
+    rows = 500 + np.arange(len(x))
+    best_r, arg_r = screened_earlier_max(pool, thresholds, rows=rows)
+    for t in thresholds:
+        assert np.array_equal(best_r > t, exact > t) and np.array_equal(best_r >= t, exact >= t)
+    assert np.array_equal(arg_r == -1, arg == -1)
