@@ -103,7 +103,8 @@ def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) 
 def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
     from .evaluate import lookup
 
-    cols = [("zeroshot_en_top1", "ZS EN"), ("zeroshot_zh_top1", "ZS ZH"), ("probe_top1", "probe"),
+    cols = [("zeroshot_en_top1", "ZS EN"), ("zeroshot_zh_top1", "ZS ZH"), ("zeroshot_en_mpc", "EN /class"),
+            ("zeroshot_zh_mpc", "ZH /class"), ("probe_top1", "probe"),
             ("retrieval_en.i2t_r@1", "I→T R@1 EN"), ("retrieval_zh.i2t_r@1", "I→T R@1 ZH"),
             ("retrieval_en.t2i_r@5", "T→I R@5 EN")]
     head = ["recipe"] + [c[1] for c in cols] + ["EN vs clip (p)", "ZH vs clip (p)", "params", "img/s", "train s", "pairs"]

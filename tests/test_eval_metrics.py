@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd.evaluate import linear_probe, paired_test, recall_at, topk_correct
+from kd.evaluate import linear_probe, mean_per_class, paired_test, recall_at, topk_correct
 
 
 def test_recall_perfect_for_matching_pairs_and_chance_for_shuffled():
@@ -40,3 +40,10 @@ def test_paired_test_counts_discordant_images():
     r = paired_test(a, b)
     assert (r["a_only"], r["b_only"]) == (30, 0) and r["p_value"] < 1e-6
     assert paired_test(a, a)["p_value"] == 1.0
+
+
+def test_mean_per_class_weighs_a_repeated_class_once():
+    labels = np.array([7, 7, 7, 7, 2, 9])        # class 7 repeated (like one emoji's skin-tone variants)
+    correct = np.array([True, True, True, True, False, False])
+    assert correct.mean() == 4 / 6 and mean_per_class(correct, labels) == 1 / 3
+    assert mean_per_class(np.ones(6, bool), labels) == 1.0
