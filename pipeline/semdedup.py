@@ -1,12 +1,14 @@
 """The SemDeDup rule inside one cluster: for rows in keep order, the largest cosine to any earlier row.
 
 `earlier_max` computes it exactly in fp32 row blocks. `screened_earlier_max` gives the same answers at
-given thresholds 3.6-3.8x faster than a BLAS fp32 reference on 1,000-row clusters (bench/results/balance.txt):
+given thresholds ~5x faster than a BLAS fp32 reference on 1,000-row clusters (bench/results/balance.txt):
 an int8 similarity matrix (VNNI integer matmul, lower-triangle row blocks) screens every pair, with a
 per-pair error bound derived from each vector's quantisation error, and only rows whose answer the bound
-leaves open are recomputed exactly. Its buffers are reused from cluster to cluster (fresh pages cost more
-than the arithmetic at this size). `semdedup_reference` is SemDeDup's own formulation (full matrix, upper
-triangle, column max) for tests and the bench."""
+leaves open are recomputed exactly. The passes around the matmul (quantise the cluster's rows where they
+lie, each row's max and index below the diagonal, the exact dots) are C kernels (semdedup_kernels.c,
+built by native.py); without a compiler the same steps run in torch (~1.3x slower). Buffers are reused
+from cluster to cluster: fresh pages cost more than the arithmetic at this size. `semdedup_reference` is
+SemDeDup's own formulation (full matrix, upper triangle, column max) for tests and the bench."""
 from __future__ import annotations
 
 import math
@@ -14,6 +16,8 @@ import threading
 
 import numpy as np
 import torch
+
+from .native import semdedup_lib
 
 BLOCK = 2048
 EXACT_BELOW = 64            # tiny clusters: the exact kernel is as fast
@@ -93,21 +97,34 @@ def quantise(x) -> tuple[torch.Tensor, float, float]:
     return q, s, 2 * e + e * e + _FP_SLACK
 
 
-def int8_earlier_max(q: torch.Tensor, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quantise_native(lib, x: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, float, float]:
+    """`quantise(x[rows])` in one C pass that reads the rows in place (same scale rule, same bound)."""
+    q = _WORK.take("codes", (len(rows), x.shape[1]), torch.int8)
+    out = np.empty(2)
+    lib.quantise_rows(x.ctypes.data, x.shape[1], rows.ctypes.data, len(rows), q.data_ptr(), out.ctypes.data)
+    s, e = float(out[0]), float(out[1])
+    return q, s, 2 * e + e * e + _FP_SLACK
+
+
+def int8_earlier_max(q: torch.Tensor, block: int | None = None, lib=None, thr: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the largest integer dot with an earlier row and which row, from lower-triangle row blocks
-    (block rows x all columns up to the block's end). Inside the diagonal block j >= i is zeroed, not masked
-    to a large negative: a row with no positive earlier dot reads 0 (and an `arg` that is not earlier),
-    which the caller never treats as a candidate because it screens only for thresholds above the margin."""
+    (block rows x all columns up to the block's end). torch path: inside the diagonal block j >= i is zeroed,
+    not masked to a large negative, so a row with no positive earlier dot reads 0 (and an `arg` that is not
+    earlier), which the caller never treats as a candidate because it screens only for thresholds above the
+    margin. C path (`lib`): masked by the loop bound; `arg` is searched for only where the max is >= thr."""
     n = len(q)
     block = block or min(1024, -(-n // 48) * 16)   # about n/3: three matmuls cover 2/3 of the square
-    vals = torch.empty(n, dtype=torch.int32)
-    args = torch.empty(n, dtype=torch.int64)
+    vals = np.empty(n, np.int32)
+    args = np.empty(n, np.int64)
     for a in range(0, n, block):
         b = min(n, a + block)
         sim = torch._int_mm(q[a:b], q[:b].T, out=_WORK.take("sim", (b - a, b), torch.int32))  # rows a..b x cols 0..b
-        sim[:, a:].tril_(-1)
-        torch.max(sim, 1, out=(vals[a:b], args[a:b]))
-    return vals.numpy(), args.numpy()
+        if lib is not None:
+            lib.row_max(sim.data_ptr(), b - a, b, a, thr, vals[a:].ctypes.data, args[a:].ctypes.data)
+        else:
+            sim[:, a:].tril_(-1)
+            torch.max(sim, 1, out=(torch.from_numpy(vals[a:b]), torch.from_numpy(args[a:b])))
+    return vals, args
 
 
 def screened_earlier_max(x: np.ndarray, thresholds, block: int | None = None,
@@ -116,27 +133,38 @@ def screened_earlier_max(x: np.ndarray, thresholds, block: int | None = None,
     and every row, (best > t) and (best >= t) equal the exact answers. Where the exact max reaches
     min(thresholds), `arg` is an earlier row and `best` its exact cosine: the exact max, unless another
     earlier row lies within the screening error of it (then `best` may sit below the max by less than that
-    error, never across a threshold). Below, `best` is at most min(thresholds) (an estimate) and `arg` -1."""
-    xt = gather(x, rows) if rows is not None else torch.as_tensor(np.ascontiguousarray(x, np.float32))
-    n = len(xt)
+    error, never across a threshold). Below, `best` is at most min(thresholds) (an estimate) and `arg` -1.
+    Uses the C kernels (pipeline/native.py) when they build, torch otherwise: the same answers."""
+    x = np.ascontiguousarray(x, np.float32)
+    rows = np.arange(len(x), dtype=np.int64) if rows is None else np.ascontiguousarray(rows, np.int64)
+    n = len(rows)
     t_sorted = np.sort(np.asarray(list(thresholds), np.float32))
     t_min = float(t_sorted[0])
     screen = n >= EXACT_BELOW and hasattr(torch, "_int_mm")
+    lib = semdedup_lib() if screen else None
+    xt = None if lib is not None else gather(x, rows)           # C reads rows in place; torch works on a copy
     if screen:
-        q, s, margin = quantise(xt)
+        q, s, margin = quantise_native(lib, x, rows) if lib is not None else quantise(xt)
     if not screen or t_min <= margin:
         # tiny cluster, a torch without int8 matmul, or thresholds so low the screen cannot rule rows out
-        best, arg = earlier_max(xt.numpy())
+        best, arg = earlier_max(x[rows])
         arg[best < t_min] = -1
         return best, arg
-    vals, arg = int8_earlier_max(q, block)
+    thr = math.floor((t_min - margin) / (s * s)) - 1              # integer form of the candidate test, a bit wide
+    vals, arg = int8_earlier_max(q, block, lib, thr)
     approx = vals * np.float32(s * s)
     best = np.minimum(approx, np.float32(t_min - 1e-3))       # rows the screen rules out: an estimate below t_min
     arg_out = np.full(n, -1, np.int64)
     cand = np.flatnonzero(approx + margin >= t_min)
     if len(cand):
-        pair = gather(xt, cand, "cand").mul_(gather(xt, arg[cand], "cand_arg"))
-        exact_at_arg = pair.sum(1).numpy()
+        at = np.maximum(arg[cand], 0)
+        if lib is not None:
+            exact_at_arg = np.empty(len(cand), np.float32)
+            gi, gj = rows[cand], rows[at]
+            lib.pair_dots(x.ctypes.data, x.shape[1], gi.ctypes.data, gj.ctypes.data, len(cand), exact_at_arg.ctypes.data)
+        else:
+            exact_at_arg = gather(xt, cand, "cand").mul_(gather(xt, at, "cand_arg")).sum(1).numpy()
+        exact_at_arg[arg[cand] < 0] = -np.inf                 # no index found (cannot happen): recomputed below
         # undecided: some threshold lies between the exact cosine at the screen's argmax and the bound of
         # every other earlier row; those rows are recomputed exactly
         lo = np.searchsorted(t_sorted, exact_at_arg, side="left")
@@ -144,8 +172,10 @@ def screened_earlier_max(x: np.ndarray, thresholds, block: int | None = None,
         open_rows = hi > lo
         best[cand], arg_out[cand] = exact_at_arg, arg[cand]
         redo = cand[open_rows]
-        for r0 in range(0, len(redo), BLOCK):
-            rows_ = redo[r0:r0 + BLOCK]
-            best[rows_], arg_out[rows_] = exact_rows(xt.numpy(), rows_)
+        if len(redo):
+            xr = x[rows]
+            for r0 in range(0, len(redo), BLOCK):
+                rows_ = redo[r0:r0 + BLOCK]
+                best[rows_], arg_out[rows_] = exact_rows(xr, rows_)
     arg_out[best < t_min] = -1
     return best, arg_out

@@ -1,6 +1,12 @@
 """The SemDeDup rule on planted data, against a direct brute-force implementation."""
+import os
+import shutil
+
 import numpy as np
 import pytest
+
+import pipeline.semdedup as semdedup
+from pipeline.native import SRC, build, semdedup_lib
 
 from pipeline.balance import balance_decisions
 from pipeline.semdedup import earlier_max, keep_order, quantise, screened_earlier_max, semdedup_reference
@@ -109,7 +115,48 @@ def test_two_level_kmeans_for_large_k():
     assert sum(len(set(g.tolist())) == 1 for g in grouped) >= 57
 
 
-def test_int8_screen_agrees_with_exact_kernel_at_every_threshold():
+@pytest.fixture(params=["c_kernels", "torch"])
+def kernel_path(request, monkeypatch):
+    """Each screened-kernel test runs on both paths: the C kernels (where a compiler exists) and torch."""
+    if request.param == "torch":
+        monkeypatch.setattr(semdedup, "semdedup_lib", lambda: None)
+    else:  # a box with a C compiler must have built them
+        has_cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        assert (semdedup_lib() is not None) == bool(has_cc)
+    return request.param
+
+
+def test_c_kernels_fall_back_to_torch_without_a_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIDISTILL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    semdedup_lib.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="using the torch path"):
+            assert semdedup_lib() is None
+        x = l2n(np.repeat(np.random.default_rng(5).normal(size=(40, 64)), 3, 0)
+                + 0.01 * np.random.default_rng(6).normal(size=(120, 64))).astype(np.float32)
+        best, _ = screened_earlier_max(x, [0.9, 0.95])
+        exact, _ = earlier_max(x)
+        assert np.array_equal(best > 0.95, exact > 0.95) and (exact > 0.95).sum() == 80
+    finally:
+        semdedup_lib.cache_clear()
+
+
+def test_c_kernels_build_once_per_source(tmp_path, monkeypatch):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:  # nothing to build with: the fallback test above covers this box
+        assert semdedup_lib() is None
+        return
+    monkeypatch.setenv("CIDISTILL_CACHE", str(tmp_path))
+    first = build(cc=cc)
+    stamp = first.stat().st_mtime_ns
+    assert build(cc=cc) == first and first.stat().st_mtime_ns == stamp   # cached, not rebuilt
+    changed = tmp_path / "semdedup_kernels.c"
+    changed.write_text(SRC.read_text() + "\n/* changed */\n")
+    assert build(changed, cc=cc) != first and sorted(p.suffix for p in first.parent.iterdir()) == [".so", ".so"]
+
+
+def test_int8_screen_agrees_with_exact_kernel_at_every_threshold(kernel_path):
     """Many pairs within the screen's error band of the thresholds: the screened kernel must still give the
     exact kernel's answer at each threshold and, where the max reaches the lowest one, an `arg` whose exact
     cosine is `best`, within the screening error below the max (near-ties may pick another earlier row)."""
