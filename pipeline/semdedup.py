@@ -151,6 +151,7 @@ def screened_earlier_max(x: np.ndarray, thresholds, block: int | None = None,
         arg[best < t_min] = -1
         return best, arg
     thr = math.floor((t_min - margin) / (s * s)) - 1              # integer form of the candidate test, a bit wide
+    thr = min(thr, 2 ** 31 - 1)                                   # an int32 for the C kernel
     vals, arg = int8_earlier_max(q, block, lib, thr)
     approx = vals * np.float32(s * s)
     best = np.minimum(approx, np.float32(t_min - 1e-3))       # rows the screen rules out: an estimate below t_min
