@@ -73,7 +73,9 @@ class TeacherEmbedder:
                "error": np.array(errors, dtype=object), "pixels": pixels, "tokens": {}}
         for col, texts in (("text_emb", captions), ("text_emb_zh", captions_zh)):
             idx = [i for i, t in enumerate(texts) if t and t.strip()]
-            out["tokens"][col] = (idx, self.lm.tokenizer([texts[i] for i in idx]) if idx else None)
+            # a caption repeated in the batch (web alt-text repeats; the demo's styles share theirs) runs once
+            uniq, inv = np.unique(np.array([texts[i] for i in idx], dtype=object), return_inverse=True)
+            out["tokens"][col] = (idx, inv, self.lm.tokenizer(uniq.tolist()) if idx else None)
         return out
 
     def forward(self, prep: dict) -> dict:
@@ -91,10 +93,11 @@ class TeacherEmbedder:
                 x = torch.stack(prep["pixels"]).to(self.device)
                 img[np.flatnonzero(out["ok"])] = F.normalize(self.lm.model.encode_image(x).float(), dim=-1).cpu().numpy()
             out["image_emb"] = img
-            for col, (idx, tok) in prep["tokens"].items():
+            for col, (idx, inv, tok) in prep["tokens"].items():
                 emb = np.full((n, dim), np.nan, np.float32)
                 if idx:
-                    emb[idx] = F.normalize(encode_text(self.lm.model, tok.to(self.device)).float(), dim=-1).cpu().numpy()
+                    uniq = F.normalize(encode_text(self.lm.model, tok.to(self.device)).float(), dim=-1).cpu().numpy()
+                    emb[idx] = uniq[inv]
                 out[col] = emb
         return out
 

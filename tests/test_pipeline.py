@@ -51,6 +51,23 @@ def test_embeddings_equal_direct_model_calls(small_run):
     assert all(d.loc[k, "caption_zh"] for k in keys)  # Chinese captions were present and embedded
 
 
+def test_repeated_captions_in_a_batch_are_embedded_once(small_run):
+    from kd.data import read_tar_images
+    from pipeline.embed import TeacherEmbedder
+
+    emb = TeacherEmbedder(vars(small_run.teacher))
+    img = next(iter(read_tar_images(Store(small_run.stage_dir("download")), "00000.tar").values()))
+    prep = emb.prepare([img] * 4, ["a red heart", "a dog face", "a red heart", " "], ["红心"] * 4)
+    idx, inv, tok = prep["tokens"]["text_emb"]
+    assert idx == [0, 1, 2] and len(tok) == 2 and inv.tolist() == [1, 0, 1]   # two distinct captions run
+    assert len(prep["tokens"]["text_emb_zh"][2]) == 1
+    out = emb.forward(prep)
+    alone = emb.embed([img], ["a dog face"], ["红心"])                    # each caption on its own
+    assert np.array_equal(out["text_emb"][0], out["text_emb"][2]) and np.isnan(out["text_emb"][3]).all()
+    assert np.abs(out["text_emb"][1] - alone["text_emb"][0]).max() < 1e-4
+    assert np.abs(out["text_emb_zh"] - alone["text_emb_zh"][0]).max() < 1e-4
+
+
 def test_embed_width_mismatch_is_a_clear_error(small_run, tmp_path):
     import dataclasses
     import shutil
