@@ -83,10 +83,15 @@ def gather(x, rows: np.ndarray, name: str = "rows") -> torch.Tensor:
     return torch.index_select(x, 0, torch.as_tensor(rows, dtype=torch.int64), out=out)
 
 
+def screen_bound(e: float) -> float:
+    """The bound on |x_i.x_j - s^2 q_i.q_j| for unit rows: |x.dy| + |dx.y~| <= e_j + e_i (1 + e_j), with e
+    the largest L2 norm of a row's quantisation error, plus float slack."""
+    return 2 * e + e * e + _FP_SLACK
+
+
 def quantise(x) -> tuple[torch.Tensor, float, float]:
-    """int8 codes with one scale s per cluster, and the bound on |x_i.x_j - s^2 q_i.q_j| for unit rows:
-    |x.dy| + |dx.y~| <= e_j + e_i (1 + e_j), with e the largest L2 norm of a row's quantisation error.
-    The codes live in a reused buffer: valid until the next call in this thread."""
+    """int8 codes with one scale s per cluster, s, and `screen_bound`. The codes live in a reused buffer:
+    valid until the next call in this thread."""
     x = torch.as_tensor(x)
     lo, hi = torch.aminmax(x)
     s = max(float(hi), -float(lo)) / 127 or 1.0
@@ -94,7 +99,7 @@ def quantise(x) -> tuple[torch.Tensor, float, float]:
     r = torch.round(y, out=_WORK.take("rounded", x.shape, torch.float32))
     q = _WORK.take("codes", x.shape, torch.int8).copy_(r)
     e = float(torch.linalg.vector_norm(r.sub_(y), dim=1).max()) * s   # rounding error, in units of s -> cosine
-    return q, s, 2 * e + e * e + _FP_SLACK
+    return q, s, screen_bound(e)
 
 
 def quantise_native(lib, x: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, float, float]:
@@ -103,7 +108,7 @@ def quantise_native(lib, x: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor,
     out = np.empty(2)
     lib.quantise_rows(x.ctypes.data, x.shape[1], rows.ctypes.data, len(rows), q.data_ptr(), out.ctypes.data)
     s, e = float(out[0]), float(out[1])
-    return q, s, 2 * e + e * e + _FP_SLACK
+    return q, s, screen_bound(e)
 
 
 def int8_earlier_max(q: torch.Tensor, block: int | None = None, lib=None, thr: int = 0) -> tuple[np.ndarray, np.ndarray]:
