@@ -17,6 +17,12 @@ from pipeline.cluster import assign, l2n, spherical_kmeans
 from pipeline.native import semdedup_lib
 
 
+def planted(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """n/4 random directions, four noisy copies each (cosine ~0.9975 within a group)."""
+    base = l2n(rng.normal(size=(n // 4, d)).astype(np.float32))
+    return l2n(np.repeat(base, 4, 0) + 0.05 * rng.normal(size=(len(base) * 4, d)).astype(np.float32) / np.sqrt(d))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
@@ -30,8 +36,7 @@ def main():
     ap.add_argument("--sklearn-k", type=int, default=1000)
     a = ap.parse_args()
     rng = np.random.default_rng(0)
-    base = l2n(rng.normal(size=(a.n // 4, a.d)).astype(np.float32))
-    x = l2n(np.repeat(base, 4, 0) + 0.05 * rng.normal(size=(len(base) * 4, a.d)).astype(np.float32) / np.sqrt(a.d))
+    x = planted(a.n, a.d, rng)
     t = time.perf_counter()
     cents, info = spherical_kmeans(x, a.k, niter=10)
     labels, _ = assign(x, cents)

@@ -20,14 +20,7 @@ from pipeline.config import load_config
 from pipeline.schema import embed_schema
 from pipeline.stage import Store
 from kd.data import emb_matrix
-
-
-def planted(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
-    """n/4 random directions, four noisy copies each (the same data as bench_balance.py)."""
-    base = rng.normal(size=(n // 4, d)).astype(np.float32)
-    x = np.repeat(base / np.linalg.norm(base, axis=1, keepdims=True), 4, 0)
-    x += 0.05 * rng.normal(size=x.shape).astype(np.float32) / np.sqrt(d)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from bench_balance import planted  # the same planted data (run from the repository root: bench/ is on sys.path)
 
 
 def write_embed(folder: Path, n: int, d: int, shards: int, rng: np.random.Generator) -> None:
