@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,34 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
     if not pp_cfg and hasattr(model.visual, "preprocess_cfg"):
         pp_cfg = dict(model.visual.preprocess_cfg)
     return LoadedModel(model.to(device), pre_train, pre_val, tok, name, dict(model_cfg), dict(pp_cfg))
+
+
+def val_preprocess_cfg(name: str, pretrained: str = "", model_config: str = "") -> dict:
+    """The evaluation preprocessing create() gives a model, read from configs alone (no weights built or
+    fetched): the embed stage's decode tasks need it before any actor has loaded the teacher. Mirrors open_clip's
+    factory (defaults, then a local-dir's or a pretrained tag's settings, then the tower's image size); the
+    actor checks the transform built from it against its model's own (TeacherEmbedder)."""
+    oc = import_open_clip()
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    register_configs(model_config)
+    if pretrained.startswith("local-dir:"):
+        name, pretrained = pretrained, ""
+    cfg = asdict(PreprocessCfg())
+    if name.startswith("local-dir:"):
+        full = json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())
+        model_cfg = full["model_cfg"]
+        cfg = merge_preprocess_dict(cfg, full.get("preprocess_cfg", {}))
+    else:
+        model_cfg = oc.get_model_config(name)
+        if model_cfg is None:
+            raise ModelLoadError(f"unknown open_clip model {name!r} (register a JSON config with model_config)")
+        if pretrained and not os.path.isfile(pretrained):
+            cfg = merge_preprocess_dict(cfg, oc.get_pretrained_cfg(name, pretrained) or {})
+    size = model_cfg.get("vision_cfg", {}).get("image_size")
+    if size:
+        cfg["size"] = size
+    return cfg
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

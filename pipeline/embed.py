@@ -1,9 +1,11 @@
-"""embed: the teacher's view of every pair, computed once. Ray Data reads the download shards, a
-`map_batches` actor pool (the model loads once per actor) embeds images and EN/ZH captions, and the driver
-writes one parquet per shard (schema.embed_schema) as soon as all of that shard's rows are back."""
+"""embed: the teacher's view of every pair, computed once. Ray Data reads the download shards, tasks decode
+and resize the images, a `map_batches` actor pool (the model loads once per actor) embeds images and EN/ZH
+captions, and the driver writes one parquet per shard (schema.embed_schema) as soon as all of that shard's
+rows are back."""
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import defaultdict
 
@@ -34,10 +36,68 @@ def _read_shard(row: dict) -> list[dict]:
             for k, c, z in zip(t.column("key").to_pylist(), t.column("caption").to_pylist(), zh)]
 
 
-class TeacherEmbedder:
-    """Loads the teacher once; embeds batches. Also usable in-process (tests, eval) via `embed`."""
+_TRANSFORMS: dict[str, tuple] = {}
 
-    def __init__(self, teacher: dict):
+
+def val_transform(pp: dict) -> tuple:
+    """open_clip's evaluation transform for a preprocess config (kd.models.val_preprocess_cfg), split where it
+    turns the PIL image into a tensor: (PIL part, mean, std, uint8 pixel shape, its steps). The PIL part (resize,
+    crop) runs in Ray Data tasks on any core and ships uint8 pixels, 4x smaller than float; ToTensor and
+    Normalize run on the model's device (pixels_to_input)."""
+    key = json.dumps(pp, sort_keys=True)
+    if key not in _TRANSFORMS:
+        from .runtime import import_open_clip
+
+        import_open_clip()  # torchvision's op fix first: this runs in fresh Ray workers too
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+        from PIL import Image
+        from torchvision.transforms import Compose
+
+        whole = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+        steps = list(getattr(whole, "transforms", []))
+        if [type(t).__name__ for t in steps[-2:]] not in (["ToTensor", "Normalize"], ["MaybeToTensor", "Normalize"]):
+            raise StageError(f"embed expects open_clip's transform to end in ToTensor + Normalize, got {whole!r}")
+        pil_part = Compose(steps[:-2])
+        shape = np.asarray(pil_part(Image.new("RGB", (17, 13)))).shape
+        _TRANSFORMS[key] = (pil_part, tuple(steps[-1].mean), tuple(steps[-1].std), shape, _steps(whole))
+    return _TRANSFORMS[key]
+
+
+def _steps(transform) -> list:
+    """A transform's steps and their settings (lists read as tuples), to compare two transforms."""
+    return [(type(t).__name__, {k: tuple(v) if isinstance(v, list) else v for k, v in vars(t).items()
+                                if not k.startswith("_")}) for t in getattr(transform, "transforms", [transform])]
+
+
+def decode_batch(batch: dict, pp: dict) -> dict:
+    """Ray Data task: decode, hash and preprocess a batch's images (CPU work spread over the cluster's cores,
+    not the model's actor). Replaces `image` with `ok`, `error`, `image_hash` and `pixels`; a corrupt image is
+    counted (ok False, its error kept), never fatal."""
+    from PIL import Image
+
+    from kd.data import decode_rgb
+
+    pil_part, _, _, shape, _ = val_transform(pp)
+    out = {k: v for k, v in batch.items() if k != "image"}
+    n = len(batch["image"])
+    ok, hashes, errors = np.zeros(n, bool), np.full(n, "", object), np.full(n, "", object)
+    pixels = np.zeros((n, *shape), np.uint8)
+    for i, b in enumerate(batch["image"]):
+        try:
+            arr = decode_rgb(b, 0)
+            pixels[i] = np.asarray(pil_part(Image.fromarray(arr)), dtype=np.uint8)
+            hashes[i], ok[i] = hashlib.sha256(arr.tobytes()).hexdigest(), True
+        except Exception as e:  # corrupt image: counted, not fatal
+            errors[i] = f"undecodable: {type(e).__name__}"
+    out.update(ok=ok, image_hash=hashes, error=errors, pixels=pixels)
+    return out
+
+
+class TeacherEmbedder:
+    """Loads the teacher once; embeds decoded batches (decode_batch). Also usable in-process (tests, eval) via
+    `embed`, which decodes too."""
+
+    def __init__(self, teacher: dict, pp: dict | None = None):
         import torch
 
         from kd.models import create
@@ -47,36 +107,33 @@ class TeacherEmbedder:
         self.device = "cuda" if tc.gpus_per_actor and torch.cuda.is_available() else "cpu"
         self.lm = create(tc.model, tc.pretrained, tc.model_config, device=self.device)
         self.lm.model.eval()
+        self.pp = pp or dict(self.lm.preprocess_cfg)
+        _, mean, std, _, want = val_transform(self.pp)
+        if want != _steps(self.lm.preprocess_val):  # decode tasks built theirs from configs: must be the model's
+            raise StageError(f"decode tasks would preprocess as {want}, the teacher as {self.lm.preprocess_val!r}")
+        self.mean, self.std = (torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in (mean, std))
         prec = tc.precision if tc.precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
         self._model_lock = threading.Lock()  # two calls in flight: one prepares while the other runs the model
 
-    def prepare(self, images: list[bytes], captions: list[str], captions_zh: list[str]) -> dict:
-        """Decode, preprocess, hash and tokenise: CPU work that runs beside the previous batch's forward."""
-        from PIL import Image
-
-        from kd.data import decode_rgb
-
-        ok, pixels, hashes, errors = [], [], [], []
-        for b in images:
-            try:
-                arr = decode_rgb(b, 0)
-                pixels.append(self.lm.preprocess_val(Image.fromarray(arr)))
-                hashes.append(hashlib.sha256(arr.tobytes()).hexdigest())
-                ok.append(True)
-                errors.append("")
-            except Exception as e:  # corrupt image: counted, not fatal
-                ok.append(False)
-                hashes.append("")
-                errors.append(f"undecodable: {type(e).__name__}")
-        out = {"n": len(images), "ok": np.array(ok), "image_hash": np.array(hashes, dtype=object),
-               "error": np.array(errors, dtype=object), "pixels": pixels, "tokens": {}}
-        for col, texts in (("text_emb", captions), ("text_emb_zh", captions_zh)):
-            idx = [i for i, t in enumerate(texts) if t and t.strip()]
+    def prepare(self, batch: dict) -> dict:
+        """Tokenise (CPU work that runs beside the previous batch's forward)."""
+        prep = {k: batch[k] for k in ("ok", "image_hash", "error", "pixels")}
+        prep["tokens"] = {}
+        for col, name in (("text_emb", "caption"), ("text_emb_zh", "caption_zh")):
+            texts = [str(t) for t in batch[name]]
+            idx = [i for i, t in enumerate(texts) if t.strip()]
             # a caption repeated in the batch (web alt-text repeats; the demo's styles share theirs) runs once
             uniq, inv = np.unique(np.array([texts[i] for i in idx], dtype=object), return_inverse=True)
-            out["tokens"][col] = (idx, inv, self.lm.tokenizer(uniq.tolist()) if idx else None)
-        return out
+            prep["tokens"][col] = (idx, inv, self.lm.tokenizer(uniq.tolist()) if idx else None)
+        return prep
+
+    def pixels_to_input(self, pixels: np.ndarray):
+        """uint8 (N, H, W, 3) -> the model's input on its device: ToTensor + Normalize, the same arithmetic."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+        return x.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(self.mean).div_(self.std)
 
     def forward(self, prep: dict) -> dict:
         import torch
@@ -84,14 +141,15 @@ class TeacherEmbedder:
 
         from kd.models import encode_text
 
-        n, dim = prep["n"], self.lm.embed_dim
+        ok = np.asarray(prep["ok"], bool)
+        n, dim = len(ok), self.lm.embed_dim
         out = {k: prep[k] for k in ("ok", "image_hash", "error")}
         with self._model_lock, torch.no_grad(), \
                 torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
             img = np.zeros((n, dim), np.float32)
-            if prep["pixels"]:
-                x = torch.stack(prep["pixels"]).to(self.device)
-                img[np.flatnonzero(out["ok"])] = F.normalize(self.lm.model.encode_image(x).float(), dim=-1).cpu().numpy()
+            if ok.any():
+                x = self.pixels_to_input(prep["pixels"][ok])
+                img[ok] = F.normalize(self.lm.model.encode_image(x).float(), dim=-1).cpu().numpy()
             out["image_emb"] = img
             for col, (idx, inv, tok) in prep["tokens"].items():
                 emb = np.full((n, dim), np.nan, np.float32)
@@ -101,11 +159,14 @@ class TeacherEmbedder:
                 out[col] = emb
         return out
 
+    def decoded(self, images: list[bytes], captions: list[str], captions_zh: list[str]) -> dict:
+        return decode_batch({"image": images, "caption": captions, "caption_zh": captions_zh}, self.pp)
+
     def embed(self, images: list[bytes], captions: list[str], captions_zh: list[str]) -> dict:
-        return self.forward(self.prepare(images, captions, captions_zh))
+        return self.forward(self.prepare(self.decoded(images, captions, captions_zh)))
 
     def __call__(self, batch: dict) -> dict:
-        res = self.embed(list(batch["image"]), [str(c) for c in batch["caption"]], [str(c) for c in batch["caption_zh"]])
+        res = self.forward(self.prepare(batch))
         res.update(shard=batch["shard"], key=batch["key"])
         return res
 
@@ -185,23 +246,28 @@ class EmbedStage(Stage):
         return missing
 
     def _batches(self, shards: list[str]):
+        from kd.models import val_preprocess_cfg
+
         tc = self.cfg.teacher
-        kwargs = {"teacher": vars(tc)}
+        pp = val_preprocess_cfg(tc.model, tc.pretrained, tc.model_config)
+        kwargs = {"teacher": vars(tc), "pp": pp}
         if not self.use_ray:
             emb = TeacherEmbedder(**kwargs)
             for s in shards:
                 rows = _read_shard({"shard": s, "folder": self.src.uri})
                 for i in range(0, len(rows), tc.batch_size):
                     part = rows[i:i + tc.batch_size]
-                    yield emb({k: [r[k] for r in part] for k in part[0]})
+                    yield emb(decode_batch({k: [r[k] for r in part] for k in part[0]}, pp))
             return
         import ray
 
         ds = ray.data.from_items([{"shard": s, "folder": self.src.uri} for s in shards], override_num_blocks=len(shards))
-        ds = ds.flat_map(_read_shard)
-        # actors take cpus_per_actor each; Ray Data's read tasks need the rest (a pool on every core hangs)
-        # two calls per actor at once: batch N+1 is decoded and tokenised while batch N is in the model
-        # (TeacherEmbedder.forward holds a lock, so one forward at a time and torch keeps its threads)
+        # read and decode are tasks on whatever cores the actors leave free (a GPU actor then never waits on
+        # one process's decoding); actors take cpus_per_actor each, and a pool on every core hangs the reads
+        ds = ds.flat_map(_read_shard).map_batches(decode_batch, fn_kwargs={"pp": pp}, batch_size=tc.batch_size,
+                                                  batch_format="numpy")
+        # two calls per actor at once: batch N+1 is tokenised (and copied to the device) while batch N is in
+        # the model (TeacherEmbedder.forward holds a lock, so one forward at a time and torch keeps its threads)
         pool = ray.data.ActorPoolStrategy(size=tc.num_actors, max_concurrent_calls_per_actor=2,
                                           enable_true_multi_threading=True)
         ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs, batch_size=tc.batch_size, compute=pool,

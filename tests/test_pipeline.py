@@ -57,7 +57,7 @@ def test_repeated_captions_in_a_batch_are_embedded_once(small_run):
 
     emb = TeacherEmbedder(vars(small_run.teacher))
     img = next(iter(read_tar_images(Store(small_run.stage_dir("download")), "00000.tar").values()))
-    prep = emb.prepare([img] * 4, ["a red heart", "a dog face", "a red heart", " "], ["红心"] * 4)
+    prep = emb.prepare(emb.decoded([img] * 4, ["a red heart", "a dog face", "a red heart", " "], ["红心"] * 4))
     idx, inv, tok = prep["tokens"]["text_emb"]
     assert idx == [0, 1, 2] and len(tok) == 2 and inv.tolist() == [1, 0, 1]   # two distinct captions run
     assert len(prep["tokens"]["text_emb_zh"][2]) == 1
