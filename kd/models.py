@@ -103,6 +103,13 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> Non
     model.load_state_dict(sd)
 
 
+def _builtin_config(oc, name: str) -> dict:
+    model_cfg = oc.get_model_config(name)
+    if model_cfg is None:
+        raise ModelLoadError(f"unknown open_clip model {name!r} (register a JSON config with model_config)")
+    return model_cfg
+
+
 def create(name: str, pretrained: str = "", model_config: str = "", device: str = "cpu",
            context_length: int | None = None) -> LoadedModel:
     """`name` is an open_clip model name or `local-dir:PATH`; `pretrained` an open_clip tag (fetched by
@@ -121,9 +128,7 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
         model_cfg, pp_cfg = full["model_cfg"], full.get("preprocess_cfg", {})
         tok = oc.get_tokenizer(name)
     else:
-        model_cfg = oc.get_model_config(name)
-        if model_cfg is None:
-            raise ModelLoadError(f"unknown open_clip model {name!r} (register a JSON config with model_config)")
+        model_cfg = _builtin_config(oc, name)
         is_file = bool(pretrained) and os.path.isfile(pretrained)
         tag = pretrained if pretrained and not is_file else None
         kwargs = {"force_context_length": context_length} if context_length else {}
@@ -161,9 +166,7 @@ def val_preprocess_cfg(name: str, pretrained: str = "", model_config: str = "") 
         model_cfg = full["model_cfg"]
         cfg = merge_preprocess_dict(cfg, full.get("preprocess_cfg", {}))
     else:
-        model_cfg = oc.get_model_config(name)
-        if model_cfg is None:
-            raise ModelLoadError(f"unknown open_clip model {name!r} (register a JSON config with model_config)")
+        model_cfg = _builtin_config(oc, name)
         if pretrained and not os.path.isfile(pretrained):
             cfg = merge_preprocess_dict(cfg, oc.get_pretrained_cfg(name, pretrained) or {})
     size = model_cfg.get("vision_cfg", {}).get("image_size")
