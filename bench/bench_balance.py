@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from pipeline.config import BalanceConfig
+from cidistill.core.config import BalanceConfig
 from pipeline.semdedup import keep_order, screened_earlier_max, semdedup_reference
 from pipeline.cluster import assign, l2n, spherical_kmeans
 from pipeline.native import semdedup_lib

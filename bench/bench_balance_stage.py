@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import balance, cluster
-from pipeline.config import load_config
-from pipeline.schema import embed_schema
-from pipeline.stage import Store
-from kd.data import emb_matrix
+from cidistill.core.config import load_config
+from cidistill.core.schema import embed_schema
+from cidistill.core.store import Store
+from cidistill.core.schema import emb_matrix
 from bench_balance import planted  # the same planted data (run from the repository root: bench/ is on sys.path)
 
 
@@ -60,10 +60,10 @@ def main():
         t_read = time.perf_counter() - t
         cfg = load_config(None, [f"workdir={tmp}", f"cluster.k={a.cluster_k}"])  # no holdout: every sample is balanced
         t = time.perf_counter()
-        st = balance.run_stage(cfg, use_ray=False)
+        st = balance.BalanceStage(cfg, use_ray=False).run()
         t_bal = time.perf_counter() - t
         t = time.perf_counter()
-        cl = cluster.run_stage(cfg, use_ray=False)
+        cl = cluster.ClusterStage(cfg, use_ray=False).run()
         t_clu = time.perf_counter() - t
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(f"read the inputs alone: {rows} rows in {t_read:.1f}s (anchor)")

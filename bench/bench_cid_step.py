@@ -33,9 +33,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     from kd.losses import DistillHeads
-    from kd.models import count_params, create
-    from kd.train import TrainModule, _autocast
-    from pipeline.config import LossConfig
+    from cidistill.core.models import count_params, create
+    from kd.train import TrainModule, autocast as _autocast
+    from cidistill.core.config import LossConfig
 
     dev = torch.device(a.device)
     torch.manual_seed(0)

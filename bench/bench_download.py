@@ -14,10 +14,10 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--processes", type=int, default=2)
     a = ap.parse_args()
-    from pipeline.config import load_config
-    from pipeline.demo_data import LoopbackServer, build_demo_data, write_urls
+    from cidistill.core.config import load_config
+    from cidistill.app.demo_data import LoopbackServer, build_demo_data, write_urls
     from pipeline.download import DownloadStage
-    from pipeline.runtime import init_ray, set_env_defaults
+    from cidistill.core.runtime import init_ray, set_env_defaults
 
     set_env_defaults()
     data = build_demo_data(a.small)

@@ -35,17 +35,18 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--shards", type=int, default=0, help="embed only the first N download shards (0 = all)")
     a = ap.parse_args(argv)
-    from pipeline.demo import demo_config
+    from cidistill.app.demo import demo_config
     from pipeline.embed import EmbedStage, TeacherEmbedder, _read_shard
-    from pipeline.runtime import init_ray
-    from pipeline.stage import Store
-    from kd.data import decode_rgb
-    from kd.models import encode_text
+    from cidistill.core.runtime import init_ray
+    from cidistill.core.store import Store
+    from cidistill.core.images import decode_rgb
+    from cidistill.core.models import encode_text
     from PIL import Image
 
     cfg = demo_config(a.workdir, small=False)
     done = Store(cfg.stage_dir("embed"))
-    prev = done.read_json("_DONE")["config"]["teacher"] if done.exists("_DONE") else {}
+    fields = done.read_json("_DONE").get("fields", {}) if done.exists("_DONE") else {}
+    prev = {k.split(".", 1)[1]: v for k, v in fields.items() if k.startswith("teacher.")}
     if a.model:  # another teacher: random weights unless --pretrained (throughput does not depend on them)
         prev = {k: v for k, v in prev.items() if k not in ("model", "pretrained", "model_config")}
     for k, v in prev.items():

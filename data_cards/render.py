@@ -6,8 +6,8 @@ import html
 import json
 import time
 
-from pipeline.config import Config
-from pipeline.stage import Store
+from cidistill.core.config import Config
+from cidistill.core.stage import Stage
 from . import plots
 from .collect import collect
 
@@ -26,85 +26,106 @@ def funnel_numbers(facts: dict) -> list[tuple[str, int]]:
     return steps
 
 
+def _funnel_section(f: dict, figs: dict) -> list[str]:
+    steps = funnel_numbers(f)
+    figs["funnel.png"] = plots.funnel(steps)
+    md = ["## Funnel", "", "![funnel](funnel.png)", "", "| step | samples |", "|---|---|"]
+    md += [f"| {n} | {v:,} |" for n, v in steps]
+    d = f["stages"].get("download", {}).get("stats", {})
+    fails = {k: v for k, v in d.get("status_dict", {}).items() if k != "success"}
+    return md + ["", f"Download failures by reason: {json.dumps(fails) if fails else 'none'}; "
+                 f"URLs rejected before download: {json.dumps(d.get('urls_rejected', {})) or 'none'}.", ""]
+
+
+def _balance_section(cfg: Config, f: dict, figs: dict) -> list[str]:
+    st, b = f["stages"], f["stages"]["balance"]["stats"]
+    figs["drops.png"] = plots.drops(b.get("removed_by_rule", {}), b.get("eps_sweep", {}))
+    md = ["## Image semantic balance", "", "![drops](drops.png)", "", "| rule | removed |", "|---|---|"]
+    md += [f"| {k} | {v:,} |" for k, v in b.get("removed_by_rule", {}).items()]
+    if b.get("held_out"):
+        md += ["", f"Held out for evaluation (`data.holdout = {cfg.data.holdout}`): {b['held_out']:,} samples; "
+               "they take part in no rule and are never a duplicate's surviving copy."]
+    md += ["", f"Applied ε = {b.get('apply_eps')}; the sweep (what each ε would remove): "
+           + ", ".join(f"ε={e}: {v:,}" for e, v in b.get("eps_sweep", {}).items()) + ".", ""]
+    cs = f.get("cluster_sizes", {})
+    figs["clusters.png"] = plots.cluster_sizes(cs.get("sizes_before", []), cs.get("sizes_after", []),
+                                               f.get("pseudo_label_sizes"))
+    md += ["## Clusters", "", "![clusters](clusters.png)", "",
+           f"- balance clusters: {b.get('clusters', 0)}; largest before {b.get('cluster_size_max_before')}, "
+           f"after {b.get('cluster_size_max_after')}"]
+    if "cluster" in st:
+        c = st["cluster"]["stats"]
+        md += [f"- pseudo-labels: k = {c.get('k')}, {c.get('empty_clusters')} empty, {c.get('tiny_clusters')} tiny, "
+               f"largest {c.get('largest_cluster')}, median {c.get('median_cluster')}"]
+    return md + [""] + _examples_section(f, figs)
+
+
+def _examples_section(f: dict, figs: dict) -> list[str]:
+    """Image grids: the biggest duplicate groups, random pseudo-label clusters, the embedding map."""
+    imgs, md = f.get("images", {}), []
+    if f.get("dup_groups"):
+        rows = []
+        for g in f["dup_groups"]:
+            row = [(imgs[g["kept"]], f"KEPT {g['kept_vendor'] or ''}")] if g["kept"] in imgs else []
+            row += [(imgs[m["key"]], f"{m['reason']} {m['vendor'] or ''}") for m in g["members"] if m["key"] in imgs]
+            if row:
+                rows.append(row)
+        if rows:
+            figs["duplicates.png"] = plots.image_grid(rows, "duplicate groups: kept image (green) beside what was dropped")
+        md += ["## Duplicate groups", "", "![duplicates](duplicates.png)", "",
+               "| kept key | kept caption | dropped | reasons | styles |", "|---|---|---|---|---|"]
+        for g in f["dup_groups"]:
+            reasons = sorted({m["reason"] for m in g["members"]})
+            vendors = sorted({str(m["vendor"]) for m in g["members"]} | {str(g["kept_vendor"])})
+            md.append(f"| {g['kept']} | {html.escape(g['kept_caption'] or '')} | {g['size']} | {', '.join(reasons)} | {', '.join(vendors)} |")
+        md += [""]
+    if f.get("random_clusters"):
+        rows = [[(imgs[m["key"]], m["caption"] or "") for m in ms if m["key"] in imgs]
+                for ms in f["random_clusters"].values()]
+        figs["random_clusters.png"] = plots.image_grid([r for r in rows if r], "random pseudo-label clusters")
+        md += ["## Random clusters", "", "![random clusters](random_clusters.png)", ""]
+    if f.get("map"):
+        figs["map.png"] = plots.embedding_map(f["map"]["xy"], f["map"]["cluster"])
+        md += ["## Embedding map", "", "![map](map.png)", ""]
+    return md
+
+
+def _caption_section(f: dict, figs: dict) -> list[str]:
+    c = f["captions"]
+    figs["captions.png"] = plots.caption_lengths(c["en_len"], c["zh_len"])
+    md = ["## Captions", "", "![captions](captions.png)", "",
+          f"- {c['n']:,} downloaded pairs: English caption {c['en_present']:,}, Chinese {c['zh_present']:,}, "
+          f"both {c['both']:,}; empty English captions {c['n'] - c['en_present']:,}"]
+    if f.get("vendors"):
+        md += ["- artist styles: " + ", ".join(f"{k} {v:,}" for k, v in sorted(f["vendors"].items()))]
+    return md + [""]
+
+
+def _provenance_section(cfg: Config, f: dict) -> list[str]:
+    md = ["## Lineage", "", "Why was a sample dropped?", "", "```python",
+          "from cidistill.core.config import load_config", "from data_cards.collect import why",
+          "why(load_config('CONFIG'), '0000042')  # -> drop_reason, dup_of, cluster_id, caption, url", "```", ""]
+    md += ["## Provenance", "", f"- URL list: `{f.get('urls', {}).get('path', cfg.data.urls)}` "
+           f"sha256 `{f.get('urls', {}).get('sha256', '?')}`"]
+    for s, v in f["stages"].items():
+        if v.get("finished"):
+            md.append(f"- {s}: finished {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v['finished']))}")
+    return md + ["- packages: " + ", ".join(f"{k} {v}" for k, v in f["versions"].items()), "",
+                 "<details><summary>config</summary>", "", "```json", json.dumps(f["config"], indent=1), "```",
+                 "</details>", ""]
+
+
 def build(cfg: Config) -> dict:
     """Compute the card's text and figures; returns {"md": str, "figures": {name: png}, "facts": ...}."""
     f = collect(cfg)
-    st = f["stages"]
     figs: dict[str, bytes] = {}
     md = ["# Data card", "", f"Generated {f['generated']} by cidistill from the stage folders of `{cfg.workdir}`.", ""]
-    md += ["## Funnel", ""]
-    steps = funnel_numbers(f)
-    figs["funnel.png"] = plots.funnel(steps)
-    md += [f"![funnel](funnel.png)", "", "| step | samples |", "|---|---|"] + [f"| {n} | {v:,} |" for n, v in steps]
-    d = st.get("download", {}).get("stats", {})
-    fails = {k: v for k, v in d.get("status_dict", {}).items() if k != "success"}
-    md += ["", f"Download failures by reason: {json.dumps(fails) if fails else 'none'}; "
-           f"URLs rejected before download: {json.dumps(d.get('urls_rejected', {})) or 'none'}.", ""]
-    if "balance" in st:
-        b = st["balance"]["stats"]
-        figs["drops.png"] = plots.drops(b.get("removed_by_rule", {}), b.get("eps_sweep", {}))
-        md += ["## Image semantic balance", "", "![drops](drops.png)", "", "| rule | removed |", "|---|---|"]
-        md += [f"| {k} | {v:,} |" for k, v in b.get("removed_by_rule", {}).items()]
-        if b.get("held_out"):
-            md += ["", f"Held out for evaluation (`data.holdout = {cfg.data.holdout}`): {b['held_out']:,} samples; "
-                   "they take part in no rule and are never a duplicate's surviving copy."]
-        md += ["", f"Applied ε = {b.get('apply_eps')}; the sweep (what each ε would remove): "
-               + ", ".join(f"ε={e}: {v:,}" for e, v in b.get("eps_sweep", {}).items()) + ".", ""]
-        cs = f.get("cluster_sizes", {})
-        figs["clusters.png"] = plots.cluster_sizes(cs.get("sizes_before", []), cs.get("sizes_after", []),
-                                                   f.get("pseudo_label_sizes"))
-        md += ["## Clusters", "", "![clusters](clusters.png)", "",
-               f"- balance clusters: {b.get('clusters', 0)}; largest before {b.get('cluster_size_max_before')}, "
-               f"after {b.get('cluster_size_max_after')}"]
-        if "cluster" in st:
-            c = st["cluster"]["stats"]
-            md += [f"- pseudo-labels: k = {c.get('k')}, {c.get('empty_clusters')} empty, {c.get('tiny_clusters')} tiny, "
-                   f"largest {c.get('largest_cluster')}, median {c.get('median_cluster')}"]
-        md += [""]
-        imgs = f.get("images", {})
-        if f.get("dup_groups"):
-            rows = []
-            for g in f["dup_groups"]:
-                row = [(imgs[g["kept"]], f"KEPT {g['kept_vendor'] or ''}")] if g["kept"] in imgs else []
-                row += [(imgs[m["key"]], f"{m['reason']} {m['vendor'] or ''}") for m in g["members"] if m["key"] in imgs]
-                if row:
-                    rows.append(row)
-            if rows:
-                figs["duplicates.png"] = plots.image_grid(rows, "duplicate groups: kept image (green) beside what was dropped")
-            md += ["## Duplicate groups", "", "![duplicates](duplicates.png)", "",
-                   "| kept key | kept caption | dropped | reasons | styles |", "|---|---|---|---|---|"]
-            for g in f["dup_groups"]:
-                reasons = sorted({m["reason"] for m in g["members"]})
-                vendors = sorted({str(m["vendor"]) for m in g["members"]} | {str(g["kept_vendor"])})
-                md.append(f"| {g['kept']} | {html.escape(g['kept_caption'] or '')} | {g['size']} | {', '.join(reasons)} | {', '.join(vendors)} |")
-            md += [""]
-        if f.get("random_clusters"):
-            rows = [[(imgs[m["key"]], m["caption"] or "") for m in ms if m["key"] in imgs]
-                    for ms in f["random_clusters"].values()]
-            figs["random_clusters.png"] = plots.image_grid([r for r in rows if r], "random pseudo-label clusters")
-            md += ["## Random clusters", "", "![random clusters](random_clusters.png)", ""]
-        if f.get("map"):
-            figs["map.png"] = plots.embedding_map(f["map"]["xy"], f["map"]["cluster"])
-            md += ["## Embedding map", "", "![map](map.png)", ""]
+    md += _funnel_section(f, figs)
+    if "balance" in f["stages"]:
+        md += _balance_section(cfg, f, figs)
     if "captions" in f:
-        c = f["captions"]
-        figs["captions.png"] = plots.caption_lengths(c["en_len"], c["zh_len"])
-        md += ["## Captions", "", "![captions](captions.png)", "",
-               f"- {c['n']:,} downloaded pairs: English caption {c['en_present']:,}, Chinese {c['zh_present']:,}, "
-               f"both {c['both']:,}; empty English captions {c['n'] - c['en_present']:,}"]
-        if f.get("vendors"):
-            md += [f"- artist styles: " + ", ".join(f"{k} {v:,}" for k, v in sorted(f["vendors"].items()))]
-        md += [""]
-    md += ["## Lineage", "", "Why was a sample dropped?", "", "```python",
-           "from pipeline.config import load_config", "from data_cards.collect import why",
-           f"why(load_config('CONFIG'), '0000042')  # -> drop_reason, dup_of, cluster_id, caption, url", "```", ""]
-    md += ["## Provenance", "", f"- URL list: `{f.get('urls', {}).get('path', cfg.data.urls)}` "
-           f"sha256 `{f.get('urls', {}).get('sha256', '?')}`"]
-    for s, v in st.items():
-        if v.get("finished"):
-            md.append(f"- {s}: finished {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v['finished']))}")
-    md += ["- packages: " + ", ".join(f"{k} {v}" for k, v in f["versions"].items()), "",
-           "<details><summary>config</summary>", "", "```json", json.dumps(f["config"], indent=1), "```", "</details>", ""]
+        md += _caption_section(f, figs)
+    md += _provenance_section(cfg, f)
     return {"md": "\n".join(md), "figures": figs, "facts": f}
 
 
@@ -153,17 +174,19 @@ def to_html(md_text: str, figures: dict[str, bytes]) -> str:
            + "\n".join(out) + "\n</body></html>\n"
 
 
-def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
-    out = Store(cfg.stage_dir("card"))
-    t0 = time.time()
-    card = build(cfg)
-    for name, png in card["figures"].items():
-        out.write_bytes(name, png)
-    out.write_bytes("card.md", card["md"].encode())
-    out.write_bytes("card.html", to_html(card["md"], card["figures"]).encode())
-    stats = {"figures": sorted(card["figures"]), "funnel": dict(funnel_numbers(card["facts"])),
-             "seconds": round(time.time() - t0, 2)}
-    out.write_json("stats.json", stats)
-    out.write_json("_DONE", {"stage": "card", "finished": time.time()})
-    print(f"[card] done: {out.uri}/card.html ({len(card['figures'])} figures) in {stats['seconds']:.1f}s")
-    return stats
+class CardStage(Stage):
+    """card.md, a self-contained card.html and the figures, from the curation stages' folders."""
+    name = "card"
+    inputs = ("download", "embed", "balance", "cluster")
+    reads = ("data.urls", "data.holdout")
+
+    def run_unit(self, unit: str) -> dict:
+        card = build(self.cfg)
+        for name, png in card["figures"].items():
+            self.out.write_bytes(name, png)
+        self.out.write_bytes("card.md", card["md"].encode())
+        self.out.write_bytes("card.html", to_html(card["md"], card["figures"]).encode())
+        return {"figures": sorted(card["figures"]), "funnel": dict(funnel_numbers(card["facts"]))}
+
+    def summary(self, stats: dict) -> str:
+        return f"{self.out.uri}/card.html ({len(stats['figures'])} figures)"

@@ -3,9 +3,7 @@ embeddings (embed/), the kept set (balance/) and the pseudo-labels (cluster/). I
 a uint8 tensor; batches are a pure function of (seed, step), so a resumed run sees the same batches."""
 from __future__ import annotations
 
-import io
 import math
-import tarfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,51 +11,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from pipeline.config import Config
-from pipeline.stage import Store, holdout_mask, join_on_key
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def read_tar_images(store: Store, name: str) -> dict[str, bytes]:
-    """key -> encoded image bytes from one webdataset shard (member names are never used as paths)."""
-    out = {}
-    with store.fs.open(store.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
-                key = m.name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-                out[key] = tar.extractfile(m).read()
-    return out
-
-
-def decode_rgb(data: bytes, size: int) -> np.ndarray:
-    """Decode to RGB (alpha composited on white: emoji are transparent PNGs), resized to size×size."""
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    if im.mode in ("RGBA", "LA", "P", "PA"):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, im)
-    im = im.convert("RGB")
-    if size and im.size != (size, size):
-        im = im.resize((size, size), Image.BICUBIC)
-    return np.asarray(im, dtype=np.uint8)
-
-
-def emb_matrix(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed-size-list float16 column to an (N, D) float32 array; null rows become NaN."""
-    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    d = col.type.list_size
-    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    if col.null_count:
-        out = np.full((len(col), d), np.nan, np.float32)
-        valid = ~col.is_null().to_numpy(zero_copy_only=False)
-        out[valid] = flat.reshape(-1, d) if len(flat) == valid.sum() * d else flat.reshape(len(col), d)[valid]
-        return out
-    return flat.reshape(len(col), d)
-
+from cidistill.core.config import Config
+from cidistill.core.images import decode_rgb, read_tar_images
+from cidistill.core.schema import download_shards, emb_matrix, holdout_mask, join_on_key
+from cidistill.core.store import Store
 
 @dataclass
 class Pairs:
@@ -75,10 +33,6 @@ class Pairs:
         return len(self.keys)
 
 
-def shard_names(cfg: Config) -> list[str]:
-    return [n[:-len(".tar")] for n in Store(cfg.stage_dir("download")).glob("*.tar")]
-
-
 def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters: bool = False,
                balanced: bool = False, split: str = "train") -> Pairs:
     """Join every stage's per-shard table by key. `split`: "train" (everything but `data.holdout`), "eval"
@@ -91,7 +45,7 @@ def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters:
     clu = Store(cfg.stage_dir("cluster")) if clusters else None
     keys, imgs, caps, zhs, metas, t_img, t_txt, cids = [], [], [], [], [], [], [], []
     stats = {"rows": 0, "not_kept": 0, "no_embedding": 0, "undecodable": 0, "other_split": 0}
-    for shard in shard_names(cfg):
+    for shard in download_shards(dl):
         t = dl.read_table(f"{shard}.parquet")
         t = t.filter(pc.equal(t.column("status"), "success"))
         stats["rows"] += t.num_rows

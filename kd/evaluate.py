@@ -10,10 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Config
-from pipeline.stage import StageError, Store, already_done
+from cidistill.core.config import Config
+from cidistill.core.models import LoadedModel, count_params, create, encode_text
 from .data import load_pairs, normalise
-from .models import LoadedModel, count_params, create, encode_text
 
 TEMPLATES = {
     "en": ["{}", "an emoji of {}.", "a {} emoji.", "an icon showing {}."],
@@ -204,44 +203,3 @@ def results_markdown(results: dict[str, dict]) -> str:
                          else f"{100 * v:.1f}%")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
-    out = Store(cfg.stage_dir("eval"))
-    done = already_done(out, "eval", "results.json", force)
-    if done is not None:
-        return done
-    t0 = time.time()
-    results, per, cache = {}, {}, {}
-    for spec in ("teacher", "student"):
-        if spec == "teacher" and not cfg.teacher.pretrained:
-            continue
-        try:
-            lm = load_for_eval(cfg, spec)
-        except StageError:
-            continue
-        results[spec], per[spec] = evaluate(cfg, lm, cache=cache)
-    if "teacher" in results and "student" in results:
-        t, s = results["teacher"], results["student"]
-        results["student_vs_teacher"] = {
-            "zeroshot_en_retention": s.get("zeroshot_en_top1", 0) / max(t.get("zeroshot_en_top1", 0), 1e-9),
-            "student_zh_over_en": s.get("zeroshot_zh_top1", 0) / max(s.get("zeroshot_en_top1", 0), 1e-9),
-            "params_ratio": s["params"] / t["params"],
-            "throughput_ratio": s["image_throughput"] / t["image_throughput"]}
-    md = results_markdown({k: v for k, v in results.items() if "params" in v})
-    if "student_vs_teacher" in results:
-        md += "\n" + "\n".join(f"- {k}: {v:.3f}" for k, v in results["student_vs_teacher"].items()) + "\n"
-    out.write_bytes("results.md", md.encode())
-    for name, arrays in per.items():
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        out.write_bytes(f"{name}_correct.npz", buf.getvalue())
-    results["seconds"] = round(time.time() - t0, 2)
-    out.write_json("results.json", results)
-    out.write_json("_DONE", {"stage": "eval", "finished": time.time()})
-    s = results.get("student", {})
-    print(f"[eval] done: student zero-shot EN {100 * s.get('zeroshot_en_top1', 0):.1f}% / "
-          f"ZH {100 * s.get('zeroshot_zh_top1', 0):.1f}% top-1 in {results['seconds']:.0f}s")
-    return results

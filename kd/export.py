@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import uuid
 from pathlib import Path
 
 import torch
 
-from pipeline import faults
-from pipeline.config import Config
-from pipeline.stage import StageError, Store, already_done
-from .models import LoadedModel, count_params, create, state_dict_for_export
+from cidistill.core import faults
+from cidistill.core.config import Config
+from cidistill.core.errors import StageError
+from cidistill.core.models import LoadedModel, count_params, create, state_dict_for_export
 
 
 def export_local_dir(lm: LoadedModel, out: Path, readme: str = "") -> Path:
@@ -112,36 +111,3 @@ def model_card(title: str, lm: LoadedModel, facts: dict) -> str:
              f"- parameters: {count_params(lm.model):,}"]
     lines += [f"- {k}: {v}" for k, v in facts.items()]
     return "\n".join(lines) + "\n"
-
-
-def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
-    out = Store(cfg.stage_dir("export"))
-    done = already_done(out, "export", "stats.json", force)
-    if done is not None:
-        return done
-    t0 = time.time()
-    root = Path(cfg.stage_dir("export"))
-    for leftover in root.glob(".*.tmp-*"):  # a folder a killed run did not finish
-        shutil.rmtree(leftover, ignore_errors=True)
-    student = load_trained_student(cfg)
-    evald = Path(cfg.stage_dir("eval")) / "results.md"
-    facts = {"distilled from": f"{cfg.teacher.model} {cfg.teacher.pretrained}",
-             "training recipe": json.dumps([{"steps": p.steps, "losses": p.losses} for p in cfg.train.phases]),
-             "data card": str(Path(cfg.stage_dir("card")) / "card.html")}
-    readme = model_card("cidistill student", student, facts)
-    if evald.exists():
-        readme += "\n## Evaluation\n\n" + evald.read_text()
-    export_local_dir(student, root / "student", readme)
-    stats = {"student": str(root / "student"), "student_params": count_params(student.model)}
-    if cfg.teacher.pretrained.startswith("local-dir:") or cfg.teacher.pretrained:
-        teacher = create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
-        export_local_dir(teacher, root / "teacher", model_card("cidistill teacher", teacher, {"source": cfg.teacher.pretrained}))
-        stats["teacher"] = str(root / "teacher")
-    if cfg.export.onnx:
-        stats["onnx_max_abs_diff"] = export_onnx(student, root / "student")
-    stats["seconds"] = round(time.time() - t0, 2)
-    out.write_json("stats.json", stats)
-    out.write_json("_DONE", {"stage": "export", "finished": time.time()})
-    print(f"[export] done: student -> {root / 'student'} ({stats['student_params']:,} params)"
-          + (f", teacher -> {root / 'teacher'}" if "teacher" in stats else ""))
-    return stats

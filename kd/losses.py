@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOSS_NAMES = ("clip", "align", "instance", "feature_distill", "cluster")
+from cidistill.core.config import LOSS_NAMES  # noqa: F401  (one list of names, validated by the config)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:

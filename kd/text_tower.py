@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.stage import StageError
-from .models import LoadedModel, ModelLoadError, create
+from cidistill.core.errors import StageError
+from cidistill.core.models import LoadedModel, ModelLoadError, create
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -19,11 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cidistill.core.config import BalanceConfig, Config
+from cidistill.core.errors import StageError
+from cidistill.core.schema import (BALANCE_SCHEMA, DROP_REASONS, emb_matrix, holdout_mask, join_on_key,
+                                   shard_stats_name)
+from cidistill.core.stage import Stage
 from .cluster import assign, l2n, spherical_kmeans
-from .config import BalanceConfig, Config
-from .schema import BALANCE_SCHEMA, DROP_REASONS
 from .semdedup import gather, keep_order, screened_earlier_max
-from .stage import Stage, StageError, Store, holdout_mask, join_on_key, shard_stats_name
 
 def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, max_size: int, seed: int):
     """Split clusters above max_size with a sub-k-means so that no cluster exceeds it (bounds memory)."""
@@ -46,6 +48,78 @@ def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, ma
     return labels, np.stack(cents)
 
 
+def mark_bad_and_exact(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, reason: np.ndarray,
+                       dup_of: np.ndarray) -> None:
+    """bad_embedding (NaN/inf/zero), then exact_dup: the first key (sorted) of each pixel-hash group survives."""
+    norms = np.linalg.norm(x, axis=1)
+    bad = (~np.isfinite(x).all(1) | (norms < 1e-6)) & (reason == None)  # noqa: E711
+    reason[bad] = "bad_embedding"
+    first_of: dict[str, int] = {}
+    for i in np.argsort(keys, kind="stable"):
+        if reason[i] is not None or not hashes[i]:
+            continue
+        j = first_of.setdefault(hashes[i], i)
+        if j != i:
+            reason[i], dup_of[i] = "exact_dup", keys[j]
+
+
+def rule_vectors(x: np.ndarray, text: np.ndarray | None, live: np.ndarray, bc: BalanceConfig) -> np.ndarray:
+    """What the near/semantic rules compare: the image embedding, or [image, caption] / sqrt(2) (joint)."""
+    xs = l2n(x[live])
+    if bc.semantic_on == "joint":
+        if text is None:
+            raise ValueError("balance.semantic_on=joint needs the caption embeddings")
+        # a cosine is then the mean of the two (no caption: at most 1/sqrt(2), never a dup)
+        xs = l2n(np.concatenate([xs, l2n(np.nan_to_num(text[live]))], axis=1))
+    return xs
+
+
+def decide_cluster(order: np.ndarray, best: np.ndarray, arg: np.ndarray, live: np.ndarray, keys: np.ndarray,
+                   reason: np.ndarray, dup_of: np.ndarray, bc: BalanceConfig) -> int:
+    """One cluster's rows in keep order: near_dup / semantic_dup by the earlier max, then the cap. Returns
+    how many it keeps."""
+    kept_in_cluster = 0
+    for pos, row in enumerate(order):
+        g = live[row]
+        if best[pos] >= bc.near_dup_cos or best[pos] > 1 - bc.apply_eps:
+            reason[g] = "near_dup" if best[pos] >= bc.near_dup_cos else "semantic_dup"
+            near = live[order[arg[pos]]]
+            dup_of[g] = keys[near] if reason[near] is None else dup_of[near]  # its surviving representative
+        elif bc.cluster_cap and kept_in_cluster >= bc.cluster_cap:
+            reason[g] = "cluster_cap"
+        else:
+            kept_in_cluster += 1
+    return kept_in_cluster
+
+
+def semantic_rules(xs: np.ndarray, live: np.ndarray, keys: np.ndarray, reason: np.ndarray, dup_of: np.ndarray,
+                   cluster: np.ndarray, bc: BalanceConfig, stats: dict) -> tuple[Counter, np.ndarray, np.ndarray]:
+    """k-means over the live rows, then the rules cluster by cluster. Returns (ε sweep, sizes before, after)."""
+    eps_sorted = sorted(bc.semantic_eps)
+    thresholds = [1 - e for e in eps_sorted] + [1 - bc.apply_eps, bc.near_dup_cos]
+    k = min(bc.kmeans_k or max(1, int(round(math.sqrt(len(live))))), len(live))
+    cents, info = spherical_kmeans(xs, k, seed=bc.seed, gpu=bc.gpu)
+    labels, _ = assign(xs, cents, bc.gpu)
+    labels, cents = split_oversized(xs, labels, cents, bc.max_cluster_size, bc.seed)
+    stats["kmeans"] = dict(info, clusters_after_split=len(cents))
+    cluster[live] = labels
+    rng = np.random.default_rng(bc.seed)
+    sweep: Counter = Counter()
+    sizes_before, sizes_after = np.bincount(labels, minlength=len(cents)), np.zeros(len(cents), np.int64)
+    members = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[members], np.arange(len(cents) + 1))
+    for c in range(len(cents)):
+        idx = members[bounds[c]:bounds[c + 1]]
+        if not len(idx):
+            continue
+        order = idx[keep_order(gather(xs, idx).numpy(), cents[c], bc.keep, rng)]
+        best, arg = screened_earlier_max(xs, thresholds, rows=order)
+        for e in eps_sorted:
+            sweep[e] += int((best > 1 - e).sum())
+        sizes_after[c] = decide_cluster(order, best, arg, live, keys, reason, dup_of, bc)
+    return sweep, sizes_before, sizes_after
+
+
 def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: BalanceConfig,
                       held_out: np.ndarray | None = None, text: np.ndarray | None = None) -> tuple[pa.Table, dict]:
     """The whole rule on in-memory arrays. Returns a table key/kept/drop_reason/dup_of/balance_cluster
@@ -56,68 +130,19 @@ def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: B
         reason[held_out] = "held_out"
     dup_of = np.full(n, None, dtype=object)
     cluster = np.full(n, -1, np.int32)
-    norms = np.linalg.norm(x, axis=1)
-    bad = (~np.isfinite(x).all(1) | (norms < 1e-6)) & (reason == None)  # noqa: E711
-    reason[bad] = "bad_embedding"
-    # exact duplicates: the first key (sorted) of each hash group survives
-    first_of: dict[str, int] = {}
-    for i in np.argsort(keys, kind="stable"):
-        if reason[i] is not None or not hashes[i]:
-            continue
-        j = first_of.setdefault(hashes[i], i)
-        if j != i:
-            reason[i], dup_of[i] = "exact_dup", keys[j]
+    mark_bad_and_exact(keys, x, hashes, reason, dup_of)
     live = np.flatnonzero(reason == None)  # noqa: E711 (object array)
-    xs = l2n(x[live])
-    if bc.semantic_on == "joint":
-        if text is None:
-            raise ValueError("balance.semantic_on=joint needs the caption embeddings")
-        # [image, caption] / sqrt(2): a cosine is the mean of the two (no caption: at most 1/sqrt(2), never a dup)
-        xs = l2n(np.concatenate([xs, l2n(np.nan_to_num(text[live]))], axis=1))
+    xs = rule_vectors(x, text, live, bc)
     stats: dict = {"input": n, "semantic_on": bc.semantic_on}
-    eps_sorted = sorted(bc.semantic_eps)
-    thresholds = [1 - e for e in eps_sorted] + [1 - bc.apply_eps, bc.near_dup_cos]
-    sweep = Counter()
-    sizes_before = sizes_after = np.zeros(0, np.int64)
+    sweep, sizes_before, sizes_after = Counter(), np.zeros(0, np.int64), np.zeros(0, np.int64)
     if len(live):
-        k = bc.kmeans_k or max(1, int(round(math.sqrt(len(live)))))
-        k = min(k, len(live))
-        cents, info = spherical_kmeans(xs, k, seed=bc.seed, gpu=bc.gpu)
-        labels, _ = assign(xs, cents, bc.gpu)
-        labels, cents = split_oversized(xs, labels, cents, bc.max_cluster_size, bc.seed)
-        stats["kmeans"] = dict(info, clusters_after_split=len(cents))
-        cluster[live] = labels
-        rng = np.random.default_rng(bc.seed)
-        sizes_before = np.bincount(labels, minlength=len(cents))
-        sizes_after = np.zeros(len(cents), np.int64)
-        members = np.argsort(labels, kind="stable")
-        bounds = np.searchsorted(labels[members], np.arange(len(cents) + 1))
-        for c in range(len(cents)):
-            idx = members[bounds[c]:bounds[c + 1]]
-            if not len(idx):
-                continue
-            order = idx[keep_order(gather(xs, idx).numpy(), cents[c], bc.keep, rng)]
-            best, arg = screened_earlier_max(xs, thresholds, rows=order)
-            for e in eps_sorted:
-                sweep[e] += int((best > 1 - e).sum())
-            kept_in_cluster = 0
-            for pos, row in enumerate(order):
-                g = live[row]
-                if best[pos] >= bc.near_dup_cos or best[pos] > 1 - bc.apply_eps:
-                    reason[g] = "near_dup" if best[pos] >= bc.near_dup_cos else "semantic_dup"
-                    near = live[order[arg[pos]]]
-                    dup_of[g] = keys[near] if reason[near] is None else dup_of[near]  # its surviving representative
-                elif bc.cluster_cap and kept_in_cluster >= bc.cluster_cap:
-                    reason[g] = "cluster_cap"
-                else:
-                    kept_in_cluster += 1
-            sizes_after[c] = kept_in_cluster
+        sweep, sizes_before, sizes_after = semantic_rules(xs, live, keys, reason, dup_of, cluster, bc, stats)
     kept = np.array([r is None for r in reason])
     counts = Counter(r for r in reason if r is not None)
     stats.update(kept=int(kept.sum()), removed=int((~kept).sum()),
                  removed_by_rule={r: int(counts.get(r, 0)) for r in DROP_REASONS if r != "held_out"},
                  held_out=int(counts.get("held_out", 0)),
-                 eps_sweep={str(e): sweep[e] for e in eps_sorted}, apply_eps=bc.apply_eps,
+                 eps_sweep={str(e): sweep[e] for e in sorted(bc.semantic_eps)}, apply_eps=bc.apply_eps,
                  clusters=int(len(sizes_before)),
                  cluster_size_max_before=int(sizes_before.max()) if len(sizes_before) else 0,
                  cluster_size_max_after=int(sizes_after.max()) if len(sizes_after) else 0)
@@ -129,26 +154,27 @@ def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: B
 
 
 class BalanceStage(Stage):
-    def __init__(self, cfg: Config, use_ray: bool = True):
-        self.cfg, self.bc = cfg, cfg.balance
-        super().__init__(name="balance", out_dir=cfg.stage_dir("balance"), config={"balance": vars(cfg.balance)})
-        self.emb = Store(cfg.stage_dir("embed"))
+    name = "balance"
+    inputs = ("download", "embed")
+    reads = ("balance", "data.holdout")
 
-    def shards(self) -> list[str]:
-        if not self.emb.exists("_DONE"):
-            raise StageError(f"balance needs a finished embed stage in {self.emb.uri}")
+    def __init__(self, cfg: Config, use_ray: bool = True):
+        super().__init__(cfg, use_ray)
+        self.bc = cfg.balance
+        self.emb = self.input_store("embed")
+
+    def units(self) -> list[str]:
+        self.require("embed")
         return [n[:-len(".parquet")] for n in self.emb.glob("[0-9]*.parquet")]
 
     def _decide(self) -> pa.Table:
         """Global decisions, saved before any shard output so a resumed run writes the same shards."""
         if self.out.exists("_decisions.parquet"):
             return self.out.read_table("_decisions.parquet")
-        from kd.data import emb_matrix
-
         keys, xs, txt, hashes, shard_of, held = [], [], [], [], [], []
         joint = self.bc.semantic_on == "joint"
-        dl = Store(self.cfg.stage_dir("download"))
-        for s in self.shards():
+        dl = self.input_store("download")
+        for s in self.units():
             cols = ["key", "image_emb", "image_hash"] + (["text_emb"] if joint else [])
             t = self.emb.read_table(f"{s}.parquet", columns=cols)
             if self.cfg.data.holdout:
@@ -174,7 +200,7 @@ class BalanceStage(Stage):
         self.out.write_table("_decisions.parquet", table)
         return table
 
-    def run_shards(self, pending: list[str]) -> dict[str, str]:
+    def run_units(self, pending: list[str]) -> dict[str, str]:
         table = self._decide()
         for s in pending:
             part = table.filter(pc.equal(table.column("shard"), s)).drop(["shard"]).sort_by("key")
@@ -194,6 +220,3 @@ class BalanceStage(Stage):
         return (f"kept {stats.get('kept', 0)}/{stats.get('input', 0)}; removed " +
                 ", ".join(f"{k} {v}" for k, v in r.items() if v) + f"; {stats.get('clusters', 0)} clusters")
 
-
-def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
-    return BalanceStage(cfg, use_ray=use_ray).run(force=force)

@@ -9,9 +9,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from .config import ClusterConfig, Config
-from .schema import CLUSTER_SCHEMA
-from .stage import Stage, StageError, Store, join_on_key, shard_stats_name
+from cidistill.core.config import Config
+from cidistill.core.errors import StageError
+from cidistill.core.schema import CLUSTER_SCHEMA, emb_matrix, join_on_key, shard_stats_name
+from cidistill.core.stage import Stage
+from cidistill.core.store import Store
 
 
 def faiss_module(gpu: bool):
@@ -89,7 +91,6 @@ DEDUP_REASONS = ("exact_dup", "near_dup", "semantic_dup", "cluster_cap")
 def kept_embeddings(cfg: Config, shard: str, joint: bool) -> tuple[list[str], np.ndarray]:
     """A shard's kept keys and their (image or joint) teacher embeddings; with `cluster.use_balanced` off,
     the duplicates too (never held-out or bad embeddings)."""
-    from kd.data import emb_matrix
     import pyarrow.compute as pc
 
     e = Store(cfg.stage_dir("embed")).read_table(f"{shard}.parquet", columns=["key", "image_emb", "text_emb"])
@@ -107,21 +108,22 @@ def kept_embeddings(cfg: Config, shard: str, joint: bool) -> tuple[list[str], np
 
 
 class ClusterStage(Stage):
-    def __init__(self, cfg: Config, use_ray: bool = True):
-        self.cfg, self.cc = cfg, cfg.cluster
-        super().__init__(name="cluster", out_dir=cfg.stage_dir("cluster"), config={"cluster": vars(cfg.cluster)})
-        self.bal = Store(cfg.stage_dir("balance"))
+    name = "cluster"
+    inputs = ("embed", "balance")
+    reads = ("cluster",)
 
-    def shards(self) -> list[str]:
-        if not self.bal.exists("_DONE"):
-            raise StageError(f"cluster needs a finished balance stage in {self.bal.uri}")
-        return [n[:-len(".parquet")] for n in self.bal.glob("[0-9]*.parquet")]
+    def __init__(self, cfg: Config, use_ray: bool = True):
+        super().__init__(cfg, use_ray)
+        self.cc = cfg.cluster
+
+    def units(self) -> list[str]:
+        return [n[:-len(".parquet")] for n in self.require("balance").glob("[0-9]*.parquet")]
 
     def centroids(self) -> np.ndarray:
         if self.out.exists("centroids.npy"):
             with self.out.fs.open(self.out.path("centroids.npy"), "rb") as f:
                 return np.load(f)
-        xs = [kept_embeddings(self.cfg, s, self.cc.joint)[1] for s in self.shards()]
+        xs = [kept_embeddings(self.cfg, s, self.cc.joint)[1] for s in self.units()]
         x = np.concatenate(xs) if xs else np.zeros((0, 1), np.float32)
         cent, info = spherical_kmeans(x, self.cc.k, niter=self.cc.niter, seed=self.cc.seed, gpu=self.cc.gpu,
                                       max_points_per_centroid=self.cc.max_points_per_centroid,
@@ -134,7 +136,7 @@ class ClusterStage(Stage):
         self.out.write_bytes("centroids.npy", buf.getvalue())  # after its config: the npy marks training done
         return cent
 
-    def run_shards(self, pending: list[str]) -> dict[str, str]:
+    def run_units(self, pending: list[str]) -> dict[str, str]:
         cent = self.centroids()
         for s in pending:
             keys, x = kept_embeddings(self.cfg, s, self.cc.joint)
@@ -147,7 +149,7 @@ class ClusterStage(Stage):
 
     def finish(self, stats: dict) -> dict:
         sizes = np.zeros(self.cc.k, np.int64)
-        for s in self.shards():
+        for s in self.units():
             sizes += np.asarray(self.out.read_json(shard_stats_name(s))["sizes"], np.int64)
         stats.pop("sizes", None)
         info = self.out.read_json("centroids.json")["train"]
@@ -161,6 +163,3 @@ class ClusterStage(Stage):
         return (f"{stats.get('assigned', 0)} kept samples in k={stats['k']} clusters "
                 f"({stats['empty_clusters']} empty, {stats['tiny_clusters']} tiny)")
 
-
-def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
-    return ClusterStage(cfg, use_ray=use_ray).run(force=force)

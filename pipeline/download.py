@@ -11,21 +11,18 @@ from collections import Counter
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .config import Config
-from .runtime import set_env_defaults
-from .stage import Stage, StageError, Store
-
-OOM_SHARD = 5  # shard names 00000 … 99999
-
-
-def shard_name(i: int) -> str:
-    return f"{i:0{OOM_SHARD}d}"
+from cidistill.core.config import Config
+from cidistill.core.errors import StageError
+from cidistill.core.runtime import set_env_defaults
+from cidistill.core.schema import OOM_SHARD, shard_name
+from cidistill.core.stage import Stage, run_tasks
+from cidistill.core.store import Store
 
 
-def _read_url_tables(urls: str, columns: list[str]):
+def url_files(urls: str):
+    """(filesystem, the parquet files data.urls names: a file, a folder or a glob)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(urls)
@@ -34,9 +31,14 @@ def _read_url_tables(urls: str, columns: list[str]):
     elif any(c in path for c in "*?["):
         files = sorted(fs.glob(path))
     else:
-        files = [path]
+        files = [path] if fs.exists(path) else []
     if not files:
         raise StageError(f"data.urls: no parquet file found at {urls!r}")
+    return fs, files
+
+
+def _read_url_tables(urls: str, columns: list[str]):
+    fs, files = url_files(urls)
     for f in files:
         with fs.open(f, "rb") as fh:
             schema = pq.read_schema(fh)
@@ -77,10 +79,21 @@ def clean_text_columns(table: pa.Table, columns: list[str], max_chars: int, fixe
 
 
 class DownloadStage(Stage):
+    name = "download"
+    reads = ("data",)
+    ignores = ("data.holdout",)
+
     def __init__(self, cfg: Config, use_ray: bool = True):
-        self.cfg, self.d, self.use_ray = cfg, cfg.data, use_ray
-        super().__init__(name="download", out_dir=cfg.stage_dir("download"), config={"data": vars(cfg.data)})
-        self.tmp = Store(self.out.path("_tmp") if self.out._local else self.out.url("_tmp"))
+        super().__init__(cfg, use_ray)
+        self.d = cfg.data
+        self.tmp = Store(self.out.path("_tmp") if self.out.local else self.out.url("_tmp"))
+
+    def extra_inputs(self) -> dict:
+        """The URL list's files, by name and size (reading LAION-sized lists to hash them would cost a pass)."""
+        if not self.d.urls:
+            return {}
+        fs, files = url_files(self.d.urls)
+        return {"urls": [[f, fs.size(f)] for f in files]}
 
     @property
     def columns(self) -> list[str]:
@@ -88,7 +101,7 @@ class DownloadStage(Stage):
         return [self.d.url_col, self.d.caption_col] + extra
 
     # -- planning: split the URL list into shards once; a resumed run reuses the plan
-    def shards(self) -> list[str]:
+    def units(self) -> list[str]:
         if not self.out.exists("_plan.json"):
             self._plan()
         return self.out.read_json("_plan.json")["shards"]
@@ -162,9 +175,7 @@ class DownloadStage(Stage):
             compute_hash="sha256", verify_hash_type=None, encode_format=d.encode_format, retries=d.retries,
             user_agent_token="cidistill", disallowed_header_directives=list(d.disallowed_header_directives) or None)
 
-    def run_shards(self, pending: list[str]) -> dict[str, str]:
-        from .stage import run_tasks
-
+    def run_units(self, pending: list[str]) -> dict[str, str]:
         if any(not self.tmp.exists(f"{int(s)}.feather") for s in pending):
             self._plan()  # the input shards were cleaned after a finished run: rebuild them (deterministic)
         downloader = self._downloader()
@@ -214,19 +225,9 @@ def _download_one(item) -> str:
     finally:
         if fs.exists(attempt):
             fs.rm(attempt)
-    from . import faults
+    from cidistill.core import faults
 
     faults.point()
     return shard_name(shard_id)
 
 
-def load_download_table(cfg: Config, shard: str, columns: list[str] | None = None) -> pa.Table:
-    """img2dataset's per-shard parquet, successful rows only."""
-    t = Store(cfg.stage_dir("download")).read_table(f"{shard}.parquet", columns=columns and list(
-        dict.fromkeys(list(columns) + ["status"])))
-    t = t.filter(pc.equal(t.column("status"), "success"))
-    return t.select(columns) if columns else t
-
-
-def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
-    return DownloadStage(cfg, use_ray=use_ray).run(force=force)

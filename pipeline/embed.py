@@ -15,15 +15,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .config import Config, TeacherConfig
-from .schema import embed_schema
-from .stage import Stage, StageError, Store, shard_stats_name
+from cidistill.core.config import Config, TeacherConfig
+from cidistill.core.errors import StageError
+from cidistill.core.images import decode_rgb, read_tar_images
+from cidistill.core.models import create, encode_text, val_preprocess_cfg
+from cidistill.core.schema import download_shards, embed_schema, shard_stats_name
+from cidistill.core.stage import Stage
+from cidistill.core.store import Store
 
 
 def _read_shard(row: dict) -> list[dict]:
     """One download shard -> rows of (shard, key, image bytes, captions). Runs as a Ray Data task."""
-    from kd.data import read_tar_images
-
     shard, folder = row["shard"], row["folder"]
     store = Store(folder)
     t = store.read_table(f"{shard}.parquet")
@@ -46,7 +48,7 @@ def val_transform(pp: dict) -> tuple:
     Normalize run on the model's device (pixels_to_input)."""
     key = json.dumps(pp, sort_keys=True)
     if key not in _TRANSFORMS:
-        from .runtime import import_open_clip
+        from cidistill.core.runtime import import_open_clip
 
         import_open_clip()  # torchvision's op fix first: this runs in fresh Ray workers too
         from open_clip.transform import PreprocessCfg, image_transform_v2
@@ -75,8 +77,6 @@ def decode_batch(batch: dict, pp: dict) -> dict:
     counted (ok False, its error kept), never fatal."""
     from PIL import Image
 
-    from kd.data import decode_rgb
-
     pil_part, _, _, shape, _ = val_transform(pp)
     out = {k: v for k, v in batch.items() if k != "image"}
     n = len(batch["image"])
@@ -99,8 +99,6 @@ class TeacherEmbedder:
 
     def __init__(self, teacher: dict, pp: dict | None = None):
         import torch
-
-        from kd.models import create
 
         tc = TeacherConfig(**teacher)
         torch.set_num_threads(max(1, int(tc.threads or tc.cpus_per_actor)))
@@ -138,8 +136,6 @@ class TeacherEmbedder:
     def forward(self, prep: dict) -> dict:
         import torch
         import torch.nn.functional as F
-
-        from kd.models import encode_text
 
         ok = np.asarray(prep["ok"], bool)
         n, dim = len(ok), self.lm.embed_dim
@@ -185,15 +181,16 @@ def _to_table(rows: dict[str, list], dim: int) -> pa.Table:
 
 
 class EmbedStage(Stage):
-    def __init__(self, cfg: Config, use_ray: bool = True):
-        self.cfg, self.use_ray = cfg, use_ray
-        super().__init__(name="embed", out_dir=cfg.stage_dir("embed"), config={"teacher": vars(cfg.teacher)})
-        self.src = Store(cfg.stage_dir("download"))
+    name = "embed"
+    inputs = ("download",)
+    reads = ("teacher",)
 
-    def shards(self) -> list[str]:
-        if not self.src.exists("_DONE"):
-            raise StageError(f"embed needs a finished download stage in {self.src.uri}")
-        return [n[:-4] for n in self.src.glob("*.tar")]
+    def __init__(self, cfg: Config, use_ray: bool = True):
+        super().__init__(cfg, use_ray)
+        self.src = self.input_store("download")
+
+    def units(self) -> list[str]:
+        return download_shards(self.require("download"))
 
     def _expected(self, shard: str) -> int:
         t = self.src.read_table(f"{shard}.parquet", columns=["status"])
@@ -208,8 +205,7 @@ class EmbedStage(Stage):
                 raise StageError(f"teacher embeds {dim}-d but {self.out.uri} already holds {have}-d embeddings "
                                  f"from another teacher: use another embed folder or --force")
 
-    def run_shards(self, pending: list[str]) -> dict[str, str]:
-        tc = self.cfg.teacher
+    def run_units(self, pending: list[str]) -> dict[str, str]:
         expected = {s: self._expected(s) for s in pending}
         buffers: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -242,12 +238,10 @@ class EmbedStage(Stage):
                     self._write(s, buffers.pop(s, {}), errors.pop(s, {}), dim)
             bar.update(len(batch["key"]))
         bar.close()
-        missing = {s: f"{seen[s]}/{expected[s]} rows came back" for s in work if not self.shard_done(s)}
+        missing = {s: f"{seen[s]}/{expected[s]} rows came back" for s in work if not self.unit_done(s)}
         return missing
 
     def _batches(self, shards: list[str]):
-        from kd.models import val_preprocess_cfg
-
         tc = self.cfg.teacher
         pp = val_preprocess_cfg(tc.model, tc.pretrained, tc.model_config)
         kwargs = {"teacher": vars(tc), "pp": pp}
@@ -289,6 +283,3 @@ class EmbedStage(Stage):
         return (f"{stats.get('embedded', 0)} pairs embedded, {stats.get('undecodable', 0)} undecodable, "
                 f"{stats.get('empty_caption', 0)} empty captions, {stats['shards_done']} shards")
 
-
-def run_stage(cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
-    return EmbedStage(cfg, use_ray=use_ray).run(force=force)

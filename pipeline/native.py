@@ -16,6 +16,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from cidistill.core.runtime import cache_dir
+
 SRC = Path(__file__).with_name("semdedup_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
@@ -31,8 +33,6 @@ def _cpu_id() -> str:
 
 def build(src: Path = SRC, cc: str | None = None) -> Path:
     """Compile `src` into the cache (atomically: a temp file, then rename) unless it is there already."""
-    from .demo_data import cache_dir
-
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH and CC is not set")

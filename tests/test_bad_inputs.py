@@ -15,8 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import load_config, to_dict
-from pipeline.stage import StageError
+from cidistill.core.config import load_config, to_dict
+from cidistill.core.errors import StageError
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -111,7 +111,7 @@ def _small_cfg_file(tmp_path, small_run, **dirs) -> Path:
 def test_corrupt_and_schema_mismatched_parquet_are_clear_errors(tmp_path, small_run, capsys):
     import shutil
 
-    from pipeline.cli import main
+    from cidistill.app.cli import main
 
     emb = tmp_path / "embed"
     shutil.copytree(small_run.stage_dir("embed"), emb)
@@ -130,7 +130,7 @@ def test_corrupt_and_schema_mismatched_parquet_are_clear_errors(tmp_path, small_
 def test_checkpoint_of_the_wrong_shape_is_a_clear_error(tmp_path, small_run):
     from safetensors.torch import save_file
 
-    from kd.models import ModelLoadError, create
+    from cidistill.core.models import ModelLoadError, create
 
     lm = create(small_run.student.model)
     sd = {k: v.clone() for k, v in lm.model.state_dict().items()}
@@ -169,8 +169,8 @@ def test_disk_full_is_a_clear_error_and_no_done_marker(tmp_path, small_run, caps
     """A real 16 kB tmpfs where the box allows mounting; elsewhere every write fails with ENOSPC."""
     import errno
 
-    from pipeline.cli import main
-    from pipeline.stage import Store
+    from cidistill.app.cli import main
+    from cidistill.core.store import Store
 
     out = tmp_path / "full"
     mounted = _tiny_disk(out, 16)

@@ -11,8 +11,8 @@ from pipeline.native import SRC, build, semdedup_lib
 from pipeline.balance import balance_decisions
 from pipeline.semdedup import earlier_max, keep_order, quantise, screened_earlier_max, semdedup_reference
 from pipeline.cluster import l2n, spherical_kmeans
-from pipeline.config import BalanceConfig
-from pipeline.stage import StageError
+from cidistill.core.config import BalanceConfig
+from cidistill.core.errors import StageError
 
 
 def planted(n_groups=40, per_group=5, d=64, spread=0.02, seed=0):

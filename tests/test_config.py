@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from cidistill.core.config import ConfigError, load_config
 
 
 def test_defaults_and_overrides(tmp_path):
@@ -39,7 +39,7 @@ def test_config_errors_name_the_key(tmp_path, text, needle):
 
 
 def test_cli_reports_config_error(tmp_path, capsys):
-    from pipeline.cli import main
+    from cidistill.app.cli import main
 
     p = tmp_path / "c.yaml"
     p.write_text("cluster: {k: ten}\n")
@@ -50,7 +50,7 @@ def test_cli_reports_config_error(tmp_path, capsys):
 def test_student_seed_keeps_the_cached_demo_teacher(tmp_path):
     """The demo teacher is cached by what shapes it: another student seed must not retrain it (nor pair a
     student with embeddings of a different teacher), while another held-out style must."""
-    from pipeline.demo import demo_config, teacher_recipe
+    from cidistill.app.demo import demo_config, teacher_recipe
 
     (tmp_path / "download").mkdir()
     (tmp_path / "download" / "stats.json").write_text('{"successes": 1234}')

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.demo_data import LoopbackServer
+from cidistill.core.config import load_config
+from cidistill.app.demo_data import LoopbackServer
 from pipeline.download import DownloadStage
 
 
@@ -78,7 +78,7 @@ def test_download_counts_failures_and_resumes(tmp_path, ray_session, small_data,
 def test_worker_death_is_retried_and_a_failing_shard_is_reported(tmp_path, ray_session, small_data, server,
                                                                   bad_site, monkeypatch):
     from pipeline import faults
-    from pipeline.stage import StageError
+    from cidistill.core.errors import StageError
 
     urls, n_good = _urls(tmp_path, small_data, server, bad_site)
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.samples_per_shard=20",
@@ -99,7 +99,7 @@ def test_worker_death_is_retried_and_a_failing_shard_is_reported(tmp_path, ray_s
     cfg2 = load_config(None, [f"workdir={tmp_path / 'w2'}", f"data.urls={urls}", "data.samples_per_shard=20",
                               "data.extra_cols=[caption_zh]", "data.timeout=3", "data.shard_retries=1"])
     stage = DownloadStage(cfg2)
-    stage.shards()
+    stage.units()
     (Path(cfg2.stage_dir("download")) / "_tmp" / "2.feather").write_bytes(b"not arrow")
     with pytest.raises(StageError, match="00002"):
         stage.run()

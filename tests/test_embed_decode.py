@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from kd.data import decode_rgb
-from kd.models import create, val_preprocess_cfg
+from cidistill.core.images import decode_rgb
+from cidistill.core.models import create, val_preprocess_cfg
 from pipeline.embed import TeacherEmbedder, _steps, decode_batch, val_transform
-from pipeline.stage import StageError
+from cidistill.core.errors import StageError
 
 
 def _image(w: int, h: int, fmt: str, seed: int) -> bytes:

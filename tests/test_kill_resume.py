@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.config import to_dict
-from pipeline.demo import demo_config
-from pipeline.demo_data import write_urls
+from cidistill.core.config import to_dict
+from cidistill.app.demo import demo_config
+from cidistill.app.demo_data import write_urls
 
 KILLED = ("download", "embed", "balance", "cluster", "train", "export")
 VOLATILE = {"seconds", "started", "finished", "time", "shards_resumed", "temp_files_removed", "duration",
@@ -40,7 +40,7 @@ def _run(cfg: Path, kill_at: str = "", log: Path | None = None) -> subprocess.Co
     env = dict(os.environ, CIDISTILL_KILL_AT=kill_at)
     if log:
         env["CIDISTILL_FAULT_LOG"] = str(log)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(cfg), "--no-ray"], env=env,
+    return subprocess.run([sys.executable, "-m", "cidistill", "run", str(cfg), "--no-ray"], env=env,
                           cwd=Path(__file__).parents[1], capture_output=True, text=True)
 
 

@@ -46,7 +46,7 @@ def test_info_nce_symmetric_and_minimal_on_matching_pairs():
 
 
 def test_gradients_reach_student_and_heads_never_teacher():
-    from pipeline.config import LossConfig
+    from cidistill.core.config import LossConfig
     from kd.losses import compute_losses
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.config import to_dict
+from cidistill.core.config import to_dict
 
 JOB = r'''
 import json, os, sys
@@ -20,8 +20,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray then resolves 127.0
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from pathlib import Path
 from ray.cluster_utils import Cluster
-from pipeline.demo_data import LoopbackServer, build_demo_data, write_urls
-from pipeline.cli import main
+from cidistill.app.demo_data import LoopbackServer, build_demo_data, write_urls
+from cidistill.app.cli import main
 
 cfg_path, out = sys.argv[1], Path(sys.argv[2])
 common = dict(num_cpus=2, node_ip_address="127.0.0.1", include_dashboard=False, object_store_memory=200 << 20)

@@ -1,5 +1,5 @@
 def test_open_clip_imports_in_driver():
-    from pipeline.runtime import import_open_clip
+    from cidistill.core.runtime import import_open_clip
 
     oc = import_open_clip()
     assert "ViT-B-32" in oc.list_models()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from kd.models import DEMO_TEACHER, create, encode_text
+from cidistill.core.models import DEMO_TEACHER, create, encode_text
 from kd.text_tower import build_student_text_tower
 
 CORPUS = ["grinning face: smile, happy", "red heart: love", "笑脸: 开心，微笑", "红心: 爱", "瀑布的表情"]
@@ -57,7 +57,7 @@ def test_chinese_characters_get_their_own_tokens(teacher, tmp_path):
 
 
 def test_teacher_without_an_hf_text_tower_is_a_clear_error(teacher, tmp_path):
-    from kd.models import ModelLoadError
+    from cidistill.core.models import ModelLoadError
 
     clip_like = {"embed_dim": 512, "text_cfg": {"width": 512, "layers": 12, "context_length": 77}}
     with pytest.raises(ModelLoadError, match="text_from_teacher needs a teacher whose text tower"):

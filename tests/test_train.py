@@ -5,8 +5,9 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from kd.train import latest_checkpoint, train
-from pipeline.config import PhaseConfig
+from kd.checkpoint import latest_checkpoint
+from kd.train import train
+from cidistill.core.config import PhaseConfig
 
 
 def _cfg(small_run, steps=6):

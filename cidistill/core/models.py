@@ -12,15 +12,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from pipeline.runtime import import_open_clip
+from .errors import StageError
+from .runtime import cache_dir, import_open_clip
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_TEACHER = "cid-demo-teacher"
 _registered: set[str] = set()
 
 
-class ModelLoadError(ValueError):
-    pass
+class ModelLoadError(StageError, ValueError):
+    """A model or its weights cannot be loaded as named (unknown name, missing file, wrong shapes)."""
 
 
 def register_configs(extra: str = "") -> None:
@@ -33,8 +34,6 @@ def register_configs(extra: str = "") -> None:
     if DEMO_TEACHER not in _registered:
         cfg = demo_teacher_config()
         if cfg is not None:
-            from pipeline.demo_data import cache_dir
-
             path = cache_dir() / "model_configs" / f"{DEMO_TEACHER}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cfg, indent=1))

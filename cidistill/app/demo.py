@@ -10,8 +10,15 @@ import json
 import shutil
 from pathlib import Path
 
-from .config import Config, load_config
-from .demo_data import LoopbackServer, build_demo_data, cache_dir, table_digest, urls_port, write_urls
+from cidistill.core.config import STAGES, Config, load_config, merge
+from cidistill.core.models import create, demo_teacher_config
+from cidistill.core.runtime import cache_dir, resolve_precision
+from cidistill.core.store import Store
+from kd.checkpoint import latest_checkpoint
+from kd.export import export_local_dir
+from kd.train import train
+from .demo_data import LoopbackServer, build_demo_data, urls_port, write_urls
+from .registry import run_stages
 
 DEMO = {
     "data": {"samples_per_shard": 1000, "image_size": 64, "holdout": "vendor=twitter",
@@ -42,8 +49,6 @@ TEACHER_STEPS = {False: 350, True: 40}
 
 
 def demo_config(workdir: str, small: bool, overrides: list[str] | None = None, config_file: str | None = None) -> Config:
-    from .config import merge
-
     base = merge(DEMO, SMALL) if small else dict(DEMO)
     base = merge(base, {"workdir": workdir, "data": {"urls": str(Path(workdir) / "urls.parquet")}})
     return load_config(config_file, overrides, base=base)
@@ -53,8 +58,6 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
     """The demo teacher's training config and its cache folder, keyed by what shapes the teacher (not by
     every train field, so that new unrelated options keep the cache). Its seed is fixed: the student's
     `train.seed` varies the student against the same teacher."""
-    from .stage import Store
-
     tcfg = dataclasses.replace(
         cfg, student=dataclasses.replace(cfg.student, model=cfg.teacher.model, trim_vocab=False, pretrained="",
                                          text_from_teacher=0),
@@ -66,8 +69,7 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
     recipe = {k: getattr(t, k) for k in ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "precision",
                                          "seed", "augment", "style_augment", "use_balanced")}
     recipe["phases"] = [dataclasses.asdict(p) for p in t.phases]
-    from kd.models import demo_teacher_config
-
+    recipe["precision"] = resolve_precision(t.precision, "cuda" if t.use_gpu else "cpu")  # what it trains in
     arch = demo_teacher_config() or {}
     arch = dict(arch, text_cfg={k: v for k, v in arch.get("text_cfg", {}).items() if not k.endswith("_name")})
     digest_src = json.dumps({"train": recipe, "holdout": cfg.data.holdout, "model": tcfg.student.model, "arch": arch,
@@ -79,10 +81,6 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
 
 def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
     """Train (once) and cache the demo's LiT teacher; returns its `local-dir:` path."""
-    from kd.export import export_local_dir
-    from kd.models import create
-    from kd.train import latest_checkpoint, train
-
     tcfg, final = teacher_recipe(cfg, small)
     if (final / "open_clip_model.safetensors").exists():
         print(f"[teacher] cached: {final}")
@@ -113,9 +111,6 @@ def demo_run_config(args) -> Config:
 
 
 def run_demo(args) -> dict:
-    from .cli import run_stages
-    from .config import STAGES
-
     workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
     cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
     if args.ray_address:

@@ -4,15 +4,20 @@ Unknown keys and wrong types are errors that name the full key (`train.batch_siz
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
+from .store import join
+
 STAGES = ("download", "embed", "balance", "cluster", "train", "eval", "export", "card")
+# the loss terms a training phase may weigh (kd/losses.py implements each)
+LOSS_NAMES = ("clip", "align", "instance", "feature_distill", "cluster")
 
 
 class ConfigError(ValueError):
@@ -123,7 +128,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    precision: str = "bf16"             # bf16 | fp32 | fp16 (cuda)
+    precision: str = "auto"             # auto (bf16 where the device has it natively, else fp32) | bf16 | fp32 | fp16 (cuda)
     workers: int = 1
     cpus_per_worker: float = 1.0        # Ray Train resources per worker (GPU runs: one GPU each as well)
     use_gpu: bool = False
@@ -169,7 +174,7 @@ class Config:
     def stage_dir(self, stage: str) -> str:
         if stage in self.dirs:
             return self.dirs[stage]
-        return str(Path(self.workdir) / stage)
+        return join(self.workdir, stage)
 
     def validate(self) -> "Config":
         bad = [s for s in self.stages if s not in STAGES]
@@ -190,12 +195,13 @@ class Config:
             raise ConfigError("student.text_from_teacher: must be >= 0 (0 = the student's own text tower)")
         if not 0.0 < self.train.loss.partial_fc_r <= 1.0:
             raise ConfigError("train.loss.partial_fc_r: must be in (0, 1]")
+        for key, p in (("teacher.precision", self.teacher.precision), ("train.precision", self.train.precision)):
+            if p not in ("auto", "fp32", "bf16", "fp16"):
+                raise ConfigError(f"{key}: must be auto, fp32, bf16 or fp16, got {p!r}")
         if self.data.holdout and "=" not in self.data.holdout:
             raise ConfigError(f"data.holdout: expected COLUMN=VALUE, got {self.data.holdout!r}")
         if self.cluster.k < 1:
             raise ConfigError("cluster.k: must be >= 1")
-        from kd.losses import LOSS_NAMES  # the loss registry is the single source of valid names
-
         for i, ph in enumerate(self.train.phases):
             unknown = set(ph.losses) - set(LOSS_NAMES)
             if unknown:
@@ -264,6 +270,27 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat_fields(cfg, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The config's leaves under each dotted name in `sections` ("balance", "data.holdout"), as
+    {"balance.apply_eps": 0.05, ...}; lists and mappings (train.phases) are one JSON value each."""
+    out: dict[str, Any] = {}
+
+    def walk(obj, key: str):
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+        else:
+            out[key] = json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj,
+                                             default=lambda o: dataclasses.asdict(o)))
+
+    for sec in sections:
+        node = cfg
+        for part in sec.split("."):
+            node = getattr(node, part)
+        walk(node, sec)
+    return out
 
 
 def merge(base: dict, over: dict, prefix: str = "") -> dict:

@@ -8,45 +8,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-import time
 
-from . import faults
-from .config import STAGES, ConfigError, Config, load_config
-from .runtime import set_env_defaults
-from .stage import StageError
-
-# stage -> "module:function"; each takes (cfg, force=..., use_ray=...) and returns the stage stats
-STAGE_FUNCS = {
-    "download": "pipeline.download:run_stage",
-    "embed": "pipeline.embed:run_stage",
-    "balance": "pipeline.balance:run_stage",
-    "cluster": "pipeline.cluster:run_stage",
-    "train": "kd.train:run_stage",
-    "eval": "kd.evaluate:run_stage",
-    "export": "kd.export:run_stage",
-    "card": "data_cards.render:run_stage",
-}
-
-
-def stage_func(stage: str):
-    mod, fn = STAGE_FUNCS[stage].split(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: bool = True) -> dict:
-    from .runtime import init_ray
-
-    if use_ray:
-        init_ray(cfg.ray_address or None)
-    t0 = time.time()
-    out = {}
-    for s in stages:
-        faults.set_stage(s)
-        out[s] = stage_func(s)(cfg, force=force, use_ray=use_ray)
-    print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
-    return out
+from cidistill.core import faults
+from cidistill.core.config import STAGES, Config, ConfigError, load_config
+from cidistill.core.errors import StageError
+from cidistill.core.runtime import init_ray, set_env_defaults
+from .compare import compare
+from .demo import demo_run_config, run_demo
+from .registry import run_stages
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -95,21 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "demo":
-            from .demo import run_demo
-
             run_demo(args)
         elif args.cmd == "compare":
-            from kd.compare import compare
-
-            if args.demo:
-                from .demo import demo_run_config
-
-                cfg = demo_run_config(args)
-            else:
-                cfg = make_config(args)
+            cfg = demo_run_config(args) if args.demo else make_config(args)
             if not args.no_ray:
-                from .runtime import init_ray
-
                 init_ray(cfg.ray_address or None)
             compare(cfg, args.variants, use_ray=not args.no_ray)
         elif args.cmd == "run":

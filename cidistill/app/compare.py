@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, PhaseConfig
-from pipeline.stage import Store
+from cidistill.core.config import Config, PhaseConfig
+from cidistill.core.store import Store
+from kd.evaluate import evaluate, load_for_eval, lookup, paired_test
+from .registry import run_stage
 
 VARIANTS = ("config", "clip", "cid", "instance", "dcclip", "cid_unbalanced")  # cheapest evidence first
 CLUSTER_W, INSTANCE_W = 0.5, 1.0
@@ -66,11 +68,6 @@ def _load_npz(store: Store, name: str) -> dict:
 
 def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) -> tuple[dict, dict]:
     """Train (skip when done) and evaluate one recipe; evaluation cached in ROOT/<name>/."""
-    from kd import train as train_mod
-    from pipeline import cluster as cluster_mod
-
-    from .evaluate import evaluate, load_for_eval
-
     out = Store(str(root / name))
     if out.exists("eval.json"):
         return out.read_json("eval.json"), _load_npz(out, "correct.npz")
@@ -89,8 +86,8 @@ def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) 
     else:
         vcfg = variant_config(cfg, name, root)
         if not vcfg.cluster.use_balanced:
-            cluster_mod.run_stage(vcfg, use_ray=use_ray)
-        tstats = train_mod.run_stage(vcfg, use_ray=use_ray)
+            run_stage("cluster", vcfg, use_ray=use_ray)
+        tstats = run_stage("train", vcfg, use_ray=use_ray)
         res, per = evaluate(vcfg, load_for_eval(vcfg, "student"), cache=cache)
         res.update(train_seconds=tstats.get("seconds"), train_pairs=tstats.get("pairs"), steps=tstats.get("steps"),
                    losses={f"phase{i}": p.losses for i, p in enumerate(vcfg.train.phases)})
@@ -101,8 +98,6 @@ def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) 
 
 
 def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
-    from .evaluate import lookup
-
     cols = [("zeroshot_en_top1", "ZS EN"), ("zeroshot_zh_top1", "ZS ZH"), ("zeroshot_en_mpc", "EN /class"),
             ("zeroshot_zh_mpc", "ZH /class"), ("probe_top1", "probe"),
             ("retrieval_en.i2t_r@1", "I→T R@1 EN"), ("retrieval_zh.i2t_r@1", "I→T R@1 ZH"),
@@ -124,8 +119,6 @@ def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
 
 
 def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True, out_dir: str = "") -> dict:
-    from .evaluate import paired_test
-
     root = Path(out_dir or Path(cfg.workdir) / "compare")
     names = list(variants or VARIANTS)
     if cfg.teacher.pretrained:

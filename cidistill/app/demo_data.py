@@ -7,7 +7,6 @@ import functools
 import hashlib
 import http.server
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cidistill.core.runtime import cache_dir
+
 VENDORS = ("apple", "google", "twitter")
 PACKAGES = {
     **{f"emoji-datasource-{v}": "16.0.0" for v in VENDORS},
@@ -26,12 +27,6 @@ PACKAGES = {
     "cldr-annotations-derived-full": "48.2.0",
 }
 SMALL_BASES = 70          # base emoji in the small (test) variant, all vendors and skin tones of each
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("CIDISTILL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "cidistill")
-    return Path(root)
 
 
 def _safe_members(tar: tarfile.TarFile, want):

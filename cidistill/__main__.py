@@ -1,0 +1,6 @@
+"""`python -m cidistill ...` is the `cidistill` command."""
+import sys
+
+from cidistill.app.cli import main
+
+sys.exit(main())

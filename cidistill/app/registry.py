@@ -1,0 +1,45 @@
+"""The stage registry: the eight stages by name, in run order, and the multi-stage runner that says which
+finished stages it redoes and why before it starts."""
+from __future__ import annotations
+
+import time
+
+from cidistill.core import faults
+from cidistill.core.config import STAGES, Config
+from cidistill.core.runtime import init_ray
+from cidistill.core.stage import Stage, plan
+from data_cards.render import CardStage
+from kd.stages import EvalStage, ExportStage, TrainStage
+from pipeline.balance import BalanceStage
+from pipeline.cluster import ClusterStage
+from pipeline.download import DownloadStage
+from pipeline.embed import EmbedStage
+
+STAGE_CLASSES: dict[str, type[Stage]] = {c.name: c for c in (
+    DownloadStage, EmbedStage, BalanceStage, ClusterStage, TrainStage, EvalStage, ExportStage, CardStage)}
+assert tuple(STAGE_CLASSES) == STAGES
+
+
+def make_stage(name: str, cfg: Config, use_ray: bool = True) -> Stage:
+    return STAGE_CLASSES[name](cfg, use_ray=use_ray)
+
+
+def run_stage(name: str, cfg: Config, force: bool = False, use_ray: bool = True) -> dict:
+    faults.set_stage(name)
+    return make_stage(name, cfg, use_ray).run(force=force)
+
+
+def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: bool = True) -> dict:
+    """Run `stages` in pipeline order: finished ones whose fingerprint still matches are skipped, the others
+    (and what depends on them) are redone, with one line per cause first."""
+    stages = sorted(stages, key=STAGES.index)
+    if use_ray:
+        init_ray(cfg.ray_address or None)
+    if not force:
+        for line in plan([make_stage(s, cfg, use_ray) for s in stages]):
+            print(f"[cidistill] {line}")
+    t0, out = time.time(), {}
+    for s in stages:
+        out[s] = run_stage(s, cfg, force=force, use_ray=use_ray)
+    print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
+    return out

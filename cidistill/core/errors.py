@@ -1,0 +1,5 @@
+"""Errors a user acts on: the CLI prints them as one line (exit 2), never as a traceback."""
+
+
+class StageError(RuntimeError):
+    """A stage cannot do its job (missing input, bad data, wrong settings); the message says what to do."""

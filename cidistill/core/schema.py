@@ -1,0 +1,105 @@
+"""Parquet schemas of every stage's per-shard output, written down once. Every stage imports these.
+
+Shard ids flow unchanged from download to cluster: shard `0000N` of every stage holds the same keys."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# why a sample is not kept; `held_out` = the evaluation split (data.holdout), never a training sample
+DROP_REASONS = ("bad_embedding", "exact_dup", "near_dup", "semantic_dup", "cluster_cap", "held_out")
+
+
+def emb_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float16(), dim)
+
+
+def embed_schema(dim: int) -> pa.Schema:
+    """embed/0000N.parquet: the teacher's view of each decodable pair (L2-normalised, float16)."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image_emb", emb_type(dim)),
+        pa.field("text_emb", emb_type(dim)),
+        pa.field("text_emb_zh", emb_type(dim)),        # null when the pair has no Chinese caption
+        pa.field("image_hash", pa.string()),            # sha256 of the decoded RGB pixels
+    ]
+    return pa.schema(fields, metadata={b"dim": str(dim).encode()})
+
+
+BALANCE_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("kept", pa.bool_(), nullable=False),
+    pa.field("drop_reason", pa.string()),               # one of DROP_REASONS, null when kept
+    pa.field("dup_of", pa.string()),                    # the kept key this one duplicates
+    pa.field("balance_cluster", pa.int32()),
+])
+
+CLUSTER_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("cluster_id", pa.int32(), nullable=False),
+    pa.field("cluster_sim", pa.float32()),              # cosine to the assigned centroid
+])
+
+# download/0000N.parquet is img2dataset's own table; the columns later stages read from it:
+DOWNLOAD_COLUMNS = ("key", "status", "error_message", "caption", "url")
+
+OOM_SHARD = 5  # shard names 00000 … 99999
+
+
+def shard_name(i: int) -> str:
+    return f"{i:0{OOM_SHARD}d}"
+
+
+def shard_stats_name(shard: str) -> str:
+    """A unit's stats file, written after its outputs: the unit's done-marker."""
+    return f"{shard}_stats.json"
+
+
+def download_shards(store) -> list[str]:
+    """The shard ids of a download folder (every later stage keeps them)."""
+    return [n[:-len(".tar")] for n in store.glob("*.tar")]
+
+
+def emb_matrix(col: pa.ChunkedArray | pa.Array):
+    """A fixed-size-list float16 column to an (N, D) float32 array; null rows become NaN."""
+    import numpy as np
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    d = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    if col.null_count:
+        out = np.full((len(col), d), np.nan, np.float32)
+        valid = ~col.is_null().to_numpy(zero_copy_only=False)
+        out[valid] = flat.reshape(-1, d) if len(flat) == valid.sum() * d else flat.reshape(len(col), d)[valid]
+        return out
+    return flat.reshape(len(col), d)
+
+
+def join_on_key(left: pa.Table, right: pa.Table, key: str = "key") -> pa.Table:
+    """Inner join by key that keeps left's order (Arrow's hash join cannot carry fixed-size-list columns)."""
+    pos = {k: i for i, k in enumerate(right.column(key).to_pylist())}
+    li, ri = [], []
+    for i, k in enumerate(left.column(key).to_pylist()):
+        j = pos.get(k)
+        if j is not None:
+            li.append(i)
+            ri.append(j)
+    lt = left.take(pa.array(li, pa.int64()))
+    rt = right.take(pa.array(ri, pa.int64())).drop([key])
+    for name in rt.column_names:
+        lt = lt.append_column(rt.schema.field(name), rt.column(name))
+    return lt
+
+
+def holdout_mask(holdout: str, table: pa.Table) -> pa.Array:
+    """Which rows of a download table belong to the held-out evaluation split (`data.holdout` = COL=VALUE)."""
+    import pyarrow.compute as pc
+
+    from .errors import StageError
+
+    if not holdout:
+        return pa.array([False] * table.num_rows)
+    col, _, value = holdout.partition("=")
+    if col not in table.column_names:
+        raise StageError(f"data.holdout: column {col!r} is not in the download table "
+                         f"(columns: {table.column_names}); add it to data.extra_cols")
+    return pc.fill_null(pc.equal(table.column(col), value), False)

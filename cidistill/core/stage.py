@@ -1,0 +1,251 @@
+"""The one stage driver. A stage is a small class: `units()` lists its units of work (download shards, or
+the single unit "run" of a whole-run stage such as train), `run_unit(s)` makes missing ones (outputs written
+atomically, then the unit's `_stats.json`), `finish(stats)` adds stage-level facts. `Stage.run()` skips a
+finished stage whose fingerprint still matches, resumes a half-finished one, clears one whose config or
+inputs changed, rolls the units' stats into `stats.json` and writes `_DONE` last.
+
+A fingerprint is a hash of the config fields a stage reads (`reads`, minus fields that cannot change results)
+and of the fingerprints its input stages (`inputs`) recorded in their own `_DONE`. Executors (in-process, Ray
+tasks: `run_tasks`) are kept apart from what a stage does."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from tqdm.auto import tqdm
+
+from . import faults
+from .config import Config, flat_fields
+from .errors import StageError
+from .schema import shard_stats_name
+from .store import Store
+
+DONE = "_DONE"
+RUN = "_RUN.json"      # the fingerprint a run started with: a half-finished run of another config is not resumed
+STATS = "stats.json"
+WHOLE = "run"          # the unit of a whole-run stage
+
+# fields that cannot change a stage's results: never part of a fingerprint
+OPERATIONAL = frozenset({
+    "ray_address", "data.thread_count", "data.shard_retries", "teacher.num_actors", "teacher.cpus_per_actor",
+    "teacher.threads", "train.threads", "train.cpus_per_worker", "train.log_every", "train.ckpt_every",
+})
+
+
+def sum_counters(dicts: Iterable[dict]) -> dict:
+    """Add up numeric counters (nested dicts too); the stage stats are this sum over its units."""
+    total: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+            elif isinstance(v, dict):
+                total[k] = sum_counters([total.get(k, {}), v])
+    return total
+
+
+@dataclass
+class TaskResult:
+    item: Any
+    ok: bool
+    value: Any = None
+    error: str = ""
+
+
+def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, desc: str = "",
+              num_cpus: float = 1, **ray_options) -> list[TaskResult]:
+    """Run fn(item) for every item: one Ray task each (retried on worker death and on exceptions),
+    or in this process. A task that still fails is reported with its error; the others finish."""
+    results: list[TaskResult] = []
+    bar = tqdm(total=len(items), desc=desc, unit="shard", leave=False, disable=not items)
+    if not use_ray:
+        for it in items:
+            try:
+                results.append(TaskResult(it, True, fn(it)))
+            except Exception as e:  # counted and reported, the stage goes on
+                results.append(TaskResult(it, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+            bar.update()
+        bar.close()
+        return results
+    import ray
+
+    if faults.ray_env():  # reliability tests: kill points fire in the workers too
+        job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars", {})
+        ray_options["runtime_env"] = {"env_vars": dict(job_env, **faults.ray_env())}
+    remote = ray.remote(fn).options(max_retries=retries, retry_exceptions=True, num_cpus=num_cpus, **ray_options)
+    pending = {remote.remote(it): it for it in items}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            it = pending.pop(ref)
+            try:
+                results.append(TaskResult(it, True, ray.get(ref)))
+            except Exception as e:
+                results.append(TaskResult(it, False, error=f"{type(e).__name__}: {str(e)[-2000:]}"))
+            bar.update()
+    bar.close()
+    return results
+
+
+class Stage:
+    """Subclasses set `name`, `inputs`, `reads` and implement `units` / `run_units` (or `run_unit`)."""
+
+    name = "stage"
+    inputs: tuple[str, ...] = ()     # stages whose outputs this one reads
+    reads: tuple[str, ...] = ()      # config fields or sections that shape its outputs
+    ignores: tuple[str, ...] = ()    # fields under `reads` that this stage does not use
+
+    def __init__(self, cfg: Config, use_ray: bool = True):
+        self.cfg, self.use_ray = cfg, use_ray
+        self.out = Store(cfg.stage_dir(self.name))
+
+    # -- what a stage implements
+    def units(self) -> list[str]:
+        return [WHOLE]
+
+    def run_units(self, pending: list[str]) -> dict[str, str]:
+        """Make the pending units; return {unit: error} for those that failed for good."""
+        for u in pending:
+            self.out.write_json(shard_stats_name(u), self.run_unit(u))
+        return {}
+
+    def run_unit(self, unit: str) -> dict:
+        raise NotImplementedError
+
+    def finish(self, stats: dict) -> dict:
+        return stats
+
+    def summary(self, stats: dict) -> str:
+        return f"{stats.get('shards_done', 0)} shards"
+
+    def extra_inputs(self) -> dict:
+        """Inputs from outside the work folder (the URL list): part of the fingerprint."""
+        return {}
+
+    def unit_done(self, unit: str) -> bool:
+        return self.out.exists(shard_stats_name(unit))
+
+    def input_store(self, stage: str) -> Store:
+        return Store(self.cfg.stage_dir(stage))
+
+    def require(self, stage: str) -> Store:
+        """An input stage's folder; an error naming it when that stage has not finished."""
+        st = self.input_store(stage)
+        if not st.exists(DONE):
+            raise StageError(f"{self.name} needs a finished {stage} stage in {st.uri}: run `cidistill {stage}` first")
+        return st
+
+    # -- fingerprints
+    def fields(self) -> dict:
+        skip = OPERATIONAL | set(self.ignores)
+        return {k: v for k, v in flat_fields(self.cfg, self.reads).items() if k not in skip}
+
+    def recorded(self, stage: str) -> str | None:
+        st = self.input_store(stage)
+        return st.read_json(DONE).get("fingerprint") if st.exists(DONE) else None
+
+    def fingerprint(self, inputs: dict[str, str | None] | None = None) -> dict:
+        """{"fields", "inputs", "fingerprint"}; `inputs` overrides the input stages' recorded fingerprints
+        (the plan of a multi-stage run uses the ones they will have)."""
+        given = inputs or {}
+        ins = {s: given[s] if s in given else self.recorded(s) for s in self.inputs}
+        ins.update(self.extra_inputs())
+        fields = self.fields()
+        blob = json.dumps({"stage": self.name, "fields": fields, "inputs": ins}, sort_keys=True, default=str)
+        return {"fields": fields, "inputs": ins, "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+    def status(self, fp: dict) -> tuple[str, str]:
+        """("done" | "new" | "resume" | "changed", why) of this stage's folder against fingerprint fp."""
+        if self.out.exists(DONE):
+            prev = self.out.read_json(DONE)
+            if prev.get("fingerprint") == fp["fingerprint"]:
+                return "done", ""
+            return "changed", why_changed(prev, fp)
+        if self.out.exists(RUN):
+            prev = self.out.read_json(RUN)
+            if prev.get("fingerprint") != fp["fingerprint"]:
+                return "changed", why_changed(prev, fp)
+            return "resume", ""
+        return "new", ""
+
+    # -- the driver
+    def run(self, force: bool = False) -> dict:
+        fp = self.fingerprint()
+        state, why = self.status(fp)
+        if state == "done" and not force:
+            print(f"[{self.name}] already done ({self.out.uri}); nothing to do")
+            return self.out.read_json(STATS)
+        if force or state == "changed":
+            self.out.clear()
+        if not self.out.exists(RUN):
+            self.out.write_json(RUN, {"stage": self.name, "fingerprint": fp["fingerprint"]})
+        t0 = time.time()
+        removed = self.out.clean_temps()
+        units = self.units()
+        pending = [u for u in units if not self.unit_done(u)]
+        resumed = len(units) - len(pending)
+        if resumed:
+            print(f"[{self.name}] resuming: {resumed}/{len(units)} units already done")
+        failures = self.run_units(pending) if pending else {}
+        stats = self._rolled_up(units)
+        stats.update(shards=len(units), shards_done=sum(self.unit_done(u) for u in units),
+                     shards_resumed=resumed, temp_files_removed=removed, failed_shards=dict(failures),
+                     seconds=round(time.time() - t0, 3))
+        stats = self.finish(stats)
+        self.out.write_json(STATS, stats)
+        if failures:
+            raise StageError(f"[{self.name}] {len(failures)} unit(s) failed after retries: "
+                             + "; ".join(f"{s}: {e.splitlines()[0] if e else '?'}" for s, e in failures.items())
+                             + " -- rerun to retry them; finished units are kept")
+        self.out.write_json(DONE, {"stage": self.name, "finished": time.time(), **fp})
+        print(f"[{self.name}] done: {self.summary(stats)} in {stats['seconds']:.1f}s")
+        return stats
+
+    def _rolled_up(self, units: list[str]) -> dict:
+        done = [self.out.read_json(shard_stats_name(u)) for u in units if self.out.exists(shard_stats_name(u))]
+        if units == [WHOLE]:
+            return dict(done[0]) if done else {}
+        return sum_counters(done)
+
+
+def why_changed(prev: dict, fp: dict) -> str:
+    """One phrase: which config fields changed (old → new), else which inputs."""
+    old, new = prev.get("fields", {}), fp["fields"]
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        shown = ", ".join(f"{k} {_short(old.get(k))} → {_short(new.get(k))}" for k in diff[:3])
+        return f"config changed ({shown}{', …' if len(diff) > 3 else ''})"
+    ins = [s for s in sorted(set(prev.get("inputs", {})) | set(fp["inputs"]))
+           if prev.get("inputs", {}).get(s) != fp["inputs"].get(s)]
+    return f"input changed ({', '.join(ins)})" if ins else "made by an older version"
+
+
+def _short(v) -> str:
+    s = "unset" if v is None else json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+    return s if len(s) <= 40 else s[:37] + "…"
+
+
+def plan(stages: list[Stage]) -> list[str]:
+    """Lines saying which finished stages a run redoes and why, one per stage whose own config or outside
+    inputs changed: "balance: config changed (balance.apply_eps 0.05 → 0.1); redoing balance, cluster, …".
+    `stages` in run order; each one's inputs that run before it get the fingerprint it will have."""
+    expected: dict[str, str] = {}
+    origin: dict[str, str] = {}                        # a redone stage -> the stage whose change causes it
+    roots: dict[str, tuple[str, list[str]]] = {}       # that stage -> (why, every stage it redoes)
+    for st in stages:
+        fp = st.fingerprint({s: expected[s] for s in st.inputs if s in expected})
+        expected[st.name] = fp["fingerprint"]
+        state, why = st.status(fp)
+        if state != "changed":
+            continue
+        upstream = [origin[s] for s in st.inputs if s in origin]
+        root = upstream[0] if upstream and why.startswith("input changed") else st.name
+        origin[st.name] = root
+        roots.setdefault(root, (why, []))[1].append(st.name)
+    return [f"{root}: {why}; redoing {', '.join(names)}" for root, (why, names) in roots.items()]

@@ -1,0 +1,125 @@
+"""The training library's three stages for the driver (cidistill.core.stage): train, eval and export, each
+one unit of work. Their folders are local paths for now (checkpoints, exported folders)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from cidistill.core.config import Config
+from cidistill.core.models import count_params, create
+from cidistill.core.stage import Stage
+from cidistill.core.store import Store
+from .checkpoint import latest_checkpoint
+from .evaluate import evaluate, load_for_eval, results_markdown
+from .export import export_local_dir, export_onnx, load_trained_student, model_card
+from .train import train
+
+TEACHER_FIELDS = ("teacher.model", "teacher.pretrained", "teacher.model_config")
+
+
+def write_final(out: Path, cfg: Config, result: dict) -> None:
+    """train/model.safetensors + student.json: what eval and export load."""
+    ckpt = latest_checkpoint(out)
+    shutil.copyfile(ckpt / "model.safetensors", out / "model.safetensors.tmp")
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    Store(str(out)).write_json("student.json", {
+        "model": result.get("student_model", cfg.student.model),
+        "model_config": result.get("student_model_config", cfg.student.model_config),
+        "context_length": cfg.student.context_length, "checkpoint": ckpt.name})
+
+
+class TrainStage(Stage):
+    name = "train"
+    inputs = ("download", "embed", "balance", "cluster")
+    reads = ("student", "train", "data.holdout") + TEACHER_FIELDS
+
+    def run_unit(self, unit: str) -> dict:
+        out = Path(self.cfg.stage_dir("train"))
+        result = train(self.cfg, str(out), use_ray=self.use_ray)
+        write_final(out, self.cfg, result)
+        return result
+
+    def summary(self, stats: dict) -> str:
+        return (f"{stats['steps']} steps on {stats['pairs']} pairs, "
+                f"final loss {stats['last'].get('loss', float('nan')):.3f}")
+
+
+class EvalStage(Stage):
+    """The student on the held-out split, and the teacher beside it when the config names its weights."""
+    name = "eval"
+    inputs = ("download", "train")
+    reads = ("eval", "data.holdout") + TEACHER_FIELDS
+
+    def run_unit(self, unit: str) -> dict:
+        results, per, cache = {}, {}, {}
+        for spec in ("teacher", "student") if self.cfg.teacher.pretrained else ("student",):
+            results[spec], per[spec] = evaluate(self.cfg, load_for_eval(self.cfg, spec), cache=cache)
+        if "teacher" in results:
+            t, s = results["teacher"], results["student"]
+            results["student_vs_teacher"] = {
+                "zeroshot_en_retention": s.get("zeroshot_en_top1", 0) / max(t.get("zeroshot_en_top1", 0), 1e-9),
+                "student_zh_over_en": s.get("zeroshot_zh_top1", 0) / max(s.get("zeroshot_en_top1", 0), 1e-9),
+                "params_ratio": s["params"] / t["params"],
+                "throughput_ratio": s["image_throughput"] / t["image_throughput"]}
+        md = results_markdown({k: v for k, v in results.items() if "params" in v})
+        if "student_vs_teacher" in results:
+            md += "\n" + "\n".join(f"- {k}: {v:.3f}" for k, v in results["student_vs_teacher"].items()) + "\n"
+        self.out.write_bytes("results.md", md.encode())
+        for name, arrays in per.items():
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            self.out.write_bytes(f"{name}_correct.npz", buf.getvalue())
+        self.out.write_json("results.json", results)
+        return results
+
+    def summary(self, stats: dict) -> str:
+        """Only what was measured: the tasks that ran, each language that has captions."""
+        s, parts = stats.get("student", {}), []
+        zs = [f"{lang.upper()} {100 * s[f'zeroshot_{lang}_top1']:.1f}%" for lang in ("en", "zh")
+              if f"zeroshot_{lang}_top1" in s]
+        if zs:
+            parts.append("zero-shot top-1 " + " / ".join(zs))
+        if "probe_top1" in s:
+            parts.append(f"probe {100 * s['probe_top1']:.1f}%")
+        for lang in ("en", "zh"):
+            if f"retrieval_{lang}" in s:
+                parts.append(f"I→T R@1 {lang.upper()} {100 * s[f'retrieval_{lang}']['i2t_r@1']:.1f}%")
+        return f"student on {s.get('eval_images', 0)} images: " + ", ".join(parts or ["no task ran"])
+
+
+class ExportStage(Stage):
+    name = "export"
+    inputs = ("train", "eval")
+    reads = ("export",) + TEACHER_FIELDS
+
+    def run_unit(self, unit: str) -> dict:
+        cfg, root = self.cfg, Path(self.cfg.stage_dir("export"))
+        for leftover in root.glob(".*.tmp-*"):  # a folder a killed run did not finish
+            shutil.rmtree(leftover, ignore_errors=True)
+        student = load_trained_student(cfg)
+        facts = {"distilled from": f"{cfg.teacher.model} {cfg.teacher.pretrained}",
+                 "training recipe": json.dumps([{"steps": p.steps, "losses": p.losses} for p in cfg.train.phases]),
+                 "data card": str(Path(cfg.stage_dir("card")) / "card.html")}
+        readme = model_card("cidistill student", student, facts)
+        evald = Path(cfg.stage_dir("eval")) / "results.md"
+        if evald.exists():
+            readme += "\n## Evaluation\n\n" + evald.read_text()
+        export_local_dir(student, root / "student", readme)
+        stats = {"student": str(root / "student"), "student_params": count_params(student.model)}
+        if cfg.teacher.pretrained:
+            teacher = create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
+            export_local_dir(teacher, root / "teacher",
+                             model_card("cidistill teacher", teacher, {"source": cfg.teacher.pretrained}))
+            stats["teacher"] = str(root / "teacher")
+        if cfg.export.onnx:
+            stats["onnx_max_abs_diff"] = export_onnx(student, root / "student")
+        return stats
+
+    def summary(self, stats: dict) -> str:
+        return (f"student -> {stats['student']} ({stats['student_params']:,} params)"
+                + (f", teacher -> {stats['teacher']}" if "teacher" in stats else ""))

@@ -1,0 +1,94 @@
+"""The stage driver: config- and input-aware resume. A finished stage is skipped only while the config fields
+it reads and its inputs' fingerprints are unchanged; a change redoes it and everything downstream, in one line."""
+import dataclasses
+import json
+import shutil
+
+
+from cidistill.core.config import STAGES, load_config
+from cidistill.core.stage import DONE, RUN, Stage, plan
+from cidistill.core.store import Store, join
+
+
+def test_join_keeps_the_scheme():
+    assert join("s3://bucket/run", "balance") == "s3://bucket/run/balance"
+    assert join("s3://bucket/run/", "/x/", "y") == "s3://bucket/run/x/y"
+    cfg = load_config(None, ["workdir=gs://b/runs/one"])
+    assert cfg.stage_dir("cluster") == "gs://b/runs/one/cluster"
+
+
+CALLS: list[str] = []
+
+
+class _Count(Stage):
+    """A toy two-stage chain on memory://: `units` writes its unit stats, counting calls."""
+    name = "download"
+    reads = ("data.samples_per_shard", "data.thread_count")
+
+    def units(self):
+        return ["00000", "00001"]
+
+    def run_unit(self, unit):
+        CALLS.append(self.name)
+        return {"rows": 1}
+
+
+class _After(_Count):
+    name = "embed"
+    inputs = ("download",)
+    reads = ("teacher.batch_size",)
+
+
+def test_fingerprint_skips_resumes_and_redoes(tmp_path, capsys):
+    cfg = load_config(None, [f"workdir=memory://{tmp_path.name}/w"])
+    assert _Count(cfg).run()["rows"] == 2 and CALLS == ["download"] * 2
+    assert _Count(cfg).run()["rows"] == 2 and len(CALLS) == 2                # skipped
+    assert "already done" in capsys.readouterr().out
+    cfg.data.thread_count = 3                                                 # operational: still skipped
+    _Count(cfg).run()
+    assert len(CALLS) == 2
+    _After(cfg).run()
+    cfg.data.samples_per_shard = 7                                            # read by download: redone, and
+    stages = [_Count(cfg), _After(cfg)]                                       # embed after it
+    assert plan(stages) == ["download: config changed (data.samples_per_shard 1000 → 7); redoing download, embed"]
+    CALLS.clear()
+    stages[0].run()
+    assert CALLS == ["download"] * 2
+    st = _After(cfg)
+    assert st.status(st.fingerprint()) == ("changed", "input changed (download)")
+    # a half-finished run of another config is cleared, never resumed
+    st.run()
+    st.out.rm(DONE)
+    st.out.rm("00001_stats.json")
+    cfg.teacher.batch_size = 8
+    st = _After(cfg)
+    assert st.status(st.fingerprint())[0] == "changed"
+    CALLS.clear()
+    assert st.run()["shards_resumed"] == 0 and CALLS == ["embed"] * 2
+    st.out.rm(DONE)
+    st.out.rm("00001_stats.json")                                             # same config: resumed
+    assert _After(cfg).run()["shards_resumed"] == 1 and CALLS == ["embed"] * 3
+    assert Store(cfg.stage_dir("embed")).read_json(RUN)["fingerprint"] == Store(cfg.stage_dir("embed")).read_json(DONE)["fingerprint"]
+
+
+def test_changed_apply_eps_redoes_balance_and_downstream_only(small_run, tmp_path, capsys):
+    """The issue's check on the small demo: another ε redoes balance → card (the removed count follows it),
+    download and embed are skipped; an unchanged rerun skips everything."""
+    from cidistill.app.registry import run_stages
+
+    work = tmp_path / "w"
+    shutil.copytree(small_run.workdir, work, ignore=shutil.ignore_patterns("_ray"))
+    cfg = dataclasses.replace(small_run, workdir=str(work), balance=dataclasses.replace(small_run.balance))
+    before = json.loads((work / "balance" / "stats.json").read_text())
+    cfg.balance.apply_eps = 0.01
+    capsys.readouterr()
+    run_stages(cfg, list(STAGES))
+    out = capsys.readouterr().out
+    assert (f"balance: config changed (balance.apply_eps {small_run.balance.apply_eps} → 0.01); "
+            "redoing balance, cluster, train, eval, export, card") in out
+    assert "[download] already done" in out and "[embed] already done" in out and out.count("already done") == 2
+    after = json.loads((work / "balance" / "stats.json").read_text())
+    assert after["apply_eps"] == 0.01 and after["removed"] != before["removed"]
+    assert json.loads((work / "card" / "stats.json").read_text())["funnel"]["kept"] == after["kept"]
+    run_stages(cfg, list(STAGES))
+    assert capsys.readouterr().out.count("already done") == len(STAGES)
