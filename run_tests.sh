@@ -12,5 +12,5 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null;
     || { echo "cidistill: could not install Chromium: apt-get install chromium, then rerun" >&2; exit 1; }
 fi
 export NO_ALBUMENTATIONS_UPDATE=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
-"$(dirname "$PY")/lint-imports" --no-cache
+"$(dirname "$PY")/lint-imports" --no-cache --no-logo
 exec "$PY" -m pytest -q tests "$@"

@@ -53,7 +53,7 @@ def main(argv=None):
         if hasattr(cfg.teacher, k):  # a field an older version wrote is left out
             setattr(cfg.teacher, k, v)
     cfg.teacher.model = a.model or cfg.teacher.model
-    cfg.teacher.pretrained = a.pretrained or prev.get("pretrained", "")
+    cfg.teacher.pretrained = a.pretrained or prev.get("pretrained", "") or "random"
     cfg.teacher.batch_size = a.batch
     src = Path(cfg.stage_dir("download"))
     shards = sorted(p.stem for p in src.glob("*.tar"))[: a.shards or None]

@@ -98,7 +98,7 @@ def image_grid(rows: list[list[tuple[bytes, str]]], title: str = "") -> bytes:
             if j < len(r):
                 data, label = r[j]
                 ax.imshow(Image.open(io.BytesIO(data)).convert("RGBA"))
-                ax.set_title(label[:18], fontsize=6)
+                ax.set_title(label[:18], fontsize=6, parse_math=False)  # captions are data: "$" is no mathtext
                 if j == 0:
                     ax.patch.set_edgecolor("green")
                     ax.axis("on")
@@ -108,5 +108,5 @@ def image_grid(rows: list[list[tuple[bytes, str]]], title: str = "") -> bytes:
                         s.set_color("green")
                         s.set_linewidth(2)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, parse_math=False)
     return _png(fig)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import time
 
 from cidistill.core.config import Config
+from cidistill.core.schema import HOLDOUT_FIELDS
 from cidistill.core.stage import Stage
 from . import plots
 from .collect import collect
@@ -26,6 +28,18 @@ def funnel_numbers(facts: dict) -> list[tuple[str, int]]:
     return steps
 
 
+def md_text(value) -> str:
+    """A string from the data (caption, column value, error message) made inert in markdown: HTML and table
+    characters are backslash-escaped, newlines flattened. `to_html` undoes the escapes and HTML-escapes."""
+    text = " ".join(str(value).split())
+    return re.sub(r"([\\`*_<>|&\[\]])", r"\\\1", text)
+
+
+def _inline(text: str) -> str:
+    """Markdown inline text to safe HTML: escapes undone, then every character HTML-escaped; code ticks dropped."""
+    return html.escape(re.sub(r"\\(.)|`", lambda m: m.group(1) or "", text))
+
+
 def _funnel_section(f: dict, figs: dict) -> list[str]:
     steps = funnel_numbers(f)
     figs["funnel.png"] = plots.funnel(steps)
@@ -33,8 +47,8 @@ def _funnel_section(f: dict, figs: dict) -> list[str]:
     md += [f"| {n} | {v:,} |" for n, v in steps]
     d = f["stages"].get("download", {}).get("stats", {})
     fails = {k: v for k, v in d.get("status_dict", {}).items() if k != "success"}
-    return md + ["", f"Download failures by reason: {json.dumps(fails) if fails else 'none'}; "
-                 f"URLs rejected before download: {json.dumps(d.get('urls_rejected', {})) or 'none'}.", ""]
+    return md + ["", f"Download failures by reason: {md_text(json.dumps(fails)) if fails else 'none'}; "
+                 f"URLs rejected before download: {md_text(json.dumps(d.get('urls_rejected', {}))) or 'none'}.", ""]
 
 
 def _balance_section(cfg: Config, f: dict, figs: dict) -> list[str]:
@@ -43,7 +57,9 @@ def _balance_section(cfg: Config, f: dict, figs: dict) -> list[str]:
     md = ["## Image semantic balance", "", "![drops](drops.png)", "", "| rule | removed |", "|---|---|"]
     md += [f"| {k} | {v:,} |" for k, v in b.get("removed_by_rule", {}).items()]
     if b.get("held_out"):
-        md += ["", f"Held out for evaluation (`data.holdout = {cfg.data.holdout}`): {b['held_out']:,} samples; "
+        rule = f"data.holdout = {md_text(cfg.data.holdout)}" if cfg.data.holdout else \
+            f"data.holdout_fraction = {cfg.data.holdout_fraction}"
+        md += ["", f"Held out for evaluation (`{rule}`): {b['held_out']:,} samples; "
                "they take part in no rule and are never a duplicate's surviving copy."]
     md += ["", f"Applied ε = {b.get('apply_eps')}; the sweep (what each ε would remove): "
            + ", ".join(f"ε={e}: {v:,}" for e, v in b.get("eps_sweep", {}).items()) + ".", ""]
@@ -77,7 +93,8 @@ def _examples_section(f: dict, figs: dict) -> list[str]:
         for g in f["dup_groups"]:
             reasons = sorted({m["reason"] for m in g["members"]})
             vendors = sorted({str(m["vendor"]) for m in g["members"]} | {str(g["kept_vendor"])})
-            md.append(f"| {g['kept']} | {html.escape(g['kept_caption'] or '')} | {g['size']} | {', '.join(reasons)} | {', '.join(vendors)} |")
+            md.append(f"| {md_text(g['kept'])} | {md_text(g['kept_caption'] or '')} | {g['size']} | "
+                      f"{', '.join(reasons)} | {md_text(', '.join(vendors))} |")
         md += [""]
     if f.get("random_clusters"):
         rows = [[(imgs[m["key"]], m["caption"] or "") for m in ms if m["key"] in imgs]
@@ -97,7 +114,7 @@ def _caption_section(f: dict, figs: dict) -> list[str]:
           f"- {c['n']:,} downloaded pairs: English caption {c['en_present']:,}, Chinese {c['zh_present']:,}, "
           f"both {c['both']:,}; empty English captions {c['n'] - c['en_present']:,}"]
     if f.get("vendors"):
-        md += ["- artist styles: " + ", ".join(f"{k} {v:,}" for k, v in sorted(f["vendors"].items()))]
+        md += ["- artist styles: " + ", ".join(f"{md_text(k)} {v:,}" for k, v in sorted(f["vendors"].items(), key=str))]
     return md + [""]
 
 
@@ -105,7 +122,7 @@ def _provenance_section(cfg: Config, f: dict) -> list[str]:
     md = ["## Lineage", "", "Why was a sample dropped?", "", "```python",
           "from cidistill.core.config import load_config", "from data_cards.collect import why",
           "why(load_config('CONFIG'), '0000042')  # -> drop_reason, dup_of, cluster_id, caption, url", "```", ""]
-    md += ["## Provenance", "", f"- URL list: `{f.get('urls', {}).get('path', cfg.data.urls)}` "
+    md += ["## Provenance", "", f"- URL list: `{md_text(f.get('urls', {}).get('path', cfg.data.urls))}` "
            f"sha256 `{f.get('urls', {}).get('sha256', '?')}`"]
     for s, v in f["stages"].items():
         if v.get("finished"):
@@ -129,6 +146,9 @@ def build(cfg: Config) -> dict:
     return {"md": "\n".join(md), "figures": figs, "facts": f}
 
 
+RAW_HTML = ("<details><summary>config</summary>", "</details>")  # the only HTML the card's markdown carries
+
+
 def to_html(md_text: str, figures: dict[str, bytes]) -> str:
     """A small markdown subset to HTML with every PNG inlined as a data URI (one self-contained file)."""
     out, in_code, in_table = [], False, False
@@ -141,15 +161,15 @@ def to_html(md_text: str, figures: dict[str, bytes]) -> str:
             out.append(html.escape(line))
             continue
         if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
             if set("".join(cells)) <= set("-"):
                 continue
             if not in_table:
                 out.append("<table>")
                 in_table = True
-                out.append("<tr>" + "".join(f"<th>{c}</th>" for c in cells) + "</tr>")
+                out.append("<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells) + "</tr>")
             else:
-                out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+                out.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells) + "</tr>")
             continue
         if in_table:
             out.append("</table>")
@@ -160,13 +180,13 @@ def to_html(md_text: str, figures: dict[str, bytes]) -> str:
             out.append(f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>')
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{html.escape(line[level:].strip())}</h{level}>")
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
         elif line.startswith("- "):
-            out.append(f"<li>{html.escape(line[2:]).replace('`', '')}</li>")
-        elif line.startswith("<"):
+            out.append(f"<li>{_inline(line[2:])}</li>")
+        elif line in RAW_HTML:
             out.append(line)
         elif line.strip():
-            out.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+            out.append(f"<p>{_inline(line)}</p>")
     style = ("body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
              "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow:auto}")
@@ -178,7 +198,7 @@ class CardStage(Stage):
     """card.md, a self-contained card.html and the figures, from the curation stages' folders."""
     name = "card"
     inputs = ("download", "embed", "balance", "cluster")
-    reads = ("data.urls", "data.holdout")
+    reads = ("data.urls",) + HOLDOUT_FIELDS
 
     def run_unit(self, unit: str) -> dict:
         card = build(self.cfg)

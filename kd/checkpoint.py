@@ -20,14 +20,15 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def save_checkpoint(out: Path, step: int, module, opt, keep: int = 2) -> Path:
     """Atomic: write into a temp folder, rename it into place; meta.json inside marks it complete."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     final = out / f"step-{step:07d}"
     tmp = out / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in module.student.state_dict().items()}, tmp / "model.safetensors")
-    save_file({k: v.contiguous() for k, v in module.heads.state_dict().items()}, tmp / "heads.safetensors")
+    # bytes written by Python: a full disk is an OSError (the CLI's exit-3 message), not a SafetensorError
+    (tmp / "model.safetensors").write_bytes(save({k: v.contiguous() for k, v in module.student.state_dict().items()}))
+    (tmp / "heads.safetensors").write_bytes(save({k: v.contiguous() for k, v in module.heads.state_dict().items()}))
     torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
     faults.point()

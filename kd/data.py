@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cidistill.core.config import Config
+from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.schema import download_shards, emb_matrix, holdout_mask, join_on_key
 from cidistill.core.store import Store
@@ -33,6 +34,34 @@ class Pairs:
         return len(self.keys)
 
 
+def _shard_table(cfg: Config, shard: str, split: str, dl: Store, emb, bal, clu, stats: dict) -> pa.Table:
+    """One shard's download rows of the split, joined by key with what the later stages say of them."""
+    t = dl.read_table(f"{shard}.parquet")
+    t = t.filter(pc.equal(t.column("status"), "success"))
+    stats["rows"] += t.num_rows
+    if split != "all":
+        held = holdout_mask(cfg, t)
+        mask = held if split == "eval" else pc.invert(held)
+        stats["other_split"] += t.num_rows - (pc.sum(mask).as_py() or 0)
+        t = t.filter(mask)
+    if split == "train":  # no English caption: nothing for a text loss to learn (and a NaN teacher target)
+        has = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(t.column("caption"))), 0), False)
+        stats["no_caption"] += t.num_rows - (pc.sum(has).as_py() or 0)
+        t = t.filter(has)
+    if bal is not None:
+        b = bal.read_table(f"{shard}.parquet", columns=["key", "kept"])
+        before = t.num_rows
+        t = t.filter(pc.is_in(t.column("key"), b.filter(b.column("kept")).column("key")))
+        stats["not_kept"] += before - t.num_rows
+    if emb is not None:
+        before = t.num_rows
+        t = join_on_key(t, emb.read_table(f"{shard}.parquet", columns=["key", "image_emb", "text_emb"]))
+        stats["no_embedding"] += before - t.num_rows
+    if clu is not None:
+        t = join_on_key(t, clu.read_table(f"{shard}.parquet", columns=["key", "cluster_id"]))
+    return t.sort_by("key")
+
+
 def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters: bool = False,
                balanced: bool = False, split: str = "train") -> Pairs:
     """Join every stage's per-shard table by key. `split`: "train" (everything but `data.holdout`), "eval"
@@ -44,31 +73,9 @@ def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters:
     bal = Store(cfg.stage_dir("balance")) if balanced else None
     clu = Store(cfg.stage_dir("cluster")) if clusters else None
     keys, imgs, caps, zhs, metas, t_img, t_txt, cids = [], [], [], [], [], [], [], []
-    stats = {"rows": 0, "not_kept": 0, "no_embedding": 0, "undecodable": 0, "other_split": 0}
+    stats = {"rows": 0, "not_kept": 0, "no_embedding": 0, "undecodable": 0, "other_split": 0, "no_caption": 0}
     for shard in download_shards(dl):
-        t = dl.read_table(f"{shard}.parquet")
-        t = t.filter(pc.equal(t.column("status"), "success"))
-        stats["rows"] += t.num_rows
-        if split != "all":
-            held = holdout_mask(cfg.data.holdout, t)
-            mask = held if split == "eval" else pc.invert(held)
-            stats["other_split"] += t.num_rows - (pc.sum(mask).as_py() or 0)
-            t = t.filter(mask)
-        if bal is not None:
-            b = bal.read_table(f"{shard}.parquet", columns=["key", "kept"])
-            kept = b.filter(b.column("kept")).column("key")
-            before = t.num_rows
-            t = t.filter(pc.is_in(t.column("key"), kept))
-            stats["not_kept"] += before - t.num_rows
-        if emb is not None:
-            e = emb.read_table(f"{shard}.parquet", columns=["key", "image_emb", "text_emb"])
-            before = t.num_rows
-            t = join_on_key(t, e)
-            stats["no_embedding"] += before - t.num_rows
-        if clu is not None:
-            c = clu.read_table(f"{shard}.parquet", columns=["key", "cluster_id"])
-            t = join_on_key(t, c)
-        t = t.sort_by("key")
+        t = _shard_table(cfg, shard, split, dl, emb, bal, clu, stats)
         raw = read_tar_images(dl, f"{shard}.tar")
         good = []
         for i, k in enumerate(t.column("key").to_pylist()):
@@ -89,7 +96,7 @@ def load_pairs(cfg: Config, *, image_size: int, teacher: bool = False, clusters:
         if clu is not None:
             cids.append(t.column("cluster_id").to_numpy())
     if not keys:
-        raise ValueError("no training pairs: are the earlier stages done and does data.holdout match anything?")
+        raise StageError(f"no {split} pairs: are the earlier stages done, and does data.holdout match anything?")
     images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
     return Pairs(keys, images, caps, zhs, pa.concat_tables(metas),
                  torch.from_numpy(np.concatenate(t_img)) if t_img else None,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from cidistill.core.config import Config
 from cidistill.core.models import LoadedModel, count_params, create, encode_text
+from cidistill.core.schema import has_holdout
 from .data import load_pairs, normalise
 
 TEMPLATES = {
@@ -144,8 +145,9 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, cache: dict | None = None
     if cache is not None and key in cache:
         test, train = cache[key]
     else:
-        test = load_pairs(cfg, image_size=size, split="eval" if cfg.data.holdout else "all")
-        train = load_pairs(cfg, image_size=size, split="train") if "linear_probe" in tasks and cfg.data.holdout else None
+        held = has_holdout(cfg)
+        test = load_pairs(cfg, image_size=size, split="eval" if held else "all")
+        train = load_pairs(cfg, image_size=size, split="train") if "linear_probe" in tasks and held else None
         if cache is not None:
             cache[key] = (test, train)
     res, per = {"params": count_params(lm.model), "eval_images": len(test)}, {}

@@ -12,6 +12,7 @@ import numpy as np
 
 from cidistill.core.config import Config
 from cidistill.core.models import count_params, create
+from cidistill.core.schema import HOLDOUT_FIELDS, has_holdout
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store
 from .checkpoint import latest_checkpoint
@@ -36,7 +37,7 @@ def write_final(out: Path, cfg: Config, result: dict) -> None:
 class TrainStage(Stage):
     name = "train"
     inputs = ("download", "embed", "balance", "cluster")
-    reads = ("student", "train", "data.holdout") + TEACHER_FIELDS
+    reads = ("student", "train") + HOLDOUT_FIELDS + TEACHER_FIELDS
 
     def run_unit(self, unit: str) -> dict:
         out = Path(self.cfg.stage_dir("train"))
@@ -53,7 +54,7 @@ class EvalStage(Stage):
     """The student on the held-out split, and the teacher beside it when the config names its weights."""
     name = "eval"
     inputs = ("download", "train")
-    reads = ("eval", "data.holdout") + TEACHER_FIELDS
+    reads = ("eval",) + HOLDOUT_FIELDS + TEACHER_FIELDS
 
     def run_unit(self, unit: str) -> dict:
         results, per, cache = {}, {}, {}
@@ -69,11 +70,15 @@ class EvalStage(Stage):
         md = results_markdown({k: v for k, v in results.items() if "params" in v})
         if "student_vs_teacher" in results:
             md += "\n" + "\n".join(f"- {k}: {v:.3f}" for k, v in results["student_vs_teacher"].items()) + "\n"
-        self.out.write_bytes("results.md", md.encode())
         for name, arrays in per.items():
             buf = io.BytesIO()
             np.savez(buf, **arrays)
             self.out.write_bytes(f"{name}_correct.npz", buf.getvalue())
+        results["held_out_split"] = has_holdout(self.cfg)
+        if not results["held_out_split"]:
+            md += "\n**Measured on training pairs**: no held-out split (data.holdout empty, data.holdout_fraction 0).\n"
+            print("[eval] warning: no held-out split (data.holdout_fraction=0): these numbers are on training pairs")
+        self.out.write_bytes("results.md", md.encode())
         self.out.write_json("results.json", results)
         return results
 
@@ -89,7 +94,8 @@ class EvalStage(Stage):
         for lang in ("en", "zh"):
             if f"retrieval_{lang}" in s:
                 parts.append(f"I→T R@1 {lang.upper()} {100 * s[f'retrieval_{lang}']['i2t_r@1']:.1f}%")
-        return f"student on {s.get('eval_images', 0)} images: " + ", ".join(parts or ["no task ran"])
+        where = "held-out" if stats.get("held_out_split") else "TRAINING (no held-out split: data.holdout_fraction=0)"
+        return f"student on {s.get('eval_images', 0)} {where} images: " + ", ".join(parts or ["no task ran"])
 
 
 class ExportStage(Stage):

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from cidistill.core import faults
 from cidistill.core.config import Config, from_dict
 from cidistill.core.errors import StageError
 from cidistill.core.runtime import resolve_precision
+from cidistill.core.progress import Progress
 from cidistill.core.models import by_length, count_params, create, encode_text, trim_vocab
 from cidistill.core.store import Store
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
@@ -284,7 +284,7 @@ def train_worker(job: dict) -> dict:
     if w.rank == 0:
         truncate_log(w.out / "log.jsonl", step)
     log_f = open(w.out / "log.jsonl", "a") if w.rank == 0 else None
-    bar = tqdm(total=total, initial=step, desc="train", disable=w.rank != 0, leave=False)
+    bar = Progress(total, "train", unit="step", initial=step, disable=w.rank != 0)
     t_start, t_log, last = time.time(), time.time(), {}
     while step < total:
         pi, phase, sip = phase_at(tc.phases, step)

@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 
 from cidistill.core.config import BalanceConfig, Config
 from cidistill.core.errors import StageError
-from cidistill.core.schema import (BALANCE_SCHEMA, DROP_REASONS, emb_matrix, holdout_mask, join_on_key,
-                                   shard_stats_name)
+from cidistill.core.schema import (BALANCE_SCHEMA, DROP_REASONS, HOLDOUT_FIELDS, emb_matrix, has_holdout,
+                                   holdout_mask, join_on_key, shard_stats_name)
 from cidistill.core.stage import Stage
 from .cluster import assign, l2n, spherical_kmeans
 from .semdedup import gather, keep_order, screened_earlier_max
@@ -49,11 +49,14 @@ def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, ma
 
 
 def mark_bad_and_exact(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, reason: np.ndarray,
-                       dup_of: np.ndarray) -> None:
-    """bad_embedding (NaN/inf/zero), then exact_dup: the first key (sorted) of each pixel-hash group survives."""
+                       dup_of: np.ndarray, no_caption: np.ndarray | None = None) -> None:
+    """bad_embedding (NaN/inf/zero), no_caption, then exact_dup: the first key (sorted) of each pixel-hash
+    group survives."""
     norms = np.linalg.norm(x, axis=1)
     bad = (~np.isfinite(x).all(1) | (norms < 1e-6)) & (reason == None)  # noqa: E711
     reason[bad] = "bad_embedding"
+    if no_caption is not None:
+        reason[no_caption & (reason == None)] = "no_caption"  # noqa: E711
     first_of: dict[str, int] = {}
     for i in np.argsort(keys, kind="stable"):
         if reason[i] is not None or not hashes[i]:
@@ -121,16 +124,18 @@ def semantic_rules(xs: np.ndarray, live: np.ndarray, keys: np.ndarray, reason: n
 
 
 def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: BalanceConfig,
-                      held_out: np.ndarray | None = None, text: np.ndarray | None = None) -> tuple[pa.Table, dict]:
+                      held_out: np.ndarray | None = None, text: np.ndarray | None = None,
+                      no_caption: np.ndarray | None = None) -> tuple[pa.Table, dict]:
     """The whole rule on in-memory arrays. Returns a table key/kept/drop_reason/dup_of/balance_cluster
-    and the stats. `text`: the caption embeddings, needed with `semantic_on: joint`."""
+    and the stats. `text`: the caption embeddings, needed with `semantic_on: joint`; `no_caption`: rows
+    without an English caption embedding."""
     n = len(keys)
     reason = np.full(n, None, dtype=object)
     if held_out is not None:
         reason[held_out] = "held_out"
     dup_of = np.full(n, None, dtype=object)
     cluster = np.full(n, -1, np.int32)
-    mark_bad_and_exact(keys, x, hashes, reason, dup_of)
+    mark_bad_and_exact(keys, x, hashes, reason, dup_of, no_caption)
     live = np.flatnonzero(reason == None)  # noqa: E711 (object array)
     xs = rule_vectors(x, text, live, bc)
     stats: dict = {"input": n, "semantic_on": bc.semantic_on}
@@ -156,7 +161,7 @@ def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: B
 class BalanceStage(Stage):
     name = "balance"
     inputs = ("download", "embed")
-    reads = ("balance", "data.holdout")
+    reads = ("balance",) + HOLDOUT_FIELDS
 
     def __init__(self, cfg: Config, use_ray: bool = True):
         super().__init__(cfg, use_ray)
@@ -171,21 +176,22 @@ class BalanceStage(Stage):
         """Global decisions, saved before any shard output so a resumed run writes the same shards."""
         if self.out.exists("_decisions.parquet"):
             return self.out.read_table("_decisions.parquet")
-        keys, xs, txt, hashes, shard_of, held = [], [], [], [], [], []
+        keys, xs, txt, hashes, shard_of, held, nocap = [], [], [], [], [], [], []
         joint = self.bc.semantic_on == "joint"
         dl = self.input_store("download")
         for s in self.units():
-            cols = ["key", "image_emb", "image_hash"] + (["text_emb"] if joint else [])
-            t = self.emb.read_table(f"{s}.parquet", columns=cols)
+            t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash", "text_emb"])
             if self.cfg.data.holdout:
                 col = self.cfg.data.holdout.partition("=")[0]
                 d = dl.read_table(f"{s}.parquet", columns=["key", col])
                 t = join_on_key(t, d.filter(pc.is_valid(d.column("key"))))
-                held.append(holdout_mask(self.cfg.data.holdout, t).to_numpy(zero_copy_only=False))
+            if has_holdout(self.cfg):
+                held.append(holdout_mask(self.cfg, t).to_numpy(zero_copy_only=False))
             keys += t.column("key").to_pylist()
             xs.append(emb_matrix(t.column("image_emb")))
             if joint:
                 txt.append(emb_matrix(t.column("text_emb")))
+            nocap.append(t.column("text_emb").is_null().to_numpy(zero_copy_only=False))  # embed writes null for no caption
             hashes += [h or "" for h in t.column("image_hash").to_pylist()]
             shard_of += [s] * t.num_rows
         dup = [k for k, c in Counter(keys).items() if c > 1]
@@ -193,7 +199,8 @@ class BalanceStage(Stage):
             raise StageError(f"duplicate keys across embed shards (e.g. {dup[:3]}): the embed folder mixes runs")
         x = np.concatenate(xs) if xs else np.zeros((0, 1), np.float32)
         table, extra = balance_decisions(np.array(keys, dtype=object), x, np.array(hashes, dtype=object), self.bc,
-                                         np.concatenate(held) if held else None, np.concatenate(txt) if txt else None)
+                                         np.concatenate(held) if held else None, np.concatenate(txt) if txt else None,
+                                         np.concatenate(nocap) if nocap else None)
         table = table.append_column("shard", pa.array(shard_of, pa.string()))
         self.out.write_json("cluster_sizes.json", {k: extra[k] for k in ("sizes_before", "sizes_after")})
         self.out.write_json("_global_stats.json", extra["stats"])

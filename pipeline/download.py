@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections import Counter
 from urllib.parse import urlsplit
 
@@ -41,7 +42,10 @@ def _read_url_tables(urls: str, columns: list[str]):
     fs, files = url_files(urls)
     for f in files:
         with fs.open(f, "rb") as fh:
-            schema = pq.read_schema(fh)
+            try:
+                schema = pq.read_schema(fh)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise StageError(f"data.urls: {f} is not a parquet file ({str(e).splitlines()[0][:120]})") from None
             missing = [c for c in columns if c not in schema.names]
             if missing:
                 raise StageError(f"{f}: missing column(s) {missing}; has {schema.names}")
@@ -147,6 +151,9 @@ class DownloadStage(Stage):
                 self.tmp.write_bytes(f"{next_id}.feather", sink.getvalue().to_pybytes())
                 shards.append(shard_name(next_id))
                 next_id += 1
+        if not total:
+            raise StageError(f"data.urls: no URL to download in {self.d.urls!r} "
+                             f"({sum(rejected.values())} rejected: {dict(rejected) or 'the file has no rows'})")
         if next_id >= 10 ** OOM_SHARD:
             raise StageError(f"{next_id} shards: raise data.samples_per_shard (at most {10 ** OOM_SHARD - 1} shards)")
         if rejected_rows:
@@ -175,11 +182,16 @@ class DownloadStage(Stage):
             compute_hash="sha256", verify_hash_type=None, encode_format=d.encode_format, retries=d.retries,
             user_agent_token="cidistill", disallowed_header_directives=list(d.disallowed_header_directives) or None)
 
+    def unit_done(self, unit: str) -> bool:
+        return self.out.exists(f"{unit}_verdict.json")
+
     def run_units(self, pending: list[str]) -> dict[str, str]:
         if any(not self.tmp.exists(f"{int(s)}.feather") for s in pending):
             self._plan()  # the input shards were cleaned after a finished run: rebuild them (deterministic)
         downloader = self._downloader()
-        items = [(downloader, int(s), self.tmp.url(f"{int(s)}.feather"), self.d.max_image_pixels) for s in pending]
+        d = {k: getattr(self.d, k) for k in ("max_image_pixels", "allowed_schemes", "deadline", "max_bytes",
+                                             "transient_attempts")}
+        items = [(downloader, int(s), self.tmp.url(f"{int(s)}.feather"), d) for s in pending]
         results = run_tasks(_download_one, items, use_ray=self.use_ray, retries=self.d.shard_retries,
                             desc="download")
         return {shard_name(r.item[1]): r.error for r in results if not r.ok}
@@ -194,6 +206,10 @@ class DownloadStage(Stage):
         rows = sum(pq.read_metadata(self.out.fs.open(self.out.path(f"{s}.parquet"), "rb")).num_rows
                    for s in plan["shards"] if self.out.exists(f"{s}.parquet"))
         stats["rows_written"] = rows
+        verdicts = [self.out.read_json(f"{s}_verdict.json") for s in plan["shards"] if self.unit_done(s)]
+        for k in ("failed_transient", "failed_permanent"):
+            stats[k] = sum(v[k] for v in verdicts)
+        stats["shards_retried"] = sum(v["attempts"] > 1 for v in verdicts)
         stats["samples_lost"] = stats.get("count", 0) - rows
         for k in ("start_time", "end_time", "duration"):
             stats.pop(k, None)
@@ -207,12 +223,40 @@ class DownloadStage(Stage):
 
 
 def _download_one(item) -> str:
-    """One Ray task: img2dataset downloads one shard. Raises so that Ray retries a failed shard."""
-    downloader, shard_id, feather, max_pixels = item
+    """One Ray task: img2dataset downloads one shard, fetching with pipeline/fetch.py. A shard whose failures
+    include transient ones (refused, reset, timeout, DNS, 5xx) is downloaded again, up to
+    data.transient_attempts times over all runs (counted in _tmp/); only then is its verdict written, which is
+    what marks it done, so a shard written while its run was dying is redone by the next run."""
+    downloader, shard_id, feather, d = item
     set_env_defaults()
-    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(max_pixels))  # OpenCV's own decode-size guard
-    # img2dataset deletes the input file it was given: hand it a copy, so that a retry after a worker died
-    # late (shard written, task not yet returned) still finds the shard's URLs
+    os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(d["max_image_pixels"]))  # OpenCV's own decode-size guard
+    import img2dataset.downloader as i2d
+
+    from .fetch import make_fetcher
+
+    # img2dataset calls this module function for every URL: ours checks redirects, a deadline and a size cap
+    i2d.download_image = make_fetcher(d["allowed_schemes"], d["deadline"], d["max_bytes"])
+    out = Store(downloader.output_folder)
+    tmp = Store(feather.rsplit("/", 1)[0])
+    shard = shard_name(shard_id)
+    while True:
+        attempt = (tmp.read_json(f"{shard}.attempts") if tmp.exists(f"{shard}.attempts") else 0) + 1
+        tmp.write_json(f"{shard}.attempts", attempt)
+        _download_copy(downloader, shard_id, feather)
+        verdict = shard_verdict(out, shard, attempt)
+        if not verdict["failed_transient"] or attempt >= d["transient_attempts"]:
+            break
+        time.sleep(min(2 ** attempt, 30))  # a server that was down for a moment: try the shard again
+    from cidistill.core import faults
+
+    faults.point()
+    out.write_json(f"{shard}_verdict.json", verdict)  # last: the shard's done-marker
+    return shard
+
+
+def _download_copy(downloader, shard_id: int, feather: str) -> None:
+    """img2dataset deletes the input file it was given: hand it a copy, so that a retry after a worker died
+    late (shard written, task not yet returned) still finds the shard's URLs."""
     import uuid
 
     import fsspec
@@ -225,9 +269,14 @@ def _download_one(item) -> str:
     finally:
         if fs.exists(attempt):
             fs.rm(attempt)
-    from cidistill.core import faults
-
-    faults.point()
-    return shard_name(shard_id)
 
 
+def shard_verdict(out: Store, shard: str, attempt: int) -> dict:
+    """A written shard's failures, transient (worth another attempt) apart from permanent."""
+    from .fetch import is_transient
+
+    t = out.read_table(f"{shard}.parquet", columns=["status", "error_message"])
+    errors = [e or s for s, e in zip(t.column("status").to_pylist(), t.column("error_message").to_pylist())
+              if s != "success"]
+    transient = sum(is_transient(e) for e in errors)
+    return {"failed_transient": transient, "failed_permanent": len(errors) - transient, "attempts": attempt}

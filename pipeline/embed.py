@@ -12,13 +12,12 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from cidistill.core.config import Config, TeacherConfig
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
-from cidistill.core.models import create, encode_text, val_preprocess_cfg
+from cidistill.core.progress import Progress
+from cidistill.core.models import configs_of, create, encode_text, val_preprocess_cfg
 from cidistill.core.schema import download_shards, embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store
@@ -196,31 +195,23 @@ class EmbedStage(Stage):
         t = self.src.read_table(f"{shard}.parquet", columns=["status"])
         return int(pc.sum(pc.equal(t.column("status"), "success")).as_py() or 0)
 
-    def _check_width(self, dim: int) -> None:
-        done = self.out.glob("*.parquet")
-        if done:
-            with self.out.fs.open(self.out.path(done[0]), "rb") as f:
-                have = pq.read_schema(f).field("image_emb").type.list_size
-            if have != dim:
-                raise StageError(f"teacher embeds {dim}-d but {self.out.uri} already holds {have}-d embeddings "
-                                 f"from another teacher: use another embed folder or --force")
-
     def run_units(self, pending: list[str]) -> dict[str, str]:
         expected = {s: self._expected(s) for s in pending}
         buffers: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         seen: dict[str, int] = defaultdict(int)
-        for s in [s for s in pending if expected[s] == 0]:
-            self._write(s, {}, {}, 0)
+        tc = self.cfg.teacher
+        if not tc.pretrained:
+            raise StageError("teacher.pretrained is empty: the teacher would embed with random weights. Give an "
+                             "open_clip tag, a checkpoint file or local-dir:PATH (or `random` on purpose)")
+        dim = int(configs_of(tc.model, tc.pretrained, tc.model_config)[0]["embed_dim"])  # checks name and tag
+        for s in [s for s in pending if expected[s] == 0]:  # a shard that downloaded nothing: an empty table
+            self._write(s, {}, {}, dim)
         work = [s for s in pending if expected[s] > 0]
         if not work:
             return {}
-        bar = tqdm(total=sum(expected[s] for s in work), desc="embed", unit="img", leave=False)
-        dim = None
+        bar = Progress(sum(expected[s] for s in work), "embed", unit="img")
         for batch in self._batches(work):
-            if dim is None:
-                dim = batch["image_emb"].shape[1]
-                self._check_width(dim)
             for i in range(len(batch["key"])):
                 s = str(batch["shard"][i])
                 seen[s] += 1
@@ -272,7 +263,7 @@ class EmbedStage(Stage):
         if rows:
             self.out.write_table(f"{shard}.parquet", _to_table(rows, dim))
         else:
-            self.out.write_table(f"{shard}.parquet", embed_schema(max(dim, 1)).empty_table())
+            self.out.write_table(f"{shard}.parquet", embed_schema(dim).empty_table())
         self.out.write_json(shard_stats_name(shard), {"embedded": len(rows.get("key", [])), **dict(errs)})
 
     def finish(self, stats: dict) -> dict:

@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/cons
   echo "cidistill: installing (extras: $extras) into $(dirname "$(dirname "$PY")")"
   "$PY" -m pip install -q -c "$root/constraints.txt" torch 2>&1 | grep -v "^WARNING: Location" || true
   "$PY" -m pip install -q -c "$root/constraints.txt" -e "$root[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -c "import cidistill, torch, open_clip" 2>/dev/null || { echo "cidistill: the install failed (see pip's messages above)" >&2; exit 1; }
+  "$PY" -c "from cidistill.core.runtime import import_open_clip; import_open_clip()" 2>/dev/null || { echo "cidistill: the install failed (see pip's messages above)" >&2; exit 1; }
   touch "$stamp"
 fi
 export PY

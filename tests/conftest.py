@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("CIDISTILL_TEST", "1")
 
-SLOW_MODULES = {"test_kill_resume", "test_multinode", "test_card_browser"}
+SLOW_MODULES = {"test_kill_resume", "test_multinode", "test_card_browser", "test_download_kill"}
 
 
 def pytest_collection_modifyitems(items):

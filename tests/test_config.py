@@ -59,3 +59,41 @@ def test_student_seed_keeps_the_cached_demo_teacher(tmp_path):
     assert seeded_path == path and seeded.train.seed == base.train.seed == 0
     other = demo_config(str(tmp_path), small=True, overrides=["data.holdout=vendor=apple"])
     assert teacher_recipe(other, True)[1] != path
+
+
+def test_config_command_prints_commented_yaml_that_loads_back(tmp_path, capsys):
+    from cidistill.app.cli import main
+    from cidistill.core.config import Config, to_dict
+
+    assert main(["config"]) == 0
+    text = capsys.readouterr().out
+    p = tmp_path / "all.yaml"
+    p.write_text(text)
+    assert to_dict(load_config(str(p))) == to_dict(Config())
+    assert main(["config", "--check", str(p), "--set", "cluster.k=7"]) == 0
+    assert "\n  k: 7\n" in capsys.readouterr().out
+    p.write_text(text.replace("apply_eps: 0.05", "apply_eps: lots"))
+    assert main(["config", "--check", str(p)]) == 2
+    assert "balance.apply_eps" in capsys.readouterr().err
+
+
+def test_every_config_field_has_a_comment():
+    import dataclasses
+
+    from cidistill.core import config as C
+
+    seen, todo, missing = set(), [C.Config], []
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        docs = C.field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if not docs.get(f.name):
+                missing.append(f"{cls.__name__}.{f.name}")
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for v in (default if isinstance(default, list) else [default]):
+                if dataclasses.is_dataclass(v):
+                    todo.append(type(v))
+    assert len(seen) == 11 and not missing, missing

@@ -50,6 +50,8 @@ def test_download_counts_failures_and_resumes(tmp_path, ray_session, small_data,
     assert stats["successes"] == n_good
     assert stats["failed_to_download"] + stats["failed_to_resize"] == 5        # 404, html, truncated, empty, dead host
     assert stats["urls_rejected"] == {"scheme_not_allowed": 1, "duplicate_url": 1, "empty_url": 1}
+    # the dead host (connection refused) is transient: its shard was fetched data.transient_attempts times
+    assert stats["failed_transient"] == 1 and stats["failed_permanent"] == 4 and stats["shards_retried"] == 1
     assert stats["samples_lost"] == 0 and stats["count"] == n_good + 5
     reasons = " ".join(stats["status_dict"])
     assert "404" in reasons
@@ -62,8 +64,9 @@ def test_download_counts_failures_and_resumes(tmp_path, ray_session, small_data,
     # a rerun of a finished stage does nothing
     assert DownloadStage(cfg).run()["successes"] == n_good
 
-    # a run killed after some shards: no done-marker, one shard's stats and tar gone (half-written)
+    # a run killed after some shards: no done-marker, one shard's verdict, stats and tar gone (half-written)
     os.remove(out / "_DONE")
+    os.remove(out / "00001_verdict.json")
     os.remove(out / "00001_stats.json")
     with open(out / "00001.tar", "r+b") as f:
         f.truncate(100)
@@ -77,7 +80,7 @@ def test_download_counts_failures_and_resumes(tmp_path, ray_session, small_data,
 
 def test_worker_death_is_retried_and_a_failing_shard_is_reported(tmp_path, ray_session, small_data, server,
                                                                   bad_site, monkeypatch):
-    from pipeline import faults
+    from cidistill.core import faults
     from cidistill.core.errors import StageError
 
     urls, n_good = _urls(tmp_path, small_data, server, bad_site)

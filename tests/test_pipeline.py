@@ -80,7 +80,7 @@ def test_half_finished_embed_of_another_teacher_is_redone_not_mixed(small_run, t
     for p in (tmp_path / "embed").glob("00001*"):
         p.unlink()
     (tmp_path / "embed" / "_DONE").unlink()
-    cfg.teacher = dataclasses.replace(cfg.teacher, model="cid-wide-test", pretrained="",
+    cfg.teacher = dataclasses.replace(cfg.teacher, model="cid-wide-test", pretrained="random",
                                       model_config=str(_wide_config(tmp_path)))  # 512-d vs the demo's 384-d
     stage = EmbedStage(cfg, use_ray=False)
     state, why = stage.status(stage.fingerprint())
@@ -141,7 +141,7 @@ def test_exported_student_loads_with_open_clip_alone(small_run, tmp_path):
 import sys, json, numpy as np, torch
 from cidistill.core.runtime import fix_torchvision; fix_torchvision()   # CPU torch + CUDA torchvision on this box only
 import open_clip
-assert not {'kd', 'pipeline', 'cidistill.app', 'cidistill.core.models'} & set(sys.modules)
+assert not {{'kd', 'pipeline', 'cidistill.app', 'cidistill.core.models'}} & set(sys.modules)
 m, _, pre = open_clip.create_model_and_transforms('local-dir:{folder}')
 tok = open_clip.get_tokenizer('local-dir:{folder}')
 m.eval()

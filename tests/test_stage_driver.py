@@ -92,3 +92,33 @@ def test_changed_apply_eps_redoes_balance_and_downstream_only(small_run, tmp_pat
     assert json.loads((work / "card" / "stats.json").read_text())["funnel"]["kept"] == after["kept"]
     run_stages(cfg, list(STAGES))
     assert capsys.readouterr().out.count("already done") == len(STAGES)
+
+
+def test_second_run_on_a_work_folder_refuses_and_a_dead_holder_is_taken_over(tmp_path, capsys):
+    """A run holds the folder (a live process named in _LOCK.json): another refuses at once with one line
+    naming host, pid and start; once that process is gone, the next run takes the lock over."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from cidistill.app.cli import main
+
+    work = tmp_path / "w"
+    work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (work / "_LOCK.json").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                     "started": "2026-12-01 10:00:00"}))
+        t0 = time.time()
+        assert main(["balance", "--workdir", str(work), "--no-ray"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert time.time() - t0 < 30 and len(err.splitlines()) == 1
+        assert f"pid {holder.pid}" in err and socket.gethostname() in err and "2026-12-01 10:00:00" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["balance", "--workdir", str(work), "--no-ray"]) == 2     # now fails for its own reason
+    out, err = capsys.readouterr()
+    assert "taking over the lock" in out and "needs a finished embed stage" in err
+    assert not (work / "_LOCK.json").exists()                              # released after the run

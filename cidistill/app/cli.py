@@ -3,17 +3,22 @@
     cidistill download|embed|balance|cluster|train|eval|export|card  [-c CONFIG] [--set key=value ...]
     cidistill run CONFIG          # the stages listed in the config, in order; finished ones are skipped
     cidistill demo [--small]      # build the emoji demo data, serve it on 127.0.0.1, run everything
-    cidistill compare [--demo] [-c CONFIG] [--variants ...]   # the ablation table (kd/compare.py)
+    cidistill compare [--demo] [-c CONFIG] [--variants ...]   # the ablation table (cidistill/app/compare.py)
+    cidistill config [--check FILE]   # the full configuration as commented YAML (defaults, or FILE resolved)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from cidistill.core import faults
-from cidistill.core.config import STAGES, Config, ConfigError, load_config
+from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load_config
 from cidistill.core.errors import StageError
-from cidistill.core.runtime import init_ray, set_env_defaults
+from cidistill.core.lock import work_lock
+from cidistill.core.runtime import init_ray, quiet_logs, set_env_defaults
+from ray.exceptions import RayError
+
 from .compare import compare
 from .demo import demo_run_config, run_demo
 from .registry import run_stages
@@ -32,6 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cidistill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-v", "--verbose", action="store_true", help="show every library's log lines and warnings")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for s in STAGES:
         _common(sub.add_parser(s, help=f"run the {s} stage"))
@@ -39,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_config", help="YAML config")
     p.add_argument("--stages", nargs="*", help="subset of stages to run")
     _common(p)
+    p = sub.add_parser("config", help="print the full configuration as commented YAML (the defaults, or a file's)")
+    p.add_argument("--check", metavar="FILE", help="validate FILE and print its resolved values")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p = sub.add_parser("demo", help="build the emoji demo data and run the whole pipeline on it")
     p.add_argument("--small", action="store_true", help="test-sized data (a few hundred pairs)")
     p.add_argument("--stages", nargs="*", help="subset of stages to run")
@@ -60,17 +69,35 @@ def make_config(args, base: dict | None = None) -> Config:
     return load_config(getattr(args, "run_config", None) or args.config, overrides, base=base)
 
 
+def one_line(e: BaseException) -> str:
+    """The message a user acts on: a Ray task's error is its cause's message, never the remote traceback."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        e = cause
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    if len(lines) > 1:  # a remote traceback: its last "SomeError: message" line is the cause
+        raised = [ln.split("Error: ", 1)[1] for ln in lines if "Error: " in ln and not ln.startswith(" ")]
+        lines = raised[-1:] or lines
+    return lines[0] if lines else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     set_env_defaults()
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["CIDISTILL_VERBOSE"] = "1"
+    quiet_logs()
     try:
-        if args.cmd == "demo":
+        if args.cmd == "config":
+            print(config_yaml(load_config(args.check, args.overrides)), end="")
+        elif args.cmd == "demo":
             run_demo(args)
         elif args.cmd == "compare":
             cfg = demo_run_config(args) if args.demo else make_config(args)
             if not args.no_ray:
                 init_ray(cfg.ray_address or None)
-            compare(cfg, args.variants, use_ray=not args.no_ray)
+            with work_lock(cfg.workdir):
+                compare(cfg, args.variants, use_ray=not args.no_ray)
         elif args.cmd == "run":
             cfg = make_config(args)
             run_stages(cfg, args.stages or cfg.stages, force=args.force, use_ray=not args.no_ray)
@@ -78,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = make_config(args)
             run_stages(cfg, [args.cmd], force=args.force, use_ray=not args.no_ray)
     except (ConfigError, StageError, FileNotFoundError) as e:
-        print(f"cidistill: error: {e}", file=sys.stderr)
+        print(f"cidistill: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except RayError as e:  # a task or actor failed for good: its cause, in one line
+        print(f"cidistill: error: stage {faults.current_stage()!r}: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, unwritable folder: say where, keep what finished
         print(f"cidistill: error: stage {faults.current_stage()!r} could not write its output: {e}. Finished shards "

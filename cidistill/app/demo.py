@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from cidistill.core.config import STAGES, Config, load_config, merge
+from cidistill.core.lock import work_lock
 from cidistill.core.models import create, demo_teacher_config
 from cidistill.core.runtime import cache_dir, resolve_precision
 from cidistill.core.store import Store
@@ -110,25 +111,31 @@ def demo_run_config(args) -> Config:
     return cfg
 
 
+def _demo_stages(args, cfg: Config, stages: list[str]) -> dict:
+    use_ray = not args.no_ray
+    data = build_demo_data(args.small)
+    urls = Path(cfg.data.urls)
+    print(f"[demo] {data.table.num_rows} emoji pairs (3 artist styles, EN+ZH captions) -> {cfg.workdir}")
+    out = {}
+    with LoopbackServer(data.root, port=urls_port(urls) if urls.exists() else 0) as srv:
+        write_urls(data, srv.base_url, urls)
+        if "download" in stages:
+            out.update(run_stages(cfg, ["download"], force=args.force, use_ray=use_ray))
+    rest = [s for s in stages if s != "download"]
+    if rest and not cfg.teacher.pretrained:
+        cfg.teacher.pretrained = ensure_teacher(cfg, args.small, use_ray=use_ray)
+    if rest:
+        out.update(run_stages(cfg, rest, force=args.force, use_ray=use_ray))
+    return out
+
+
 def run_demo(args) -> dict:
     workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
     cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
     if args.ray_address:
         cfg.ray_address = args.ray_address
-    use_ray = not args.no_ray
-    data = build_demo_data(args.small)
-    urls = Path(cfg.data.urls)
-    print(f"[demo] {data.table.num_rows} emoji pairs (3 artist styles, EN+ZH captions) -> {workdir}")
-    stages = args.stages or list(STAGES)
-    with LoopbackServer(data.root, port=urls_port(urls) if urls.exists() else 0) as srv:
-        write_urls(data, srv.base_url, urls)
-        out = {}
-        if "download" in stages:
-            out.update(run_stages(cfg, ["download"], force=args.force, use_ray=use_ray))
-    if not cfg.teacher.pretrained:
-        cfg.teacher.pretrained = ensure_teacher(cfg, args.small, use_ray=use_ray)
-    rest = [s for s in stages if s != "download"]
-    out.update(run_stages(cfg, rest, force=args.force, use_ray=use_ray))
+    with work_lock(cfg.workdir):
+        out = _demo_stages(args, cfg, args.stages or list(STAGES))
     print(f"[demo] done: results in {Path(cfg.stage_dir('eval')) / 'results.md'}, "
           f"card in {Path(cfg.stage_dir('card')) / 'card.html'}, student in {Path(cfg.stage_dir('export')) / 'student'}")
     return out

@@ -6,6 +6,7 @@ import time
 
 from cidistill.core import faults
 from cidistill.core.config import STAGES, Config
+from cidistill.core.lock import work_lock
 from cidistill.core.runtime import init_ray
 from cidistill.core.stage import Stage, plan
 from data_cards.render import CardStage
@@ -33,13 +34,14 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
     """Run `stages` in pipeline order: finished ones whose fingerprint still matches are skipped, the others
     (and what depends on them) are redone, with one line per cause first."""
     stages = sorted(stages, key=STAGES.index)
-    if use_ray:
-        init_ray(cfg.ray_address or None)
-    if not force:
-        for line in plan([make_stage(s, cfg, use_ray) for s in stages]):
-            print(f"[cidistill] {line}")
-    t0, out = time.time(), {}
-    for s in stages:
-        out[s] = run_stage(s, cfg, force=force, use_ray=use_ray)
+    with work_lock(cfg.workdir):
+        if use_ray:
+            init_ray(cfg.ray_address or None)
+        if not force:
+            for line in plan([make_stage(s, cfg, use_ray) for s in stages]):
+                print(f"[cidistill] {line}")
+        t0, out = time.time(), {}
+        for s in stages:
+            out[s] = run_stage(s, cfg, force=force, use_ray=use_ray)
     print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
     return out

@@ -26,46 +26,56 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    urls: str = ""                      # parquet file / folder / glob with url + caption columns
-    url_col: str = "url"
-    caption_col: str = "caption"
-    caption_zh_col: str = "caption_zh"
+    urls: str = ""                      # the URL list: a parquet file, a folder of them or a glob (any fsspec URI)
+    url_col: str = "url"                # column of the image URL
+    caption_col: str = "caption"        # column of the English caption
+    caption_zh_col: str = "caption_zh"  # column of the Chinese caption (may be absent or empty)
+    # further columns carried from the URL list into download/*.parquet (metadata, labels for evaluation)
     extra_cols: list[str] = field(default_factory=lambda: ["caption_zh", "emoji", "group", "subgroup", "vendor"])
-    image_size: int = 64
-    resize_mode: str = "border"
-    encode_format: str = "png"
-    samples_per_shard: int = 1000
-    thread_count: int = 16
-    timeout: int = 10
+    image_size: int = 64                # img2dataset resizes every image to this many pixels a side
+    resize_mode: str = "border"         # img2dataset's resize_mode: border | keep_ratio | center_crop | no
+    encode_format: str = "png"          # how images are stored in the shards: png | jpg | webp
+    samples_per_shard: int = 1000       # URLs per shard: the unit of work and of resume from download to cluster
+    thread_count: int = 16              # download threads per shard (img2dataset)
+    timeout: int = 10                   # seconds a fetch waits for each reply from a server
+    deadline: float = 60.0              # seconds one URL may take in all (a server that trickles bytes is cut)
+    max_bytes: int = 32 << 20           # a response larger than this is refused (and counted), never held whole
     retries: int = 0                    # per-URL retries inside img2dataset
-    shard_retries: int = 2              # Ray task retries per shard
-    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    shard_retries: int = 2              # Ray task retries per shard (a worker that died)
+    # a shard with transient failures (refused, reset, timeout, DNS, 5xx) is fetched again, up to this many
+    # times over all runs; after that its failures are final (stats: failed_transient)
+    transient_attempts: int = 3
+    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])  # URL schemes ever fetched
+    # a response header (X-Robots-Tag) with one of these opts the image out: it is not downloaded
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai"])
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
     max_caption_chars: int = 4000       # longer captions are cut (and counted); tokenizers keep far less
     # "column=value": matching pairs are the evaluation split, held out of balance, cluster and training
-    # (the demo holds out one artist style: "vendor=twitter"); empty = no held-out split
+    # (the demo holds out one artist style: "vendor=twitter"); empty = holdout_fraction decides
     holdout: str = ""
+    # without `holdout`: this fraction of pairs (chosen by a hash of the key and `seed`) is the evaluation
+    # split; 0 = none (the evaluation then runs on training pairs, and says so)
+    holdout_fraction: float = 0.1
 
 
 @dataclass
 class TeacherConfig:
-    model: str = "ViT-B-32"
-    pretrained: str = ""                # open_clip tag, checkpoint file, or local-dir:PATH
+    model: str = "ViT-B-32"             # open_clip model name, or local-dir:PATH
+    pretrained: str = ""                # open_clip tag, checkpoint file, local-dir:PATH, or `random` on purpose
     model_config: str = ""              # optional JSON file registering a custom model name
-    batch_size: int = 256
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
+    batch_size: int = 256               # pairs per embedding batch
+    num_actors: int = 1                 # Ray Data actors holding a teacher each
+    cpus_per_actor: float = 1.0         # CPUs each actor takes (leave some for the decode tasks)
+    gpus_per_actor: float = 0.0         # GPUs each actor takes (0: CPU)
     threads: int = 0                    # torch threads per actor; 0 = cpus_per_actor
-    precision: str = "auto"             # auto | fp32 | bf16 | fp16
+    precision: str = "auto"             # auto (bf16 on GPU, else fp32) | fp32 | bf16 | fp16
 
 
 @dataclass
 class BalanceConfig:
-    near_dup_cos: float = 0.98
-    semantic_eps: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
-    apply_eps: float = 0.05
+    near_dup_cos: float = 0.98          # cosine at or above which an item is a near duplicate of an earlier one
+    semantic_eps: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])  # ε values reported (the sweep)
+    apply_eps: float = 0.05             # the ε applied: cosine > 1 - ε to an earlier item of its cluster is dropped
     keep: str = "hard"                  # hard | easy | random
     # image: near/semantic rules read the teacher image cosine (SemDeDup); joint: the mean of the image and
     # caption cosines, so lookalike images with different captions are not duplicates of each other
@@ -73,30 +83,30 @@ class BalanceConfig:
     kmeans_k: int = 0                   # 0 = about sqrt(N)
     max_cluster_size: int = 20000       # clusters above are split (bounds memory)
     cluster_cap: int = 0                # 0 = no cap
-    seed: int = 0
-    gpu: bool = False
+    seed: int = 0                       # k-means and random keep order
+    gpu: bool = False                   # FAISS on the GPU (the `gpu` extra)
 
 
 @dataclass
 class ClusterConfig:
-    k: int = 200
+    k: int = 200                        # pseudo-label clusters (CLIP-CID: 10^6 on LAION-400M)
     joint: bool = False                 # image+text embedding (UNICOM)
-    niter: int = 20
-    max_points_per_centroid: int = 256
+    niter: int = 20                     # k-means iterations
+    max_points_per_centroid: int = 256  # k-means trains on at most k times this many points
     two_level_above: int = 4096         # k above this trains with two-level k-means
     min_cluster_size: int = 2           # clusters smaller than this are reported as tiny
     use_balanced: bool = True           # False: cluster the duplicates too (every non-held-out sample; ablation d)
-    seed: int = 0
-    gpu: bool = False
+    seed: int = 0                       # k-means seed
+    gpu: bool = False                   # FAISS on the GPU (the `gpu` extra)
 
 
 @dataclass
 class StudentConfig:
-    model: str = "cid-tiny-rn"
-    model_config: str = ""
+    model: str = "cid-tiny-rn"          # open_clip model name (or one of cidistill's packaged configs)
+    model_config: str = ""              # optional JSON file registering a custom model name
     pretrained: str = ""                # start from these weights (file / local-dir:)
-    context_length: int = 64
-    trim_vocab: bool = True
+    context_length: int = 64            # text tokens per caption
+    trim_vocab: bool = True             # keep only the token rows the corpus uses (expanded back on export)
     text_from_teacher: int = 0          # >0: text tower = this many of the teacher's HF text layers (kd/text_tower.py)
     text_lr_scale: float = 0.2          # lr factor for those pretrained layers (the new vocab rows get the full lr)
     text_init: str = "teacher"          # teacher: start from those layers' weights | random: same shape, no weights
@@ -105,71 +115,72 @@ class StudentConfig:
 
 @dataclass
 class PhaseConfig:
-    steps: int = 100
+    steps: int = 100                    # optimiser steps in this phase
+    # loss name -> weight: clip, align, instance, feature_distill, cluster (kd/losses.py)
     losses: dict[str, float] = field(default_factory=lambda: {"clip": 1.0})
 
 
 @dataclass
 class LossConfig:
-    margin_s: float = 32.0
-    margin_m: float = 0.3
-    partial_fc_r: float = 0.1
-    learn_centres: bool = False
-    instance_temperature: float = 0.05
+    margin_s: float = 32.0              # cluster loss: logit scale s of the angular margin softmax
+    margin_m: float = 0.3               # cluster loss: additive angular margin m (radians)
+    partial_fc_r: float = 0.1           # cluster loss: fraction of negative centres sampled per step (PartialFC)
+    learn_centres: bool = False         # cluster loss: train the k-means centres too
+    instance_temperature: float = 0.05  # instance loss: temperature of the student-teacher contrastive term
     fd_weight: float = 1.0              # inside `instance`: feature distillation vs contrastive
-    icl_weight: float = 1.0
+    icl_weight: float = 1.0             # inside `instance`: weight of the interactive contrastive term
 
 
 @dataclass
 class TrainConfig:
-    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])  # run one after another
+    batch_size: int = 128               # global batch (split over the workers)
+    lr: float = 1e-3                    # peak learning rate of each phase (warm-up, then cosine)
+    weight_decay: float = 0.1           # AdamW weight decay (not on biases and norms)
+    warmup_steps: int = 20              # linear warm-up steps at the start of each phase
+    grad_clip: float = 1.0              # gradient norm clip; 0 = none
     precision: str = "auto"             # auto (bf16 where the device has it natively, else fp32) | bf16 | fp32 | fp16 (cuda)
-    workers: int = 1
+    workers: int = 1                    # Ray Train workers (DDP); 1 = in this process
     cpus_per_worker: float = 1.0        # Ray Train resources per worker (GPU runs: one GPU each as well)
-    use_gpu: bool = False
-    ckpt_every: int = 100
-    log_every: int = 10
-    seed: int = 0
+    use_gpu: bool = False               # train on CUDA (nccl between workers)
+    ckpt_every: int = 100               # steps between checkpoints (a killed run resumes from the last)
+    log_every: int = 10                 # steps between lines of train/log.jsonl
+    seed: int = 0                       # batches, augmentations and PartialFC samples are functions of (seed, step)
     threads: int = 0                    # torch threads per worker; 0 = all
     use_balanced: bool = True           # False: train on every embedded sample (ablation d)
     augment: bool = True                # random resized crop
     style_augment: bool = False         # + rotation, blur, colour jitter: generalise across artist styles
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=LossConfig)  # settings of the loss terms
 
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "retrieval"])
-    batch_size: int = 256
-    probe_max_iter: int = 300
-    bootstrap: int = 1000
+    tasks: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "retrieval"])  # what to measure
+    batch_size: int = 256               # images per feature batch
+    probe_max_iter: int = 300           # L-BFGS iterations of the linear probe
+    bootstrap: int = 1000               # bootstrap resamples for confidence intervals
 
 
 @dataclass
 class ExportConfig:
-    onnx: bool = False
+    onnx: bool = False                  # also write image_encoder.onnx and text_encoder.onnx (the `onnx` extra)
 
 
 @dataclass
 class Config:
-    workdir: str = "runs/demo"
+    workdir: str = "runs/demo"          # the work folder: a local path or any fsspec URI (s3://, gs://)
     dirs: dict[str, str] = field(default_factory=dict)     # stage -> folder, default WORKDIR/<stage>
-    stages: list[str] = field(default_factory=lambda: list(STAGES))
-    ray_address: str = ""
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    balance: BalanceConfig = field(default_factory=BalanceConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # what `cidistill run` runs, in order
+    ray_address: str = ""               # join this Ray cluster; empty: RAY_ADDRESS, else a local one
+    seed: int = 0                       # the held-out fraction's hash seed
+    data: DataConfig = field(default_factory=DataConfig)            # the URL list and the download
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)   # the teacher that embeds every pair
+    balance: BalanceConfig = field(default_factory=BalanceConfig)   # image semantic balance (dedup)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)   # k-means pseudo-labels
+    student: StudentConfig = field(default_factory=StudentConfig)   # the student model
+    train: TrainConfig = field(default_factory=TrainConfig)         # the training schedule
+    eval: EvalConfig = field(default_factory=EvalConfig)            # the evaluation
+    export: ExportConfig = field(default_factory=ExportConfig)      # the exported folders
 
     def stage_dir(self, stage: str) -> str:
         if stage in self.dirs:
@@ -200,6 +211,10 @@ class Config:
                 raise ConfigError(f"{key}: must be auto, fp32, bf16 or fp16, got {p!r}")
         if self.data.holdout and "=" not in self.data.holdout:
             raise ConfigError(f"data.holdout: expected COLUMN=VALUE, got {self.data.holdout!r}")
+        if not 0.0 <= self.data.holdout_fraction < 1.0:
+            raise ConfigError(f"data.holdout_fraction: must be in [0, 1), got {self.data.holdout_fraction}")
+        if self.data.samples_per_shard < 1:
+            raise ConfigError(f"data.samples_per_shard: must be >= 1, got {self.data.samples_per_shard}")
         if self.cluster.k < 1:
             raise ConfigError("cluster.k: must be >= 1")
         for i, ph in enumerate(self.train.phases):
@@ -324,17 +339,80 @@ def parse_overrides(pairs: list[str]) -> dict:
         parts = k.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(v)
+        try:
+            node[parts[-1]] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {p!r}: the value is not valid YAML") from None
     return out
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     data: dict = dict(base or {})
     if path:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = merge(data, loaded)
     data = merge(data, parse_overrides(overrides or []))
     return from_dict(Config, data).validate()
+
+
+# ---------------------------------------------------------------- the documented default config
+def field_docs(cls) -> dict[str, str]:
+    """Each field's comment as written beside it (or on the lines just above) in the dataclass source: the one
+    place a field is documented, read by `cidistill config`."""
+    import inspect
+    import io
+    import tokenize
+
+    docs, pending = {}, []
+    names = {f.name for f in dataclasses.fields(cls)}
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text[1:].strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        if line.startswith("    ") and not line.startswith("     ") and name in names:
+            comments = [t.string[1:].strip() for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                        if t.type == tokenize.COMMENT]
+            docs[name] = " ".join(pending + comments).strip()
+        pending = []
+    return docs
+
+
+def config_yaml(cfg: Config) -> str:
+    """The whole config as YAML, every field preceded by its comment; `load_config` reads it back."""
+    lines: list[str] = []
+
+    def emit(obj, indent: str) -> None:
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            for part in _wrap(docs.get(f.name, ""), 110 - len(indent)):
+                lines.append(f"{indent}# {part}")
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:")
+                emit(value, indent + "  ")
+            else:
+                plain = json.loads(json.dumps(value, default=dataclasses.asdict))
+                dumped = yaml.safe_dump(plain, default_flow_style=True, allow_unicode=True, width=10 ** 6).strip()
+                lines.append(f"{indent}{f.name}: {dumped.removesuffix(chr(10) + '...').strip()}")
+
+    emit(cfg, "")
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) if text else []

@@ -17,6 +17,7 @@ from .runtime import cache_dir, import_open_clip
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_TEACHER = "cid-demo-teacher"
+RANDOM = "random"   # `pretrained: random`: random weights on purpose (benchmarks, tests)
 _registered: set[str] = set()
 
 
@@ -81,7 +82,15 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise ModelLoadError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+        raise ModelLoadError(f"{path}: refused by weights-only loading: this checkpoint needs pickle, which can run "
+                             "code. Convert it to safetensors where you trust it (safetensors.torch.save_file)") from None
     if isinstance(sd, dict) and "state_dict" in sd:
         sd = sd["state_dict"]
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
@@ -115,6 +124,7 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
     open_clip itself), a checkpoint file, a `local-dir:` folder, or empty for random init."""
     oc = import_open_clip()
     register_configs(model_config)
+    pretrained = "" if pretrained == RANDOM else pretrained
     if pretrained.startswith("local-dir:"):
         name, pretrained = pretrained, ""
     if name.startswith("local-dir:"):
@@ -148,30 +158,44 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
     return LoadedModel(model.to(device), pre_train, pre_val, tok, name, dict(model_cfg), dict(pp_cfg))
 
 
-def val_preprocess_cfg(name: str, pretrained: str = "", model_config: str = "") -> dict:
-    """The evaluation preprocessing create() gives a model, read from configs alone (no weights built or
-    fetched): the embed stage's decode tasks need it before any actor has loaded the teacher. Mirrors open_clip's
+def configs_of(name: str, pretrained: str = "", model_config: str = "") -> tuple[dict, dict]:
+    """(model config, evaluation preprocessing) create() gives a model, read from configs alone (no weights
+    built or fetched): the embed stage needs them before any actor has loaded the teacher. Mirrors open_clip's
     factory (defaults, then a local-dir's or a pretrained tag's settings, then the tower's image size); the
     actor checks the transform built from it against its model's own (TeacherEmbedder)."""
     oc = import_open_clip()
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     register_configs(model_config)
+    pretrained = "" if pretrained == RANDOM else pretrained
     if pretrained.startswith("local-dir:"):
         name, pretrained = pretrained, ""
     cfg = asdict(PreprocessCfg())
     if name.startswith("local-dir:"):
-        full = json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())
+        path = Path(name[len("local-dir:"):]) / "open_clip_config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{name}: no open_clip_config.json in that folder")
+        full = json.loads(path.read_text())
         model_cfg = full["model_cfg"]
         cfg = merge_preprocess_dict(cfg, full.get("preprocess_cfg", {}))
     else:
         model_cfg = _builtin_config(oc, name)
+        if pretrained and os.path.isfile(pretrained) and not pretrained.endswith(".safetensors"):
+            read_state_dict(pretrained)  # a pickle is refused here, in one process, not inside every Ray actor
         if pretrained and not os.path.isfile(pretrained):
+            tags = oc.list_pretrained_tags_by_model(name)
+            if pretrained not in tags:
+                raise ModelLoadError(f"pretrained {pretrained!r} is neither a file nor an open_clip tag of {name} "
+                                     f"(its tags: {', '.join(tags) or 'none'})")
             cfg = merge_preprocess_dict(cfg, oc.get_pretrained_cfg(name, pretrained) or {})
     size = model_cfg.get("vision_cfg", {}).get("image_size")
     if size:
         cfg["size"] = size
-    return cfg
+    return dict(model_cfg), cfg
+
+
+def val_preprocess_cfg(name: str, pretrained: str = "", model_config: str = "") -> dict:
+    return configs_of(name, pretrained, model_config)[1]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -20,7 +20,30 @@ ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
     "PYTHONWARNINGS": "ignore::UserWarning:albumentations",
+    "TRANSFORMERS_VERBOSITY": "error",          # no load reports for the pooler a sentence encoder never uses
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
+# libraries whose INFO/WARNING lines a user cannot act on (open_clip logs "No pretrained weights loaded" for
+# every student built from scratch, on the root logger); `cidistill -v` shows them
+QUIET_SOURCES = ("open_clip", "transformers", "ray/data", "ray/train", "ray/tune", "torch/distributed")
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not any(f"/{s}/" in record.pathname for s in QUIET_SOURCES)
+
+
+def quiet_logs() -> None:
+    """Below ERROR, nothing from QUIET_SOURCES reaches the console, unless CIDISTILL_VERBOSE=1 (`-v`)."""
+    if os.environ.get("CIDISTILL_VERBOSE") == "1":
+        return
+    for name in ("", "ray.data", "ray.train", "ray.tune", "transformers"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Quiet) for f in logger.filters):
+            logger.addFilter(_Quiet())
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def cache_dir() -> Path:
@@ -111,12 +134,20 @@ def import_open_clip():
     fix_torchvision()
     import open_clip
 
+    if os.environ.get("CIDISTILL_VERBOSE") != "1":
+        try:  # HF towers: no "Loading weights" bar per model built
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     return open_clip
 
 
 def worker_setup() -> None:
-    """Ray `worker_process_setup_hook`: every worker gets the same environment and fix as the driver."""
+    """Ray `worker_process_setup_hook`: every worker gets the same environment, fix and quiet as the driver."""
     set_env_defaults()
+    quiet_logs()
     fix_torchvision()
 
 
@@ -129,7 +160,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         return ray
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"worker_process_setup_hook": "cidistill.core.runtime.worker_setup",
-                   "env_vars": {k: os.environ[k] for k in ENV_DEFAULTS}}
+                   "env_vars": {k: os.environ[k] for k in (*ENV_DEFAULTS, "CIDISTILL_VERBOSE") if k in os.environ}}
     if address:
         if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster of local nodes (tests, one box)
             kwargs.setdefault("_node_ip_address", "127.0.0.1")
@@ -149,6 +180,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         ctx = DataContext.get_current()
         ctx.enable_operator_progress_bars = False
         ctx.print_on_execution_start = False
+        if os.environ.get("CIDISTILL_VERBOSE") != "1":  # the embed stage shows its own progress
+            ctx.enable_progress_bars = False
     except Exception:  # older Ray
         pass
     return ray

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 # why a sample is not kept; `held_out` = the evaluation split (data.holdout), never a training sample
-DROP_REASONS = ("bad_embedding", "exact_dup", "near_dup", "semantic_dup", "cluster_cap", "held_out")
+# no_caption: no usable English caption (empty or null), so no teacher text embedding to learn from
+DROP_REASONS = ("bad_embedding", "no_caption", "exact_dup", "near_dup", "semantic_dup", "cluster_cap", "held_out")
 
 
 def emb_type(dim: int) -> pa.DataType:
@@ -90,16 +91,32 @@ def join_on_key(left: pa.Table, right: pa.Table, key: str = "key") -> pa.Table:
     return lt
 
 
-def holdout_mask(holdout: str, table: pa.Table) -> pa.Array:
-    """Which rows of a download table belong to the held-out evaluation split (`data.holdout` = COL=VALUE)."""
+HOLDOUT_FIELDS = ("data.holdout", "data.holdout_fraction", "seed")  # what decides the evaluation split
+
+
+def has_holdout(cfg) -> bool:
+    return bool(cfg.data.holdout) or cfg.data.holdout_fraction > 0
+
+
+def holdout_mask(cfg, table: pa.Table) -> pa.Array:
+    """Which rows of a table (with `key`, and the `data.holdout` column when set) are the held-out evaluation
+    split: `data.holdout` = COL=VALUE, else a `data.holdout_fraction` of keys chosen by a seeded hash (the same
+    keys in every stage and every run)."""
+    import hashlib
+
     import pyarrow.compute as pc
 
     from .errors import StageError
 
-    if not holdout:
+    holdout, fraction = cfg.data.holdout, cfg.data.holdout_fraction
+    if holdout:
+        col, _, value = holdout.partition("=")
+        if col not in table.column_names:
+            raise StageError(f"data.holdout: column {col!r} is not in the download table "
+                             f"(columns: {table.column_names}); add it to data.extra_cols")
+        return pc.fill_null(pc.equal(table.column(col), value), False)
+    if fraction <= 0:
         return pa.array([False] * table.num_rows)
-    col, _, value = holdout.partition("=")
-    if col not in table.column_names:
-        raise StageError(f"data.holdout: column {col!r} is not in the download table "
-                         f"(columns: {table.column_names}); add it to data.extra_cols")
-    return pc.fill_null(pc.equal(table.column(col), value), False)
+    cut = int(fraction * 2 ** 64)
+    return pa.array([int.from_bytes(hashlib.blake2b(f"{cfg.seed}:{k}".encode(), digest_size=8).digest(), "big") < cut
+                     for k in table.column("key").to_pylist()])

@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from tqdm.auto import tqdm
+from .progress import Progress
 
 from . import faults
 from .config import Config, flat_fields
@@ -63,7 +63,7 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
     """Run fn(item) for every item: one Ray task each (retried on worker death and on exceptions),
     or in this process. A task that still fails is reported with its error; the others finish."""
     results: list[TaskResult] = []
-    bar = tqdm(total=len(items), desc=desc, unit="shard", leave=False, disable=not items)
+    bar = Progress(len(items), desc, unit="shard")
     if not use_ray:
         for it in items:
             try:

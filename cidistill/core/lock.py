@@ -1,0 +1,75 @@
+"""One run per work folder: `WORKDIR/_LOCK.json` names the holder (host, pid, start). A second run refuses at
+once; a lock whose process is gone (same host, pid not running) is taken over. Nested use in one process is fine."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+from .errors import StageError
+from .store import Store
+
+LOCK = "_LOCK.json"
+_held: dict[str, int] = {}   # work folder -> nesting depth in this process
+
+
+class WorkdirBusy(StageError):
+    pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: running
+        return True
+    return True
+
+
+def _claim(store: Store, me: dict) -> dict | None:
+    """Write the lock if nobody holds it; else return the holder. Local folders use O_EXCL (atomic)."""
+    if store.local:
+        try:
+            fd = os.open(store.path(LOCK), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return store.read_json(LOCK)
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return None
+    if store.exists(LOCK):
+        return store.read_json(LOCK)
+    store.write_json(LOCK, me)
+    return None
+
+
+@contextlib.contextmanager
+def work_lock(workdir: str):
+    if _held.get(workdir):
+        _held[workdir] += 1
+        try:
+            yield
+        finally:
+            _held[workdir] -= 1
+        return
+    store = Store(workdir)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    holder = _claim(store, me)
+    if holder is not None:
+        stale = holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0)))
+        if not stale:
+            raise WorkdirBusy(f"{workdir} is in use by another run (host {holder.get('host')}, pid {holder.get('pid')}, "
+                              f"started {holder.get('started')}); wait for it, or remove {LOCK} there if it is gone")
+        print(f"[cidistill] taking over the lock of a run that is gone (pid {holder.get('pid')}, "
+              f"started {holder.get('started')})")
+        store.rm(LOCK)
+        if _claim(store, me) is not None:
+            raise WorkdirBusy(f"{workdir}: another run took the lock first")
+    _held[workdir] = 1
+    try:
+        yield
+    finally:
+        _held.pop(workdir, None)
+        store.rm(LOCK)

@@ -1,0 +1,38 @@
+"""One progress display per long stage: a tqdm bar on a terminal; elsewhere (a log file, `ray job logs`) a
+line on stdout at every tenth of the work, so a log shows progress without a wall of carriage returns."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0, disable: bool = False):
+        self.total, self.desc, self.unit, self.n = max(int(total), 0), desc, unit, initial
+        self.disable = disable or not total
+        self.bar = None
+        self.t0, self.next_tenth, self.postfix = time.time(), (initial * 10 // max(self.total, 1)) + 1, ""
+        if not self.disable and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.disable:
+            while self.total and self.n * 10 >= self.next_tenth * self.total and self.next_tenth <= 10:
+                rate = self.n / max(time.time() - self.t0, 1e-9)
+                print(f"[{self.desc}] {10 * self.next_tenth}% ({self.n}/{self.total} {self.unit}, {rate:.1f}/s)"
+                      f"{' ' + self.postfix if self.postfix else ''}", flush=True)  # stdout: stderr is for errors
+                self.next_tenth += 1
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = " ".join(f"{k}={v}" for k, v in values.items())
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

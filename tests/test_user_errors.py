@@ -1,0 +1,107 @@
+"""What a user types wrong gets one line on stderr and exit 2 (3 for a full disk), never a traceback."""
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from cidistill.app.cli import main
+from cidistill.core.config import to_dict
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  batch_size: 3\n  phases: [\n")
+    assert main(["balance", "-c", str(p)]) == 2
+    err = _err(capsys)
+    assert str(p) in err and "not valid YAML" in err and "line" in err
+
+
+def test_download_inputs(tmp_path, capsys):
+    bad = tmp_path / "urls.parquet"
+    bad.write_text("url,caption\nhttp://127.0.0.1/x.png,hi\n")                        # a CSV named .parquet
+    assert main(["download", "--workdir", str(tmp_path / "w1"), "--set", f"data.urls={bad}", "--no-ray"]) == 2
+    assert "is not a parquet file" in _err(capsys)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"url": pa.array([], pa.string()), "caption": pa.array([], pa.string())}), empty)
+    assert main(["download", "--workdir", str(tmp_path / "w2"), "--set", f"data.urls={empty}",
+                 "data.extra_cols=[]", "--no-ray"]) == 2
+    assert "no URL to download" in _err(capsys)
+    assert main(["download", "--workdir", str(tmp_path / "w3"), "--set", "data.samples_per_shard=0"]) == 2
+    assert "data.samples_per_shard" in _err(capsys)
+
+
+def _embed_cfg(tmp_path, small_run, **teacher) -> str:
+    d = to_dict(small_run)
+    d["dirs"] = {"download": small_run.stage_dir("download"), "embed": str(tmp_path / "embed")}
+    d["teacher"].update(teacher)
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    return str(p)
+
+
+@pytest.mark.parametrize("teacher,needle", [
+    ({"model": "ViT-Nope-1", "pretrained": "random"}, "unknown open_clip model 'ViT-Nope-1'"),
+    ({"model": "ViT-B-32", "pretrained": "laion2b_nope"}, "neither a file nor an open_clip tag of ViT-B-32"),
+    ({"model": "ViT-B-32", "pretrained": "/no/such/teacher.safetensors"}, "neither a file nor an open_clip tag"),
+    ({"pretrained": ""}, "teacher.pretrained is empty"),
+])
+def test_teacher_mistakes_fail_before_any_work(tmp_path, small_run, capsys, teacher, needle):
+    assert main(["embed", "-c", _embed_cfg(tmp_path, small_run, **teacher), "--no-ray"]) == 2
+    assert needle in _err(capsys)
+    assert not (tmp_path / "embed" / "_DONE").exists()
+
+
+def test_pickle_teacher_refused_in_one_line_under_ray(tmp_path, small_run, capsys):
+    """Refused inside a Ray actor: the user sees the cause in one line, and never advice to turn the check off."""
+    import torch
+
+    from tests.test_bad_inputs import _Evil
+
+    torch.save({"w": _Evil(str(tmp_path / "pwned"))}, tmp_path / "evil.pt")
+    cfg = _embed_cfg(tmp_path, small_run, model="cid-tiny-rn", pretrained=str(tmp_path / "evil.pt"))
+    assert main(["embed", "-c", cfg]) == 2
+    err = _err(capsys)
+    assert "refused by weights-only loading" in err and "weights_only=False" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_disk_full_while_checkpointing_is_the_exit_3_message(tmp_path, small_run, capsys, monkeypatch):
+    """A 6 MB tmpfs holds the run's small files but not the first checkpoint (where mounting is not allowed,
+    the checkpoint's weight files fail with ENOSPC instead)."""
+    import errno
+    from pathlib import Path
+
+    out = tmp_path / "full"
+    out.mkdir()
+    mounted = not subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(out)],
+                                 capture_output=True).returncode
+    if not mounted:
+        real = Path.write_bytes
+
+        def enospc(self, data):
+            if str(self).startswith(str(out)) and self.suffix == ".safetensors":
+                raise OSError(errno.ENOSPC, "No space left on device", str(self))
+            return real(self, data)
+
+        monkeypatch.setattr(Path, "write_bytes", enospc)
+    try:
+        d = to_dict(small_run)
+        d["dirs"] = {"train": str(out)}
+        d["train"]["ckpt_every"] = 1
+        p = tmp_path / "cfg.yaml"
+        p.write_text(yaml.safe_dump(d, allow_unicode=True))
+        assert main(["train", "-c", str(p), "--no-ray"]) == 3
+        err = _err(capsys)
+        assert "stage 'train'" in err and "No space left on device" in err
+        assert not (out / "_DONE").exists()
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(out)], check=False)
