@@ -239,14 +239,16 @@ def _download_one(item) -> str:
     out = Store(downloader.output_folder)
     tmp = Store(feather.rsplit("/", 1)[0])
     shard = shard_name(shard_id)
+    # attempts that ended with transient failures, over all runs (a run killed mid-shard does not count)
+    failed_tries = tmp.read_json(f"{shard}.attempts") if tmp.exists(f"{shard}.attempts") else 0
     while True:
-        attempt = (tmp.read_json(f"{shard}.attempts") if tmp.exists(f"{shard}.attempts") else 0) + 1
-        tmp.write_json(f"{shard}.attempts", attempt)
         _download_copy(downloader, shard_id, feather)
-        verdict = shard_verdict(out, shard, attempt)
-        if not verdict["failed_transient"] or attempt >= d["transient_attempts"]:
+        verdict = shard_verdict(out, shard, failed_tries + 1)
+        if not verdict["failed_transient"] or failed_tries + 1 >= d["transient_attempts"]:
             break
-        time.sleep(min(2 ** attempt, 30))  # a server that was down for a moment: try the shard again
+        failed_tries += 1
+        tmp.write_json(f"{shard}.attempts", failed_tries)
+        time.sleep(min(2 ** failed_tries, 30))  # a server that was down for a moment: try the shard again
     from cidistill.core import faults
 
     faults.point()
