@@ -57,7 +57,9 @@ def _fetch_package(name: str, version: str, dest: Path) -> Path:
         lambda n: n.endswith(".json") and ("/en/" in n or "/zh/" in n))
     with tarfile.open(tgz) as tar:
         members = list(_safe_members(tar, lambda n: want(n) or n.endswith("package/emoji.json")))
-        tar.extractall(tmp, members=members, filter="data")
+        # members are vetted above; the "data" filter is a second guard where this Python has it (3.11.4+)
+        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(tmp, members=members, **extra)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     (out / ".complete").touch()
