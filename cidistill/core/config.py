@@ -158,7 +158,6 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "retrieval"])  # what to measure
     batch_size: int = 256               # images per feature batch
     probe_max_iter: int = 300           # L-BFGS iterations of the linear probe
-    bootstrap: int = 1000               # bootstrap resamples for confidence intervals
 
 
 @dataclass
