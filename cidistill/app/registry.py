@@ -37,11 +37,13 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
     with work_lock(cfg.workdir):
         if use_ray:
             init_ray(cfg.ray_address or None)
+        objs = [make_stage(s, cfg, use_ray) for s in stages]
         if not force:
-            for line in plan([make_stage(s, cfg, use_ray) for s in stages]):
+            for line in plan(objs):
                 print(f"[cidistill] {line}")
         t0, out = time.time(), {}
-        for s in stages:
-            out[s] = run_stage(s, cfg, force=force, use_ray=use_ray)
+        for st in objs:
+            faults.set_stage(st.name)
+            out[st.name] = st.run(force=force)
     print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
     return out

@@ -72,10 +72,6 @@ class Store:
                 self.fs.rm(tmp)
             raise
 
-    def read_bytes(self, name: str) -> bytes:
-        with self.fs.open(self.path(name), "rb") as f:
-            return f.read()
-
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode())
 
