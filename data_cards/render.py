@@ -118,6 +118,20 @@ def _caption_section(f: dict, figs: dict) -> list[str]:
     return md + [""]
 
 
+def _pack_section(cfg: Config, f: dict) -> list[str]:
+    """Where the curated dataset lies, its size, and how to read it without this project."""
+    p = f["stages"]["pack"]["stats"]
+    folder = cfg.stage_dir("pack")
+    return ["## The curated dataset", "",
+            f"- `{md_text(folder)}/train/`: {p.get('train', 0):,} kept training pairs in {p.get('train_shards', 0)} "
+            f"webdataset shards ({p.get('train_bytes', 0) / 1e6:,.1f} MB), each with its image, English (`txt`) and "
+            f"Chinese (`zh.txt`) captions, metadata (`json`: cluster_id, balance_cluster, …) and the teacher's "
+            f"embeddings (`teacher_*_emb.npy`, float16); `manifest.parquet` lists shard, key and row",
+            f"- `{md_text(folder)}/eval/`: {p.get('eval', 0):,} evaluation pairs in {p.get('eval_shards', 0)} shards "
+            f"({p.get('eval_bytes', 0) / 1e6:,.1f} MB)",
+            "- read with plain webdataset: `webdataset.WebDataset(sorted(glob.glob('.../train/shard-*.tar')))`", ""]
+
+
 def _provenance_section(cfg: Config, f: dict) -> list[str]:
     md = ["## Lineage", "", "Why was a sample dropped?", "", "```python",
           "from cidistill.core.config import load_config", "from data_cards.collect import why",
@@ -142,6 +156,8 @@ def build(cfg: Config) -> dict:
         md += _balance_section(cfg, f, figs)
     if "captions" in f:
         md += _caption_section(f, figs)
+    if f["stages"].get("pack", {}).get("stats", {}).get("train"):
+        md += _pack_section(cfg, f)
     md += _provenance_section(cfg, f)
     return {"md": "\n".join(md), "figures": figs, "facts": f}
 
@@ -197,7 +213,7 @@ def to_html(md_text: str, figures: dict[str, bytes]) -> str:
 class CardStage(Stage):
     """card.md, a self-contained card.html and the figures, from the curation stages' folders."""
     name = "card"
-    inputs = ("download", "embed", "balance", "cluster")
+    inputs = ("download", "embed", "balance", "cluster", "pack")
     reads = ("data.urls",) + HOLDOUT_FIELDS
 
     def run_unit(self, unit: str) -> dict:

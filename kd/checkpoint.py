@@ -18,8 +18,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(out: Path, step: int, module, opt, keep: int = 2) -> Path:
-    """Atomic: write into a temp folder, rename it into place; meta.json inside marks it complete."""
+def save_checkpoint(out: Path, step: int, module, opt, meta: dict | None = None, keep: int = 2) -> Path:
+    """Atomic: write into a temp folder, rename it into place; meta.json inside (with `meta`: the data stream's
+    position) marks it complete."""
     from safetensors.torch import save
 
     final = out / f"step-{step:07d}"
@@ -30,7 +31,7 @@ def save_checkpoint(out: Path, step: int, module, opt, keep: int = 2) -> Path:
     (tmp / "model.safetensors").write_bytes(save({k: v.contiguous() for k, v in module.student.state_dict().items()}))
     (tmp / "heads.safetensors").write_bytes(save({k: v.contiguous() for k, v in module.heads.state_dict().items()}))
     torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **(meta or {})}, indent=1))
     faults.point()
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

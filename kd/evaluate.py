@@ -1,19 +1,26 @@
 """eval: ELEVATER-style zero-shot classification with EN and ZH prompt ensembles, a scikit-learn linear
 probe, and image<->text retrieval recall@k, the same way for any model (teacher, checkpoint, exported
 folder, open_clip tag). Demo tasks: ~1.9k base-emoji names on the held-out artist style; subgroup probe
-fitted on the training styles only (never on the evaluation images)."""
+fitted on the training styles only (never on the evaluation images).
+
+Everything streams from the packed splits (pipeline/pack.py): images are decoded a batch at a time and only
+their features are kept (N x D floats); retrieval ranks in blocks of rows, never an N x N matrix."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cidistill.core.config import Config
+from cidistill.core.images import decode_rgb
 from cidistill.core.models import LoadedModel, count_params, create, encode_text
+from cidistill.core.packed import image_member, iter_tar_samples, sample_fields, split_shards
 from cidistill.core.schema import has_holdout
-from .data import load_pairs, normalise
+from cidistill.core.store import Store
+from .data import normalise
 
 TEMPLATES = {
     "en": ["{}", "an emoji of {}.", "a {} emoji.", "an icon showing {}."],
@@ -39,12 +46,46 @@ def image_size(lm: LoadedModel) -> int:
     return s if isinstance(s, int) else s[0]
 
 
+@dataclass
+class SplitView:
+    """One pass over a packed split: image features and each pair's captions and metadata (no images)."""
+    img: torch.Tensor                            # (N, D) L2-normalised
+    keys: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    captions_zh: list[str] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+
+    def column(self, name: str) -> list:
+        return [m.get(name) for m in self.meta]
+
+
 @torch.no_grad()
-def image_features(lm: LoadedModel, images_u8: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    mean, std = lm.preprocess_cfg.get("mean"), lm.preprocess_cfg.get("std")
-    out = [lm.model.encode_image(normalise(images_u8[i:i + batch], mean, std)).float()
-           for i in range(0, len(images_u8), batch)]
-    return F.normalize(torch.cat(out), dim=-1)
+def encode_images(lm: LoadedModel, images_u8: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(images_u8).permute(0, 3, 1, 2)
+    return lm.model.encode_image(normalise(x, lm.preprocess_cfg.get("mean"), lm.preprocess_cfg.get("std"))).float()
+
+
+def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256) -> SplitView:
+    """Stream a packed split shard by shard: decode `batch` images, keep their features, drop the pixels."""
+    store, size = Store(root), image_size(lm)
+    view, feats, pending = SplitView(torch.empty(0)), [], []
+    for name, _ in split_shards(store, split):
+        for s in iter_tar_samples(store, name):
+            f = sample_fields(s)
+            view.keys.append(f["key"])
+            view.captions.append(f["caption"])
+            view.captions_zh.append(f["caption_zh"])
+            view.meta.append(f["meta"])
+            pending.append(decode_rgb(image_member(s), size))
+            if len(pending) == batch:
+                feats.append(encode_images(lm, np.stack(pending)))
+                pending = []
+    if pending:
+        feats.append(encode_images(lm, np.stack(pending)))
+    if not feats:
+        raise ValueError(f"no packed {split} pairs in {root}: run `cidistill pack` first")
+    view.img = F.normalize(torch.cat(feats), dim=-1)
+    return view
 
 
 @torch.no_grad()
@@ -77,14 +118,17 @@ def mean_per_class(correct: np.ndarray, labels: np.ndarray) -> float:
     return float((np.bincount(inv, weights=np.asarray(correct, np.float64)) / np.bincount(inv)).mean())
 
 
-def recall_at(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10)) -> dict:
-    """Pair i's image and caption i match; captions shared by several images count any of them."""
-    sim = img @ txt.t()
-    n = len(img)
-    idx = torch.arange(n)
+def recall_at(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10), block: int = 1024) -> dict:
+    """Pair i's image and caption i match; captions shared by several images count any of them. Ranked a
+    block of rows at a time (memory block x N, never N x N); each row's own score is read from its block."""
     out = {}
-    for name, s in (("i2t", sim), ("t2i", sim.t())):
-        rank = (s > s[idx, idx][:, None]).sum(1)
+    for name, a, b in (("i2t", img, txt), ("t2i", txt, img)):
+        ranks = []
+        for i in range(0, len(a), block):
+            s = a[i:i + block] @ b.t()
+            rows = torch.arange(len(s))
+            ranks.append((s > s[rows, rows + i][:, None]).sum(1))
+        rank = torch.cat(ranks)
         out.update({f"{name}_r@{k}": float((rank < k).float().mean()) for k in ks})
     return out
 
@@ -136,48 +180,51 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
     return {"a_only": a_only, "b_only": b_only, "p_value": float(p)}
 
 
-def evaluate(cfg: Config, lm: LoadedModel, tasks=None, cache: dict | None = None) -> tuple[dict, dict]:
-    """Returns (metrics, per-image correctness arrays for paired tests)."""
+def class_names(views: list[SplitView]) -> dict[str, tuple[str, str]]:
+    """The zero-shot classes: base emoji -> (EN name, ZH name) over every split seen."""
+    names: dict[str, tuple[str, str]] = {}
+    for v in views:
+        for m in v.meta:
+            if m.get("base") is not None:
+                names.setdefault(m["base"], (m.get("base_name"), m.get("base_name_zh") or m.get("base_name")))
+    return names
+
+
+def zeroshot(lm: LoadedModel, test: SplitView, names: dict, res: dict, per: dict) -> None:
+    bases = sorted(names)
+    index = {b: i for i, b in enumerate(bases)}
+    labels = torch.tensor([index[b] for b in test.column("base")])
+    res["zeroshot_classes"] = len(bases)
+    per["zeroshot_label"] = labels.numpy()   # saved with the correctness: any re-weighting can be redone
+    for li, lang in enumerate(("en", "zh")):
+        cls = classifier(lm, [names[b][li] for b in bases], lang)
+        per[f"zeroshot_{lang}"] = topk_correct(test.img, cls, labels, 1)
+        res[f"zeroshot_{lang}_top1"] = float(per[f"zeroshot_{lang}"].mean())
+        res[f"zeroshot_{lang}_mpc"] = mean_per_class(per[f"zeroshot_{lang}"], labels.numpy())
+        res[f"zeroshot_{lang}_top5"] = float(topk_correct(test.img, cls, labels, 5).mean())
+
+
+def evaluate(cfg: Config, lm: LoadedModel, tasks=None) -> tuple[dict, dict]:
+    """Returns (metrics, per-image correctness arrays for paired tests, with the images' keys). Reads the
+    pack stage's `eval` split (the held-out pairs, or every pair when there is no held-out split) and, for
+    the probe and the zero-shot class list, its `train` split."""
     tasks = tasks or cfg.eval.tasks
     lm.model.eval()
-    size = image_size(lm)
-    key = ("pairs", size)
-    if cache is not None and key in cache:
-        test, train = cache[key]
-    else:
-        held = has_holdout(cfg)
-        test = load_pairs(cfg, image_size=size, split="eval" if held else "all")
-        train = load_pairs(cfg, image_size=size, split="train") if "linear_probe" in tasks and held else None
-        if cache is not None:
-            cache[key] = (test, train)
-    res, per = {"params": count_params(lm.model), "eval_images": len(test)}, {}
-    img = image_features(lm, test.images)
-    meta = test.meta.to_pydict()
-    if "zeroshot" in tasks and "base" in meta:
-        names = {}
-        for t in [test] + ([train] if train is not None else []):
-            m = t.meta.to_pydict()
-            for b, en, zh in zip(m["base"], m["base_name"], m["base_name_zh"]):
-                names.setdefault(b, (en, zh or en))
-        bases = sorted(names)
-        labels = torch.tensor([bases.index(b) for b in meta["base"]])
-        res["zeroshot_classes"] = len(bases)
-        per["zeroshot_label"] = labels.numpy()   # saved with the correctness: any re-weighting can be redone
-        for li, lang in enumerate(("en", "zh")):
-            cls = classifier(lm, [names[b][li] for b in bases], lang)
-            per[f"zeroshot_{lang}"] = topk_correct(img, cls, labels, 1)
-            res[f"zeroshot_{lang}_top1"] = float(per[f"zeroshot_{lang}"].mean())
-            res[f"zeroshot_{lang}_mpc"] = mean_per_class(per[f"zeroshot_{lang}"], labels.numpy())
-            res[f"zeroshot_{lang}_top5"] = float(topk_correct(img, cls, labels, 5).mean())
-    if "linear_probe" in tasks and train is not None and "subgroup" in meta:
-        tr_img = image_features(lm, train.images).numpy()
-        res.update(linear_probe(tr_img, train.meta.column("subgroup").to_pylist(), img.numpy(), meta["subgroup"],
+    root, held = cfg.stage_dir("pack"), has_holdout(cfg)
+    test = split_view(lm, root, "eval", cfg.eval.batch_size)
+    need_train = held and ("linear_probe" in tasks or "zeroshot" in tasks)
+    train = split_view(lm, root, "train", cfg.eval.batch_size) if need_train else None
+    res, per = {"params": count_params(lm.model), "eval_images": len(test.keys)}, {"keys": np.array(test.keys)}
+    if "zeroshot" in tasks and all(b is not None for b in test.column("base")) and test.keys:
+        zeroshot(lm, test, class_names([test] + ([train] if train else [])), res, per)
+    if "linear_probe" in tasks and train is not None and all(g is not None for g in test.column("subgroup")):
+        res.update(linear_probe(train.img.numpy(), train.column("subgroup"), test.img.numpy(), test.column("subgroup"),
                                 cfg.eval.probe_max_iter))
     if "retrieval" in tasks:
-        res["retrieval_en"] = recall_at(img, text_features(lm, test.captions))
+        res["retrieval_en"] = recall_at(test.img, text_features(lm, test.captions))
         if any(test.captions_zh):
             zh = [c or e for c, e in zip(test.captions_zh, test.captions)]
-            res["retrieval_zh"] = recall_at(img, text_features(lm, zh))
+            res["retrieval_zh"] = recall_at(test.img, text_features(lm, zh))
     res["image_throughput"] = throughput(lm)
     return res, per
 

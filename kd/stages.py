@@ -36,10 +36,12 @@ def write_final(out: Path, cfg: Config, result: dict) -> None:
 
 class TrainStage(Stage):
     name = "train"
-    inputs = ("download", "embed", "balance", "cluster")
-    reads = ("student", "train") + HOLDOUT_FIELDS + TEACHER_FIELDS
+    inputs = ("pack", "cluster")
+    reads = ("student", "train") + TEACHER_FIELDS
+    ignores = ("train.use_balanced",)  # the pack stage applies it
 
     def run_unit(self, unit: str) -> dict:
+        self.require("pack")
         out = Path(self.cfg.stage_dir("train"))
         result = train(self.cfg, str(out), use_ray=self.use_ray)
         write_final(out, self.cfg, result)
@@ -53,13 +55,13 @@ class TrainStage(Stage):
 class EvalStage(Stage):
     """The student on the held-out split, and the teacher beside it when the config names its weights."""
     name = "eval"
-    inputs = ("download", "train")
+    inputs = ("pack", "train")
     reads = ("eval",) + HOLDOUT_FIELDS + TEACHER_FIELDS
 
     def run_unit(self, unit: str) -> dict:
-        results, per, cache = {}, {}, {}
+        results, per = {}, {}
         for spec in ("teacher", "student") if self.cfg.teacher.pretrained else ("student",):
-            results[spec], per[spec] = evaluate(self.cfg, load_for_eval(self.cfg, spec), cache=cache)
+            results[spec], per[spec] = evaluate(self.cfg, load_for_eval(self.cfg, spec))
         if "teacher" in results:
             t, s = results["teacher"], results["student"]
             results["student_vs_teacher"] = {

@@ -1,10 +1,11 @@
 """The training loop: a student open_clip model learns from the teacher's precomputed embeddings (never the
 teacher itself), the kept set and the k-means pseudo-labels, through a schedule of phases of weighted losses.
 
-Read it top to bottom: `train_worker` sets a worker up (`setup`), resumes (`checkpoint.load_checkpoint`), then
-loops `get_batch` → `train_step` → `log_step` → `save_checkpoint`. One worker runs in this process; more run
-under Ray Train's TorchTrainer (DDP: gloo on CPU, nccl on GPU). Batches, augmentations and PartialFC samples
-are functions of (seed, step), so resuming from a checkpoint reaches the same weights as an uninterrupted run."""
+Read it top to bottom: `train_worker` sets a worker up (`setup`), resumes (`checkpoint.load_checkpoint`), opens
+the packed dataset's stream at that step (kd/stream.py), then loops `train_step` → `log_record` →
+`save_checkpoint`. One worker runs in this process; more run under Ray Train's TorchTrainer (DDP: gloo on CPU,
+nccl on GPU). Batches, augmentations and PartialFC samples are functions of (seed, streams, step), so resuming
+from a mid-epoch checkpoint reaches the same weights as an uninterrupted run."""
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ from cidistill.core.progress import Progress
 from cidistill.core.models import by_length, count_params, create, encode_text, trim_vocab
 from cidistill.core.store import Store
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
-from .data import Pairs, augment, batch_indices, load_pairs, standardise
+from .data import manifest_texts
 from .losses import DistillHeads, compute_losses
+from .stream import BatchMaker, StreamSpec, data_position, worker_batches
 from .text_tower import student_with_teacher_text
 
 TEACHER_LOSSES = ("instance", "feature_distill", "cluster")
@@ -36,19 +38,18 @@ class TrainingDiverged(StageError):
 
 
 class TrainModule(nn.Module):
-    """Student + heads as one module (what DDP wraps). `text_cache` holds a locked HF text trunk's pooled
-    output per caption, so a LiT model trains only its projection on the text side."""
+    """Student + heads as one module (what DDP wraps). With `lock_text` the student's Hugging Face text trunk is
+    frozen and run without gradients: a LiT model trains only its projection on the text side."""
 
-    def __init__(self, student: nn.Module, heads: DistillHeads, text_cache: torch.Tensor | None = None):
+    def __init__(self, student: nn.Module, heads: DistillHeads, lock_text: bool = False):
         super().__init__()
-        self.student, self.heads = student, heads
-        self.register_buffer("text_cache", text_cache, persistent=False)
+        self.student, self.heads, self.lock_text = student, heads, lock_text
 
-    def forward(self, images, tokens, tokens_zh, rows, batch: dict, weights: dict, loss_cfg) -> dict:
+    def forward(self, images, tokens, tokens_zh, batch: dict, weights: dict, loss_cfg) -> dict:
         """Student embeddings, then the weighted loss terms: all inside forward, as DDP requires."""
         img = self.student.encode_image(images)
-        if self.text_cache is not None:
-            out = {"img": img, "txt": self.student.text.proj(self.text_cache[rows])}
+        if self.lock_text:
+            out = {"img": img, "txt": self.student.text.proj(locked_text_features(self.student, tokens))}
         else:
             out = {"img": img, "txt": encode_text(self.student, tokens)}
             if tokens_zh is not None:
@@ -98,13 +99,19 @@ def phase_at(phases, step: int):
 
 @torch.no_grad()
 def locked_text_features(model, tokens: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """The frozen trunk's pooled output (in eval mode: a locked tower has no dropout)."""
     text = model.text
+    was = text.transformer.training
+    text.transformer.eval()
 
     def pooled(x):
         mask = (x != text.config.pad_token_id).long()
         return text.pooler(text.transformer(input_ids=x, attention_mask=mask), mask)
 
-    return by_length(model, tokens, pooled, chunks=-(-len(tokens) // batch))
+    try:
+        return by_length(model, tokens, pooled, chunks=-(-len(tokens) // batch))
+    finally:
+        text.transformer.train(was)
 
 
 @dataclass
@@ -116,16 +123,12 @@ class Worker:
     world: int
     device: torch.device
     out: Path
-    pairs: Pairs
-    tokens: torch.Tensor
-    tokens_zh: torch.Tensor | None
-    has_zh: torch.Tensor | None
+    spec: StreamSpec              # the packed dataset's stream: fixes the batch sequence
+    make: BatchMaker              # raw samples -> a step's tensors (in the loader processes)
     module: TrainModule
     model: nn.Module              # the module, DDP-wrapped when world > 1
     opt: torch.optim.Optimizer
     params: list
-    mean: tuple
-    std: tuple
     student_name: str
     student_model_config: str
 
@@ -139,34 +142,41 @@ def worker_rank(job: dict) -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-def build_student(cfg: Config, job: dict, out: Path):
-    """The student, the training pairs and their tokens (vocabulary cut or trimmed to the corpus).
-    The order of the steps is the order the random initialisations are drawn in: keep it."""
-    tc, sc = cfg.train, cfg.student
-    weights_any = {k for ph in tc.phases for k, w in ph.losses.items() if w}
-    lm = create(sc.model, sc.pretrained, sc.model_config,
-                context_length=None if job.get("lock_text") else sc.context_length)
-    size = lm.model_cfg["vision_cfg"]["image_size"]
-    balanced = tc.use_balanced and Store(cfg.stage_dir("balance")).exists("_DONE")
-    pairs = load_pairs(cfg, image_size=size if isinstance(size, int) else size[0], split="train",
-                       teacher=bool(weights_any & set(TEACHER_LOSSES)), clusters="cluster" in weights_any,
-                       balanced=balanced)
-    use_zh = job.get("chinese", True) and any(pairs.captions_zh)
+def packed_has_zh(spec: StreamSpec) -> bool:
+    store = Store(spec.root)
+    return any(store.read_json(name.removesuffix(".tar") + "_stats.json").get("has_zh") for name, _ in spec.shards)
+
+
+def used_token_ids(tokenizer, texts, chunk: int = 4096) -> torch.Tensor:
+    """The token ids a stream of texts uses, tokenised a chunk at a time."""
+    used, buf = torch.empty(0, dtype=torch.long), []
+    for t in texts:
+        buf.append(t)
+        if len(buf) == chunk:
+            used, buf = torch.unique(torch.cat([used, tokenizer(buf).flatten()])), []
+    return torch.unique(torch.cat([used, tokenizer(buf).flatten()])) if buf else used
+
+
+def build_student(cfg: Config, job: dict, out: Path, spec: StreamSpec):
+    """The student and what turns packed samples into its batches (its tokenizer, a vocabulary cut or trimmed
+    to the corpus). The order of the steps is the order the random initialisations are drawn in: keep it."""
+    sc, tc = cfg.student, cfg.train
+    lock_text = bool(job.get("lock_text"))
+    lm = create(sc.model, sc.pretrained, sc.model_config, context_length=None if lock_text else sc.context_length)
+    use_zh = job.get("chinese", True) and not lock_text and packed_has_zh(spec)
     model_config = sc.model_config
-    if sc.text_from_teacher and not job.get("lock_text"):
-        lm, model_config = student_with_teacher_text(cfg, lm, pairs.captions + (pairs.captions_zh if use_zh else []), out)
-    tokens = lm.tokenizer(pairs.captions)
-    tokens_zh = lm.tokenizer([c or pairs.captions[i] for i, c in enumerate(pairs.captions_zh)]) if use_zh else None
-    has_zh = torch.tensor([bool(c) for c in pairs.captions_zh]) if use_zh else None
-    text_cache = None
-    if job.get("lock_text"):
+    if sc.text_from_teacher and not lock_text:
+        lm, model_config = student_with_teacher_text(cfg, lm, manifest_texts(spec.root, spec.split, use_zh), out)
+    old2new = None
+    if lock_text:
         lm.model.lock_text_tower()
-        text_cache = locked_text_features(lm.model, tokens)
     elif sc.trim_vocab and not sc.text_from_teacher:  # a tower cut from the teacher has its corpus vocabulary
-        old2new = trim_vocab(lm.model, torch.cat([tokens] + ([tokens_zh] if tokens_zh is not None else [])))
-        tokens = old2new[tokens]
-        tokens_zh = old2new[tokens_zh] if tokens_zh is not None else None
-    return lm, model_config, pairs, tokens, tokens_zh, has_zh, text_cache, "cluster" in weights_any
+        old2new = trim_vocab(lm.model, used_token_ids(lm.tokenizer, manifest_texts(spec.root, spec.split, use_zh)))
+    size = lm.model_cfg["vision_cfg"]["image_size"]
+    make = BatchMaker(size if isinstance(size, int) else size[0], lm.preprocess_cfg.get("mean", (0.481, 0.458, 0.408)),
+                      lm.preprocess_cfg.get("std", (0.269, 0.261, 0.276)), lm.tokenizer, old2new, use_zh,
+                      tc.augment, tc.style_augment, tc.seed)
+    return lm, model_config, make
 
 
 def make_optimizer(cfg: Config, module: TrainModule):
@@ -194,52 +204,41 @@ def setup(job: dict) -> Worker:
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     clean_partial(out)
-    lm, model_config, pairs, tokens, tokens_zh, has_zh, text_cache, clusters = build_student(cfg, job, out)
+    spec = StreamSpec.of(job["data"], "train", cfg.train)
+    lm, model_config, make = build_student(cfg, job, out, spec)
+    weights_any = {k for ph in cfg.train.phases for k, w in ph.losses.items() if w}
     centroids = None
-    if clusters:
+    if "cluster" in weights_any:
         import numpy as np
 
         centroids = torch.from_numpy(np.load(Path(cfg.stage_dir("cluster")) / "centroids.npy"))
-    teacher_dim = pairs.t_img.shape[1] if pairs.t_img is not None else lm.embed_dim
-    heads = DistillHeads(lm.embed_dim, teacher_dim, centroids, cfg.train.loss.learn_centres,
+    heads = DistillHeads(lm.embed_dim, teacher_width(spec) or lm.embed_dim, centroids, cfg.train.loss.learn_centres,
                          cfg.train.loss.instance_temperature)
-    module = TrainModule(lm.model, heads, text_cache).to(device)
+    module = TrainModule(lm.model, heads, lock_text=bool(job.get("lock_text"))).to(device)
     opt, params = make_optimizer(cfg, module)
-    mean = lm.preprocess_cfg.get("mean", (0.481, 0.458, 0.408))
-    std = lm.preprocess_cfg.get("std", (0.269, 0.261, 0.276))
-    return Worker(cfg, job, rank, world, device, out, pairs, tokens, tokens_zh, has_zh, module, module, opt, params,
-                  mean, std, lm.name, model_config)
+    return Worker(cfg, job, rank, world, device, out, spec, make, module, module, opt, params, lm.name, model_config)
 
 
-def get_batch(w: Worker, step: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """This worker's rows of global batch `step`: augmented, standardised images and the teacher's targets."""
-    tc, pairs = w.cfg.train, w.pairs
-    rows = batch_indices(len(pairs), tc.batch_size, step, tc.seed, w.rank, w.world)
-    x = pairs.images[rows].float().div_(255)
-    if tc.augment:  # each row's warp is drawn for the global batch, so any worker count sees the same
-        gen = torch.Generator().manual_seed(tc.seed * 7919 + step * 31)
-        per_rank = len(batch_indices(len(pairs), tc.batch_size, step, tc.seed, 0, w.world))
-        x = augment(x, gen, offset=w.rank * per_rank, total=tc.batch_size, style=tc.style_augment)
-    x = standardise(x, w.mean, w.std)
+def teacher_width(spec: StreamSpec) -> int | None:
+    """The teacher embeddings' width, from the first packed sample (None: a pack without them)."""
+    from cidistill.core.packed import iter_tar_samples, sample_fields
 
-    def pick(t):
-        return t[rows].to(w.device) if t is not None else None
-
-    batch = {"cluster_id": pick(pairs.cluster_id), "t_img": pick(pairs.t_img), "t_txt": pick(pairs.t_txt),
-             "has_zh": pick(w.has_zh)}
-    return x, batch, rows
+    first = sample_fields(next(iter_tar_samples(Store(spec.root), spec.shards[0][0])))
+    return first["t_img"].shape[0] if "t_img" in first else None
 
 
-def train_step(w: Worker, step: int, phase, lr: float) -> tuple[torch.Tensor, dict]:
+def train_step(w: Worker, step: int, phase, lr: float, item: dict) -> tuple[torch.Tensor, dict]:
+    """One optimiser step on this worker's share of global batch `step` (`item`, from the stream)."""
     tc = w.cfg.train
+    if item["step"] != step:
+        raise RuntimeError(f"the data stream is at step {item['step']}, the trainer at {step}")
     for g in w.opt.param_groups:
         g["lr"] = lr * g["lr_scale"]
-    x, batch, rows = get_batch(w, step)
+    batch = {k: item[k].to(w.device) for k in ("cluster_id", "t_img", "t_txt", "has_zh") if k in item}
+    tokens_zh = item["tokens_zh"].to(w.device) if "tokens_zh" in item else None
     torch.manual_seed(tc.seed * 104729 + step)  # PartialFC's negative sample and any dropout
     with autocast(tc.precision, w.device):
-        terms = w.model(x.to(w.device), w.tokens[rows].to(w.device),
-                        w.tokens_zh[rows].to(w.device) if w.tokens_zh is not None else None, rows.to(w.device),
-                        batch, phase.losses, tc.loss)
+        terms = w.model(item["x"].to(w.device), item["tokens"].to(w.device), tokens_zh, batch, phase.losses, tc.loss)
     loss = sum(terms.values())
     if not torch.isfinite(loss):
         good = latest_checkpoint(w.out)
@@ -285,11 +284,15 @@ def train_worker(job: dict) -> dict:
         truncate_log(w.out / "log.jsonl", step)
     log_f = open(w.out / "log.jsonl", "a") if w.rank == 0 else None
     bar = Progress(total, "train", unit="step", initial=step, disable=w.rank != 0)
-    t_start, t_log, last = time.time(), time.time(), {}
+    batches = worker_batches(w.spec, w.make, w.rank, w.world, step, tc.loader_workers)
+    t_start, t_log, last, waited = time.time(), time.time(), {}, 0.0
     while step < total:
         pi, phase, sip = phase_at(tc.phases, step)
         lr = lr_at(sip, phase.steps, tc.lr, tc.warmup_steps)
-        loss, terms = train_step(w, step, phase, lr)
+        t_wait = time.perf_counter()
+        item = next(batches)
+        waited += time.perf_counter() - t_wait
+        loss, terms = train_step(w, step, phase, lr, item)
         step += 1
         bar.update()
         faults.point()
@@ -301,17 +304,21 @@ def train_worker(job: dict) -> dict:
                 log_f.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", phase=pi)
         if w.rank == 0 and (step % tc.ckpt_every == 0 or step == total):
-            save_checkpoint(w.out, step, w.module, w.opt)
+            save_checkpoint(w.out, step, w.module, w.opt, {"data_position": data_position(w.spec, step)})
         if job.get("stop_after") and step >= job["stop_after"]:
             break
     bar.close()
+    batches.close()  # stops the loader processes
     if log_f:
         log_f.close()
-    return worker_result(w, step, time.time() - t_start, last)
+    result = worker_result(w, step, time.time() - t_start, last)
+    result["data"]["wait_seconds"] = round(waited, 3)  # time the steps waited for the loader
+    return result
 
 
 def worker_result(w: Worker, step: int, seconds: float, last: dict) -> dict:
-    result = {"steps": step, "seconds": seconds, "pairs": len(w.pairs), "data": w.pairs.stats,
+    data = {"shards": len(w.spec.shards), "streams": w.spec.streams, "epochs": step * w.spec.batch_size / w.spec.pairs}
+    result = {"steps": step, "seconds": seconds, "pairs": w.spec.pairs, "data": data,
               "student_params": count_params(w.module.student), "last": last, "workers": w.world,
               "student_model": w.student_name, "student_model_config": w.student_model_config}
     if w.world > 1:  # where each rank ran (shows the placement across nodes)
@@ -323,11 +330,12 @@ def worker_result(w: Worker, step: int, seconds: float, last: dict) -> dict:
     return result
 
 
-def train(cfg: Config, out_dir: str, *, use_ray: bool = True, lock_text: bool = False, chinese: bool = True,
-          stop_after: int = 0) -> dict:
-    """Train into out_dir (resuming from its last checkpoint): in this process, or on Ray Train workers."""
-    job = {"config": asdict(cfg), "out": str(Path(out_dir).resolve()), "lock_text": lock_text,
-           "chinese": chinese, "stop_after": stop_after}
+def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lock_text: bool = False,
+          chinese: bool = True, stop_after: int = 0) -> dict:
+    """Train into out_dir (resuming from its last checkpoint) on the packed dataset in `data` (default: the
+    pack stage's folder): in this process, or on Ray Train workers."""
+    job = {"config": asdict(cfg), "out": str(Path(out_dir).resolve()), "lock_text": lock_text, "chinese": chinese,
+           "stop_after": stop_after, "data": data or cfg.stage_dir("pack")}
     if cfg.train.workers <= 1 or not use_ray:
         return train_worker(job)
     from ray.train import RunConfig, ScalingConfig

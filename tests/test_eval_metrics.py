@@ -15,6 +15,21 @@ def test_recall_perfect_for_matching_pairs_and_chance_for_shuffled():
     assert shuffled["i2t_r@1"] < 0.05 and shuffled["t2i_r@10"] < 0.2
 
 
+def test_recall_in_blocks_equals_the_full_similarity_matrix():
+    """Ranks computed a block of rows at a time (bounded memory) equal those of the whole N x N matrix."""
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(300, 16, generator=g), dim=-1)
+    txt = F.normalize(img + 0.8 * torch.randn(300, 16, generator=g), dim=-1)
+    sim, idx = img @ txt.t(), torch.arange(300)
+    full = {}
+    for name, s in (("i2t", sim), ("t2i", sim.t())):
+        rank = (s > s[idx, idx][:, None]).sum(1)
+        full.update({f"{name}_r@{k}": float((rank < k).float().mean()) for k in (1, 5, 10)})
+    for block in (7, 64, 1024):
+        assert recall_at(img, txt, block=block) == full, block
+    assert 0.05 < full["i2t_r@1"] < 0.95
+
+
 def test_topk_counts_the_label_inside_the_top_k():
     img = torch.eye(4)
     cls = torch.eye(4)

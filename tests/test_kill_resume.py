@@ -16,7 +16,7 @@ from cidistill.core.config import to_dict
 from cidistill.app.demo import demo_config
 from cidistill.app.demo_data import write_urls
 
-KILLED = ("download", "embed", "balance", "cluster", "train", "export")
+KILLED = ("download", "embed", "balance", "cluster", "pack", "train", "export")
 VOLATILE = {"seconds", "attempts", "started", "finished", "time", "shards_resumed", "temp_files_removed", "duration",
             "start_time", "end_time", "samples_per_s", "eval_seconds", "image_throughput", "throughput_ratio"}
 

@@ -50,10 +50,10 @@ def _by_key(path: Path, cols: list[str]) -> dict:
 @pytest.mark.timeout(600)
 def test_two_node_cluster_matches_single_node(tmp_path, small_run):
     d = to_dict(small_run)
-    d.update(workdir=str(tmp_path / "w"), stages=["download", "embed", "balance", "cluster", "train"], dirs={})
+    d.update(workdir=str(tmp_path / "w"), stages=["download", "embed", "balance", "cluster", "pack", "train"], dirs={})
     d["data"]["urls"] = str(tmp_path / "w" / "urls.parquet")
     d["teacher"].update(num_actors=2, cpus_per_actor=1.0)
-    d["train"].update(workers=2, cpus_per_worker=2.0, threads=1, batch_size=32,
+    d["train"].update(workers=2, cpus_per_worker=2.0, threads=1, batch_size=32, streams=2, loader_workers=1,
                       phases=[{"steps": 2, "losses": {"feature_distill": 1.0}},
                               {"steps": 2, "losses": {"cluster": 0.5, "instance": 1.0, "align": 0.5}}])
     cfg = tmp_path / "cfg.yaml"

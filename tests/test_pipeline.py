@@ -18,7 +18,7 @@ def test_every_stage_done_and_rerun_skips(small_run, capsys):
     from cidistill.app.registry import run_stages
 
     capsys.readouterr()
-    run_stages(small_run, ["download", "embed", "balance", "cluster", "train", "eval", "export"])
+    run_stages(small_run, ["download", "embed", "balance", "cluster", "pack", "train", "eval", "export"])
     out = capsys.readouterr().out
     assert out.count("already done") == 7
 
@@ -153,6 +153,30 @@ np.save('{tmp_path / "got_i.npy"}', i); np.save('{tmp_path / "got_t.npy"}', t)
     subprocess.run([sys.executable, "-c", code], check=True)
     assert np.abs(np.load(tmp_path / "got_i.npy") - want_i).max() < 1e-4
     assert np.abs(np.load(tmp_path / "got_t.npy") - want_t).max() < 1e-4
+
+
+def test_exported_student_loads_after_being_moved(small_run, tmp_path):
+    """An export copied elsewhere, its original folder deleted, still loads (cidistill's loader reads the Hugging
+    Face tower's config from the folder it lies in) and gives the trainer's embeddings."""
+    import shutil
+
+    import torch
+
+    from cidistill.core.models import create
+    from kd.export import export_local_dir, load_trained_student
+
+    lm = load_trained_student(small_run)
+    lm.model.eval()
+    export_local_dir(lm, tmp_path / "orig")
+    shutil.copytree(tmp_path / "orig", tmp_path / "elsewhere" / "moved")
+    shutil.rmtree(tmp_path / "orig")
+    moved = create(f"local-dir:{tmp_path / 'elsewhere' / 'moved'}")
+    moved.model.eval()
+    texts = ["grinning face", "笑脸"]
+    with torch.no_grad():
+        want = lm.model.encode_text(lm.tokenizer(texts))
+        got = moved.model.encode_text(moved.tokenizer(texts))
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_onnx_encoders_match_torch(small_run, tmp_path):

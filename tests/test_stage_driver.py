@@ -85,7 +85,7 @@ def test_changed_apply_eps_redoes_balance_and_downstream_only(small_run, tmp_pat
     run_stages(cfg, list(STAGES))
     out = capsys.readouterr().out
     assert (f"balance: config changed (balance.apply_eps {small_run.balance.apply_eps} → 0.01); "
-            "redoing balance, cluster, train, eval, export, card") in out
+            "redoing balance, cluster, pack, train, eval, export, card") in out
     assert "[download] already done" in out and "[embed] already done" in out and out.count("already done") == 2
     after = json.loads((work / "balance" / "stats.json").read_text())
     assert after["apply_eps"] == 0.01 and after["removed"] != before["removed"]

@@ -45,8 +45,9 @@ def test_two_workers_follow_the_one_worker_loss_curve(small_run, ray_session, tm
     cfg = _cfg(small_run, steps=6)
     cfg.student = dataclasses.replace(cfg.student, model="cid-tiny-vit", text_from_teacher=0)
     cfg.train.batch_size, cfg.train.threads, cfg.train.precision = 32, 1, "fp32"
+    cfg.train.streams = 2  # the batch sequence depends on the streams, not on the workers that read them
     one = train(cfg, str(tmp_path / "one"), use_ray=False)
-    cfg.train.workers = 2
+    cfg.train.workers, cfg.train.loader_workers = 2, 1
     two = train(cfg, str(tmp_path / "two"), use_ray=True)
     assert one["steps"] == two["steps"] == 6 and latest_checkpoint(tmp_path / "two").name == "step-0000006"
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")

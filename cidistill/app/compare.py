@@ -52,6 +52,7 @@ def variant_config(cfg: Config, name: str, root: Path) -> Config:
         train = dataclasses.replace(train, use_balanced=False)
         cluster = dataclasses.replace(cfg.cluster, use_balanced=False)
         dirs["cluster"] = str(root / name / "cluster")
+        dirs["pack"] = str(root / name / "pack")
     return dataclasses.replace(cfg, dirs=dirs, train=train, cluster=cluster, student=student)
 
 
@@ -66,7 +67,7 @@ def _load_npz(store: Store, name: str) -> dict:
         return dict(np.load(io.BytesIO(f.read())))
 
 
-def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) -> tuple[dict, dict]:
+def run_variant(cfg: Config, name: str, root: Path, use_ray: bool) -> tuple[dict, dict]:
     """Train (skip when done) and evaluate one recipe; evaluation cached in ROOT/<name>/."""
     out = Store(str(root / name))
     if out.exists("eval.json"):
@@ -82,13 +83,14 @@ def run_variant(cfg: Config, name: str, root: Path, cache: dict, use_ray: bool) 
     t0 = time.time()
     if name == "teacher":
         lm = load_for_eval(cfg, "teacher")
-        res, per = evaluate(cfg, lm, cache=cache)
+        res, per = evaluate(cfg, lm)
     else:
         vcfg = variant_config(cfg, name, root)
         if not vcfg.cluster.use_balanced:
             run_stage("cluster", vcfg, use_ray=use_ray)
+            run_stage("pack", vcfg, use_ray=use_ray)
         tstats = run_stage("train", vcfg, use_ray=use_ray)
-        res, per = evaluate(vcfg, load_for_eval(vcfg, "student"), cache=cache)
+        res, per = evaluate(cfg, load_for_eval(vcfg, "student"))  # every recipe on the same pairs
         res.update(train_seconds=tstats.get("seconds"), train_pairs=tstats.get("pairs"), steps=tstats.get("steps"),
                    losses={f"phase{i}": p.losses for i, p in enumerate(vcfg.train.phases)})
     res["eval_seconds"] = round(time.time() - t0, 1)
@@ -123,10 +125,10 @@ def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True
     names = list(variants or VARIANTS)
     if cfg.teacher.pretrained:
         names = ["teacher"] + [n for n in names if n != "teacher"]
-    results, per, cache = {}, {}, {}
+    results, per = {}, {}
     for name in names:
         print(f"[compare] {name}")
-        results[name], per[name] = run_variant(cfg, name, root, cache, use_ray)
+        results[name], per[name] = run_variant(cfg, name, root, use_ray)
     tests = {}
     if "clip" in per:
         for name in names:

@@ -18,6 +18,7 @@ from cidistill.core.store import Store
 from kd.checkpoint import latest_checkpoint
 from kd.export import export_local_dir
 from kd.train import train
+from pipeline.pack import Sources, pack_dataset
 from .demo_data import LoopbackServer, build_demo_data, urls_port, write_urls
 from .registry import run_stages
 
@@ -28,6 +29,7 @@ DEMO = {
     "teacher": {"model": "cid-demo-teacher", "batch_size": 256, "threads": 2},  # reads finish early: use both cores
     "balance": {"near_dup_cos": 0.99, "semantic_eps": [0.01, 0.02, 0.05, 0.1], "apply_eps": 0.05, "keep": "hard"},
     "cluster": {"k": 300},
+    "pack": {"samples_per_shard": 256},
     # text tower: 3 of the teacher's 6 MiniLM layers + a corpus vocabulary with the Chinese characters
     # (kd/text_tower.py); image tower: a small ResNet [1,2,2,1] x 24 (cid-tiny-rn-deep)
     "student": {"model": "cid-tiny-rn-deep", "context_length": 64, "text_from_teacher": 3, "text_lr_scale": 0.1},
@@ -41,6 +43,7 @@ SMALL = {
     "data": {"samples_per_shard": 100},
     "balance": {"near_dup_cos": 0.995, "semantic_eps": [0.002, 0.005, 0.01], "apply_eps": 0.005},
     "cluster": {"k": 20},
+    "pack": {"samples_per_shard": 64},
     "train": {"batch_size": 64, "ckpt_every": 10, "log_every": 5,
               "phases": [{"steps": 10, "losses": {"feature_distill": 1.0}},
                          {"steps": 20, "losses": {"cluster": 0.5, "instance": 1.0, "align": 0.5}}]},
@@ -68,12 +71,13 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
                                   style_augment=True))  # it is evaluated on an artist style it never saw
     t = tcfg.train
     recipe = {k: getattr(t, k) for k in ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "precision",
-                                         "seed", "augment", "style_augment", "use_balanced")}
+                                         "seed", "augment", "style_augment", "use_balanced", "streams", "shuffle_block")}
+    recipe["pack"] = dataclasses.asdict(cfg.pack)
     recipe["phases"] = [dataclasses.asdict(p) for p in t.phases]
     recipe["precision"] = resolve_precision(t.precision, "cuda" if t.use_gpu else "cpu")  # what it trains in
     arch = demo_teacher_config() or {}
     arch = dict(arch, text_cfg={k: v for k, v in arch.get("text_cfg", {}).items() if not k.endswith("_name")})
-    digest_src = json.dumps({"train": recipe, "holdout": cfg.data.holdout, "model": tcfg.student.model, "arch": arch,
+    digest_src = json.dumps({"data_path": "packed-stream", "train": recipe, "holdout": cfg.data.holdout, "model": tcfg.student.model, "arch": arch,
                              "data": Store(cfg.stage_dir("download")).read_json("stats.json").get("successes"),
                              "small": small}, sort_keys=True)
     key = hashlib.sha256(digest_src.encode()).hexdigest()[:12]
@@ -88,7 +92,10 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
         return f"local-dir:{final}"
     work = Path(cfg.workdir) / "teacher_train"
     print(f"[teacher] training the demo LiT teacher ({TEACHER_STEPS[small]} steps, locked MiniLM text tower)")
-    train(tcfg, str(work), use_ray=use_ray, lock_text=True, chinese=False)
+    packed = Store(str(work / "pack"))  # the downloaded training pairs (no embeddings yet: this teacher makes them)
+    if not packed.exists("train/manifest.parquet"):
+        pack_dataset(tcfg, packed, Sources(tcfg, teacher=False, balanced=False, clusters=False), use_ray=use_ray)
+    train(tcfg, str(work), data=packed.uri, use_ray=use_ray, lock_text=True, chinese=False)
     lm = create(cfg.teacher.model)
     from safetensors.torch import load_file
 

@@ -1,4 +1,4 @@
-"""The stage registry: the eight stages by name, in run order, and the multi-stage runner that says which
+"""The stage registry: the nine stages by name, in run order, and the multi-stage runner that says which
 finished stages it redoes and why before it starts."""
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from pipeline.balance import BalanceStage
 from pipeline.cluster import ClusterStage
 from pipeline.download import DownloadStage
 from pipeline.embed import EmbedStage
+from pipeline.pack import PackStage
 
 STAGE_CLASSES: dict[str, type[Stage]] = {c.name: c for c in (
-    DownloadStage, EmbedStage, BalanceStage, ClusterStage, TrainStage, EvalStage, ExportStage, CardStage)}
+    DownloadStage, EmbedStage, BalanceStage, ClusterStage, PackStage, TrainStage, EvalStage, ExportStage, CardStage)}
 assert tuple(STAGE_CLASSES) == STAGES
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from .store import join
 
-STAGES = ("download", "embed", "balance", "cluster", "train", "eval", "export", "card")
+STAGES = ("download", "embed", "balance", "cluster", "pack", "train", "eval", "export", "card")
 # the loss terms a training phase may weigh (kd/losses.py implements each)
 LOSS_NAMES = ("clip", "align", "instance", "feature_distill", "cluster")
 
@@ -101,6 +101,13 @@ class ClusterConfig:
 
 
 @dataclass
+class PackConfig:
+    # pairs per output shard (about: rows go to shards by a seeded hash, so sizes vary by ~sqrt of this)
+    samples_per_shard: int = 1000
+    seed: int = 0                       # the global shuffle: a pair's shard and place are a hash of (seed, key)
+
+
+@dataclass
 class StudentConfig:
     model: str = "cid-tiny-rn"          # open_clip model name (or one of cidistill's packaged configs)
     model_config: str = ""              # optional JSON file registering a custom model name
@@ -147,7 +154,12 @@ class TrainConfig:
     log_every: int = 10                 # steps between lines of train/log.jsonl
     seed: int = 0                       # batches, augmentations and PartialFC samples are functions of (seed, step)
     threads: int = 0                    # torch threads per worker; 0 = all
-    use_balanced: bool = True           # False: train on every embedded sample (ablation d)
+    use_balanced: bool = True           # False: pack and train every embedded sample (ablation d)
+    # the global batch is drawn from this many streams, each reading its own shards of the packed dataset: the
+    # batch sequence is a function of (seed, streams), the same for any train.workers that divides it
+    streams: int = 2
+    shuffle_block: int = 1024           # each stream shuffles blocks of this many pairs (held raw, not decoded)
+    loader_workers: int = 2             # processes per worker that read, decode and augment (0: in the trainer)
     augment: bool = True                # random resized crop
     style_augment: bool = False         # + rotation, blur, colour jitter: generalise across artist styles
     loss: LossConfig = field(default_factory=LossConfig)  # settings of the loss terms
@@ -176,6 +188,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)   # the teacher that embeds every pair
     balance: BalanceConfig = field(default_factory=BalanceConfig)   # image semantic balance (dedup)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)   # k-means pseudo-labels
+    pack: PackConfig = field(default_factory=PackConfig)            # the curated dataset (webdataset shards)
     student: StudentConfig = field(default_factory=StudentConfig)   # the student model
     train: TrainConfig = field(default_factory=TrainConfig)         # the training schedule
     eval: EvalConfig = field(default_factory=EvalConfig)            # the evaluation
@@ -216,11 +229,27 @@ class Config:
             raise ConfigError(f"data.samples_per_shard: must be >= 1, got {self.data.samples_per_shard}")
         if self.cluster.k < 1:
             raise ConfigError("cluster.k: must be >= 1")
+        if self.pack.samples_per_shard < 1:
+            raise ConfigError(f"pack.samples_per_shard: must be >= 1, got {self.pack.samples_per_shard}")
+        self._validate_streams()
         for i, ph in enumerate(self.train.phases):
             unknown = set(ph.losses) - set(LOSS_NAMES)
             if unknown:
                 raise ConfigError(f"train.phases[{i}].losses: unknown loss(es) {sorted(unknown)}; known: {LOSS_NAMES}")
         return self
+
+    def _validate_streams(self) -> None:
+        t = self.train
+        if t.streams < 1 or t.workers < 1 or t.streams % t.workers:
+            raise ConfigError(f"train.streams ({t.streams}) must be a multiple of train.workers ({t.workers})")
+        if t.batch_size % t.streams:
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.streams ({t.streams})")
+        per_worker = t.streams // t.workers
+        if t.loader_workers < 0 or (t.loader_workers and per_worker % t.loader_workers):
+            raise ConfigError(f"train.loader_workers ({t.loader_workers}) must divide the streams of a worker "
+                              f"(train.streams / train.workers = {per_worker}), or be 0")
+        if t.shuffle_block < 1:
+            raise ConfigError(f"train.shuffle_block: must be >= 1, got {t.shuffle_block}")
 
 
 # ---------------------------------------------------------------- building dataclasses from dicts

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -129,13 +131,14 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
         name, pretrained = pretrained, ""
     if name.startswith("local-dir:"):
         folder = Path(name[len("local-dir:"):])
-        try:
-            model, pre_train, pre_val = oc.create_model_and_transforms(name, device=device)
-        except RuntimeError as e:
-            raise ModelLoadError(f"{folder}: weights do not fit its open_clip_config.json ({str(e)[:300]})") from e
+        with relocated(folder) as where:
+            try:
+                model, pre_train, pre_val = oc.create_model_and_transforms(f"local-dir:{where}", device=device)
+            except RuntimeError as e:
+                raise ModelLoadError(f"{folder}: weights do not fit its open_clip_config.json ({str(e)[:300]})") from e
+            tok = oc.get_tokenizer(f"local-dir:{where}")
         full = json.loads((folder / "open_clip_config.json").read_text())
         model_cfg, pp_cfg = full["model_cfg"], full.get("preprocess_cfg", {})
-        tok = oc.get_tokenizer(name)
     else:
         model_cfg = _builtin_config(oc, name)
         is_file = bool(pretrained) and os.path.isfile(pretrained)
@@ -156,6 +159,26 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
     if not pp_cfg and hasattr(model.visual, "preprocess_cfg"):
         pp_cfg = dict(model.visual.preprocess_cfg)
     return LoadedModel(model.to(device), pre_train, pre_val, tok, name, dict(model_cfg), dict(pp_cfg))
+
+
+@contextmanager
+def relocated(folder: Path):
+    """A local-dir model whose Hugging Face text tower carries its config.json inside the folder: open_clip
+    reads that config from `text_cfg.hf_model_name`, the path the folder was exported to. Wherever the folder
+    lies now, load it through a temporary twin (links to its files) whose config names the folder itself."""
+    cfg_path = folder / "open_clip_config.json"
+    full = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    text = full.get("model_cfg", {}).get("text_cfg", {})
+    if not text.get("hf_model_name") or not (folder / "config.json").is_file():
+        yield folder
+        return
+    with tempfile.TemporaryDirectory(prefix="cidistill-local-dir-") as tmp:
+        for f in folder.iterdir():
+            if f.name != "open_clip_config.json":
+                os.symlink(f.resolve(), Path(tmp) / f.name)
+        text.update(hf_model_name=str(folder.resolve()), hf_tokenizer_name=str(folder.resolve()))
+        (Path(tmp) / "open_clip_config.json").write_text(json.dumps(full, ensure_ascii=False))
+        yield Path(tmp)
 
 
 def configs_of(name: str, pretrained: str = "", model_config: str = "") -> tuple[dict, dict]:

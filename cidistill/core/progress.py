@@ -22,11 +22,12 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
         elif not self.disable:
-            while self.total and self.n * 10 >= self.next_tenth * self.total and self.next_tenth <= 10:
+            reached = min(10, self.n * 10 // self.total) if self.total else 0
+            if reached >= self.next_tenth:  # one line per update, however many tenths it crossed
                 rate = self.n / max(time.time() - self.t0, 1e-9)
-                print(f"[{self.desc}] {10 * self.next_tenth}% ({self.n}/{self.total} {self.unit}, {rate:.1f}/s)"
+                print(f"[{self.desc}] {10 * reached}% ({self.n}/{self.total} {self.unit}, {rate:.1f}/s)"
                       f"{' ' + self.postfix if self.postfix else ''}", flush=True)  # stdout: stderr is for errors
-                self.next_tenth += 1
+                self.next_tenth = reached + 1
 
     def set_postfix(self, **values) -> None:
         self.postfix = " ".join(f"{k}={v}" for k, v in values.items())

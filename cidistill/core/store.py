@@ -102,9 +102,10 @@ class Store:
 
     def clean_temps(self) -> int:
         """Remove temp files a killed run left behind."""
-        tmps = self.glob("*.tmp-*")
+        tmps = sorted(set(self.glob("*.tmp-*")) | set(self.glob("**/*.tmp-*")))  # in sub-folders too
         for t in tmps:
-            self.fs.rm(self.path(t), recursive=True)  # a folder too (a checkpoint being written)
+            if self.fs.exists(self.path(t)):  # not inside a temp folder removed just before
+                self.fs.rm(self.path(t), recursive=True)  # a folder too (a checkpoint being written)
         return len(tmps)
 
 

@@ -1,0 +1,207 @@
+"""Training batches streamed from the packed dataset (pipeline/pack.py), with exact resume.
+
+The global batch of `train.batch_size` pairs is the concatenation of `train.streams` lane batches. Lane l
+reads, epoch after epoch, the shards at places l, l+streams, … of a seeded permutation of the shards (a new
+one each epoch), cuts its endless sequence of pairs into blocks of `train.shuffle_block` and emits each block
+in a seeded order (blocks never cross an epoch: no pair twice in one). So the pair at any lane position is a
+pure function of (seed, streams, the shard sizes), and step s of lane l is lane positions [s·b, (s+1)·b),
+b = batch_size / streams: resuming at step s reopens one shard at a row and re-reads at most one block. Workers (Ray Train ranks) take contiguous lanes; each
+worker's loader processes take contiguous lanes of those, decode, augment and tokenise, and hand over one
+item per step in turn. Memory: one block of encoded pairs per lane, plus the prefetched batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from cidistill.core.errors import StageError
+from cidistill.core.images import decode_rgb
+from cidistill.core.packed import image_member, iter_tar_samples, sample_fields, split_shards
+from cidistill.core.store import Store
+from .data import augment, standardise
+
+
+@dataclass
+class StreamSpec:
+    """What fixes the batch sequence (no worker or loader count in it)."""
+    root: str                            # the packed split's parent folder (pack/ or a teacher's pack)
+    split: str
+    shards: list[tuple[str, int]]        # (tar name, pairs)
+    streams: int
+    batch_size: int
+    block: int
+    seed: int
+
+    @property
+    def lane_batch(self) -> int:
+        return self.batch_size // self.streams
+
+    @classmethod
+    def of(cls, root: str, split: str, tc) -> "StreamSpec":
+        shards = split_shards(Store(root), split)
+        if not shards:
+            raise StageError(f"no packed {split} shards in {root}: run `cidistill pack` first")
+        if len(shards) < tc.streams:
+            raise StageError(f"the packed {split} split has {len(shards)} shard(s), fewer than train.streams="
+                             f"{tc.streams}: lower pack.samples_per_shard or train.streams")
+        return cls(root, split, shards, tc.streams, tc.batch_size, tc.shuffle_block, tc.seed)
+
+    @property
+    def pairs(self) -> int:
+        return sum(n for _, n in self.shards)
+
+
+def lane_shards(spec: StreamSpec, lane: int, epoch: int) -> list[tuple[str, int]]:
+    order = np.random.default_rng([spec.seed, epoch, 17]).permutation(len(spec.shards))
+    return [spec.shards[i] for i in order[lane::spec.streams]]
+
+
+def lane_epoch_at(spec: StreamSpec, lane: int, pos: int) -> tuple[int, int, list[tuple[str, int]]]:
+    """(epoch, offset in that epoch, the epoch's shards) of lane position `pos`."""
+    epoch, start = 0, 0
+    while True:
+        shards = lane_shards(spec, lane, epoch)
+        count = sum(n for _, n in shards)
+        if pos < start + count:
+            return epoch, pos - start, shards
+        epoch, start = epoch + 1, start + count
+
+
+def shard_at(shards: list[tuple[str, int]], offset: int) -> tuple[int, int]:
+    """(index of the shard, row in it) of an offset into a list of shards."""
+    for i, (_, n) in enumerate(shards):
+        if offset < n:
+            return i, offset
+        offset -= n
+    raise IndexError(offset)
+
+
+def data_position(spec: StreamSpec, step: int) -> list[dict]:
+    """Where each lane stands before `step`: what a checkpoint records (and a resume reopens)."""
+    out = []
+    for lane in range(spec.streams):
+        epoch, offset, shards = lane_epoch_at(spec, lane, step * spec.lane_batch)
+        block = offset // spec.block
+        i, row = shard_at(shards, block * spec.block)
+        out.append({"lane": lane, "epoch": epoch, "shard": shards[i][0], "row": row, "block": block,
+                    "in_block": offset - block * spec.block, "block_seed": [spec.seed, lane, epoch, block]})
+    return out
+
+
+def epoch_raw(store: Store, shards: list[tuple[str, int]], start: int) -> Iterator[dict[str, bytes]]:
+    i, row = shard_at(shards, start)
+    for j in range(i, len(shards)):
+        yield from iter_tar_samples(store, shards[j][0], row if j == i else 0)
+
+
+def lane_samples(spec: StreamSpec, lane: int, start: int) -> Iterator[dict[str, bytes]]:
+    """Raw samples of lane `lane` from lane position `start` on. An epoch's pairs are cut into blocks (never
+    across epochs, so that a block holds no pair twice), each read whole and emitted in a seeded order."""
+    store, k = Store(spec.root), spec.block
+    epoch, offset, shards = lane_epoch_at(spec, lane, start)
+    while True:
+        count = sum(n for _, n in shards)
+        first = offset // k
+        src = epoch_raw(store, shards, first * k)
+        for block in range(first, -(-count // k)):
+            held = [next(src) for _ in range(min(k, count - block * k))]
+            order = np.random.default_rng([spec.seed, lane, epoch, block]).permutation(len(held))
+            for i in order[offset - block * k if block == first else 0:]:
+                yield held[i]
+        epoch, offset = epoch + 1, 0
+        shards = lane_shards(spec, lane, epoch)
+
+
+@dataclass
+class BatchMaker:
+    """Turns a lane group's raw samples into the tensors of a train step (runs in the loader processes)."""
+    image_size: int
+    mean: tuple
+    std: tuple
+    tokenizer: Callable
+    old2new: torch.Tensor | None       # trimmed vocabulary's id map
+    use_zh: bool
+    augment: bool
+    style: bool
+    seed: int
+
+    def tokens(self, texts: list[str]) -> torch.Tensor:
+        t = self.tokenizer(texts)
+        return self.old2new[t] if self.old2new is not None else t
+
+    def __call__(self, samples: list[dict[str, bytes]], step: int, offset: int, total: int) -> dict:
+        fields = [sample_fields(s) for s in samples]
+        imgs = np.stack([decode_rgb(image_member(s), self.image_size) for s in samples])
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255)
+        if self.augment:  # each row's warp is drawn for the global batch: any split into workers sees the same
+            x = augment(x, torch.Generator().manual_seed(self.seed * 7919 + step * 31), offset=offset, total=total,
+                        style=self.style)
+        caps = [f["caption"] for f in fields]
+        item = {"step": step, "x": standardise(x, self.mean, self.std), "tokens": self.tokens(caps),
+                "keys": [f["key"] for f in fields]}
+        if self.use_zh:
+            item["tokens_zh"] = self.tokens([f["caption_zh"] or c for f, c in zip(fields, caps)])
+            item["has_zh"] = torch.tensor([bool(f["caption_zh"]) for f in fields])
+        for name in ("t_img", "t_txt"):
+            if name in fields[0]:
+                item[name] = torch.from_numpy(np.stack([f[name] for f in fields]).astype(np.float32))
+        if "cluster_id" in fields[0]["meta"]:
+            item["cluster_id"] = torch.tensor([f["meta"]["cluster_id"] for f in fields], dtype=torch.long)
+        return item
+
+
+class LaneGroup(torch.utils.data.IterableDataset):
+    """Items of lanes first..first+count-1 (concatenated in lane order), one per step from `start_step`.
+    As a DataLoader dataset each loader process takes its own contiguous share of the lanes."""
+
+    def __init__(self, spec: StreamSpec, make: BatchMaker, first: int, count: int, start_step: int, per_loader: int = 0):
+        self.spec, self.make, self.first, self.count, self.start_step = spec, make, first, count, start_step
+        self.per_loader = per_loader or count
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        first = self.first + (info.id * self.per_loader if info else 0)
+        count = self.per_loader if info else self.count
+        b = self.spec.lane_batch
+        lanes = [lane_samples(self.spec, lane, self.start_step * b) for lane in range(first, first + count)]
+        step = self.start_step
+        while True:
+            samples = [s for it in lanes for s in (next(it) for _ in range(b))]
+            yield self.make(samples, step, offset=first * b, total=self.spec.batch_size)
+            step += 1
+
+
+def merge_items(items: list[dict]) -> dict:
+    out = {}
+    for k, v in items[0].items():
+        if k == "step":
+            if any(it["step"] != v for it in items):
+                raise RuntimeError(f"loader processes out of step: {[it['step'] for it in items]}")
+            out[k] = v
+        elif isinstance(v, torch.Tensor):
+            out[k] = torch.cat([it[k] for it in items])
+        else:
+            out[k] = [e for it in items for e in it[k]]
+    return out
+
+
+def worker_batches(spec: StreamSpec, make: BatchMaker, rank: int, world: int, start_step: int,
+                   loader_workers: int) -> Iterator[dict]:
+    """This worker's batches from `start_step` on: its lanes' items merged, prefetched by loader processes."""
+    per_rank = spec.streams // world
+    group = LaneGroup(spec, make, rank * per_rank, per_rank, start_step,
+                      per_loader=per_rank // loader_workers if loader_workers else 0)
+    if not loader_workers:
+        yield from iter(group)
+        return
+    loader = torch.utils.data.DataLoader(group, batch_size=None, num_workers=loader_workers, prefetch_factor=4,
+                                         worker_init_fn=_one_thread)
+    it = iter(loader)
+    while True:
+        yield merge_items([next(it) for _ in range(loader_workers)])
+
+
+def _one_thread(_):
+    torch.set_num_threads(1)  # the trainer's threads do the compute; a loader process decodes

@@ -1,0 +1,108 @@
+"""The curated dataset (pack stage) and the stream the trainer reads from it."""
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cidistill.core.packed import iter_tar_samples, sample_fields, split_shards
+from cidistill.core.schema import emb_matrix, holdout_mask
+from cidistill.core.store import Store
+from kd.stream import StreamSpec, data_position, lane_samples, lane_shards
+
+
+def _stage_rows(cfg, stage, cols):
+    return {r["key"]: r for p in sorted(Path(cfg.stage_dir(stage)).glob("0*.parquet"))
+            for r in pq.read_table(p, columns=cols).to_pylist()}
+
+
+def _packed(cfg, split):
+    store = Store(cfg.stage_dir("pack"))
+    return [sample_fields(s) for name, _ in split_shards(store, split) for s in iter_tar_samples(store, name)]
+
+
+def test_packed_train_split_is_exactly_the_kept_training_pairs_with_their_embeddings(small_run):
+    kept = {k for k, r in _stage_rows(small_run, "balance", ["key", "kept"]).items() if r["kept"]}
+    held = set()
+    for p in sorted(Path(small_run.stage_dir("download")).glob("0*.parquet")):
+        t = pq.read_table(p)
+        t = t.filter(pc.equal(t.column("status"), "success"))
+        held |= set(t.filter(holdout_mask(small_run, t)).column("key").to_pylist())
+    train, evals = _packed(small_run, "train"), _packed(small_run, "eval")
+    keys = [s["key"] for s in train]
+    assert len(keys) == len(set(keys)), "a pair packed twice"
+    assert set(keys) == kept - held and not set(keys) & held
+    assert sorted(s["key"] for s in evals) == sorted(held)
+
+    emb = {}
+    for p in sorted(Path(small_run.stage_dir("embed")).glob("0*.parquet")):
+        t = pq.read_table(p, columns=["key", "image_emb", "text_emb", "text_emb_zh"])
+        for k, a, b, c in zip(t.column("key").to_pylist(), emb_matrix(t.column("image_emb")),
+                              emb_matrix(t.column("text_emb")), emb_matrix(t.column("text_emb_zh"))):
+            emb[k] = (a, b, c)
+    clusters = _stage_rows(small_run, "cluster", ["key", "cluster_id"])
+    captions = _stage_rows(small_run, "download", ["key", "caption", "caption_zh"])
+    for s in train:
+        a, b, c = emb[s["key"]]
+        assert s["t_img"].dtype == np.float16 and np.array_equal(s["t_img"].astype(np.float32), a)
+        assert np.array_equal(s["t_txt"].astype(np.float32), b) and np.array_equal(s["t_txt_zh"].astype(np.float32), c)
+        assert s["meta"]["cluster_id"] == clusters[s["key"]]["cluster_id"]
+        assert (s["caption"], s["caption_zh"]) == (captions[s["key"]]["caption"], captions[s["key"]]["caption_zh"])
+    manifest = pq.read_table(Path(small_run.stage_dir("pack")) / "train" / "manifest.parquet").to_pylist()
+    assert [m["key"] for m in manifest] == keys  # shard order, then row order
+    assert all(m["row"] == i for _, rows in itertools.groupby(manifest, key=lambda m: m["shard"])
+               for i, m in enumerate(rows))
+
+
+READER = """
+import glob, json, sys
+import webdataset as wds
+ds = wds.WebDataset(sorted(glob.glob(sys.argv[1] + "/train/shard-*.tar")), shardshuffle=False).decode("rgb8")
+rows = [(s["__key__"], s["txt"], s["json"]["cluster_id"], s["teacher_image_emb.npy"].shape, s["png"].shape) for s in ds]
+assert not [m for m in sys.modules if m.split(".")[0] in ("cidistill", "kd", "pipeline", "data_cards")]
+print(json.dumps(rows))
+"""
+
+
+def test_packed_shards_load_with_plain_webdataset_in_a_process_without_the_project(small_run, tmp_path):
+    (tmp_path / "read.py").write_text(READER)
+    r = subprocess.run([sys.executable, str(tmp_path / "read.py"), small_run.stage_dir("pack")], cwd=tmp_path,
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)
+    want = [(s["key"], s["caption"]) for s in _packed(small_run, "train")]
+    assert [(k, t) for k, t, *_ in rows] == want
+    assert {tuple(e) for *_, e, _ in rows} == {(384,)} and all(len(img) == 3 for *_, img in rows)
+
+
+def _spec(cfg, streams=2, batch=16, block=40):
+    tc = SimpleNamespace(streams=streams, batch_size=batch, shuffle_block=block, seed=3)
+    return StreamSpec.of(cfg.stage_dir("pack"), "train", tc)
+
+
+def test_stream_resumes_mid_epoch_at_the_exact_next_sample(small_run):
+    spec = _spec(small_run)
+    for lane in range(spec.streams):
+        full = [s["__key__"] for s in itertools.islice(lane_samples(spec, lane, 0), 400)]
+        for start in (1, 39, 40, 95, 233):
+            assert [s["__key__"] for s in itertools.islice(lane_samples(spec, lane, start), 400 - start)] == full[start:]
+    pos = data_position(spec, 9)  # a checkpoint's record: lane epoch, shard, row and block
+    assert [p["lane"] for p in pos] == [0, 1] and all(p["in_block"] < spec.block for p in pos)
+
+
+def test_each_lane_epoch_reads_its_shards_once_and_no_block_repeats_a_pair(small_run):
+    spec = _spec(small_run, block=1000)  # a block larger than an epoch: still cut at the epoch's end
+    for lane in range(spec.streams):
+        it = lane_samples(spec, lane, 0)
+        for epoch in range(3):
+            shards = lane_shards(spec, lane, epoch)
+            want = sorted(s["__key__"] for name, _ in shards for s in iter_tar_samples(Store(spec.root), name))
+            got = [s["__key__"] for s in itertools.islice(it, sum(n for _, n in shards))]
+            assert sorted(got) == want, (lane, epoch)
+    every = {name for lane in range(spec.streams) for name, _ in lane_shards(spec, lane, 0)}
+    assert every == {name for name, _ in spec.shards}  # the lanes of one epoch split the shards between them
