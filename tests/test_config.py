@@ -96,4 +96,4 @@ def test_every_config_field_has_a_comment():
             for v in (default if isinstance(default, list) else [default]):
                 if dataclasses.is_dataclass(v):
                     todo.append(type(v))
-    assert len(seen) == 11 and not missing, missing
+    assert len(seen) == 12 and not missing, missing

@@ -20,7 +20,7 @@ def test_every_stage_done_and_rerun_skips(small_run, capsys):
     capsys.readouterr()
     run_stages(small_run, ["download", "embed", "balance", "cluster", "pack", "train", "eval", "export"])
     out = capsys.readouterr().out
-    assert out.count("already done") == 7
+    assert out.count("already done") == 8
 
 
 def test_embeddings_equal_direct_model_calls(small_run):

@@ -22,6 +22,8 @@ def test_resume_reaches_same_weights(small_run, tmp_path):
     train(cfg, str(tmp_path / "a"), use_ray=False)
     train(cfg, str(tmp_path / "b"), use_ray=False, stop_after=3)   # "killed" after step 3 (checkpoint at 2)
     assert latest_checkpoint(tmp_path / "b").name == "step-0000002"
+    position = json.loads((latest_checkpoint(tmp_path / "b") / "meta.json").read_text())["data_position"]
+    assert [p["epoch"] for p in position] == [0, 0] and all(p["in_block"] == 2 * 8 for p in position)  # mid-epoch
     train(cfg, str(tmp_path / "b"), use_ray=False)                 # resumes from step 2
     a = load_file(latest_checkpoint(tmp_path / "a") / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "b") / "model.safetensors")
