@@ -46,6 +46,9 @@ def image_size(lm: LoadedModel) -> int:
     return s if isinstance(s, int) else s[0]
 
 
+EVAL_META = ("base", "base_name", "base_name_zh", "subgroup")  # the zero-shot classes and the probe's label
+
+
 @dataclass
 class SplitView:
     """One pass over a packed split: image features and each pair's captions and metadata (no images)."""
@@ -62,7 +65,8 @@ class SplitView:
 @torch.no_grad()
 def encode_images(lm: LoadedModel, images_u8: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images_u8).permute(0, 3, 1, 2)
-    return lm.model.encode_image(normalise(x, lm.preprocess_cfg.get("mean"), lm.preprocess_cfg.get("std"))).float()
+    out = lm.model.encode_image(normalise(x, lm.preprocess_cfg.get("mean"), lm.preprocess_cfg.get("std")))
+    return out.float().clone()  # a copy: the output may be a view that keeps the whole last activation alive
 
 
 def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256) -> SplitView:
@@ -75,7 +79,7 @@ def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256) -> Spli
             view.keys.append(f["key"])
             view.captions.append(f["caption"])
             view.captions_zh.append(f["caption_zh"])
-            view.meta.append(f["meta"])
+            view.meta.append({k: f["meta"].get(k) for k in EVAL_META})
             pending.append(decode_rgb(image_member(s), size))
             if len(pending) == batch:
                 feats.append(encode_images(lm, np.stack(pending)))
@@ -118,17 +122,24 @@ def mean_per_class(correct: np.ndarray, labels: np.ndarray) -> float:
     return float((np.bincount(inv, weights=np.asarray(correct, np.float64)) / np.bincount(inv)).mean())
 
 
-def recall_at(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10), block: int = 1024) -> dict:
+def recall_at(img: torch.Tensor, txt: torch.Tensor, ks=(1, 5, 10), block: int = 0) -> dict:
     """Pair i's image and caption i match; captions shared by several images count any of them. Ranked a
-    block of rows at a time (memory block x N, never N x N); each row's own score is read from its block."""
+    block of rows at a time (block x N scores, about 4M whatever N: never N x N); each row's own score is read
+    from its block."""
     out = {}
+    block = block or max(1, (1 << 22) // max(len(txt), 1))
     for name, a, b in (("i2t", img, txt), ("t2i", txt, img)):
-        ranks = []
+        b = b.t().contiguous()
+        # one score and one mask buffer, reused: a fresh block-sized temporary per block fragments the heap
+        scores, above = torch.empty(min(block, len(a)), len(b.t())), torch.empty(min(block, len(a)), len(b.t()), dtype=torch.bool)
+        rank = torch.empty(len(a), dtype=torch.long)
         for i in range(0, len(a), block):
-            s = a[i:i + block] @ b.t()
-            rows = torch.arange(len(s))
-            ranks.append((s > s[rows, rows + i][:, None]).sum(1))
-        rank = torch.cat(ranks)
+            n = min(block, len(a) - i)
+            s, m = scores[:n], above[:n]
+            torch.mm(a[i:i + n], b, out=s)
+            rows = torch.arange(n)
+            torch.gt(s, s[rows, rows + i][:, None], out=m)
+            rank[i:i + n] = torch.count_nonzero(m, dim=1)
         out.update({f"{name}_r@{k}": float((rank < k).float().mean()) for k in ks})
     return out
 
