@@ -191,6 +191,7 @@ def worker_batches(spec: StreamSpec, make: BatchMaker, rank: int, world: int, st
                    loader_workers: int) -> Iterator[dict]:
     """This worker's batches from `start_step` on: its lanes' items merged, prefetched by loader processes."""
     per_rank = spec.streams // world
+    loader_workers = max((d for d in range(1, loader_workers + 1) if per_rank % d == 0), default=0)
     group = LaneGroup(spec, make, rank * per_rank, per_rank, start_step,
                       per_loader=per_rank // loader_workers if loader_workers else 0)
     if not loader_workers:

@@ -159,7 +159,9 @@ class TrainConfig:
     # batch sequence is a function of (seed, streams), the same for any train.workers that divides it
     streams: int = 2
     shuffle_block: int = 1024           # each stream shuffles blocks of this many pairs (held raw, not decoded)
-    loader_workers: int = 2             # processes per worker that read, decode and augment (0: in the trainer)
+    # processes per worker that read, decode and augment (0: in the trainer); each takes whole streams, so a
+    # worker runs at most as many as it has streams (the largest count dividing them)
+    loader_workers: int = 2
     augment: bool = True                # random resized crop
     style_augment: bool = False         # + rotation, blur, colour jitter: generalise across artist styles
     loss: LossConfig = field(default_factory=LossConfig)  # settings of the loss terms
@@ -244,10 +246,8 @@ class Config:
             raise ConfigError(f"train.streams ({t.streams}) must be a multiple of train.workers ({t.workers})")
         if t.batch_size % t.streams:
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.streams ({t.streams})")
-        per_worker = t.streams // t.workers
-        if t.loader_workers < 0 or (t.loader_workers and per_worker % t.loader_workers):
-            raise ConfigError(f"train.loader_workers ({t.loader_workers}) must divide the streams of a worker "
-                              f"(train.streams / train.workers = {per_worker}), or be 0")
+        if t.loader_workers < 0:
+            raise ConfigError(f"train.loader_workers: must be >= 0, got {t.loader_workers}")
         if t.shuffle_block < 1:
             raise ConfigError(f"train.shuffle_block: must be >= 1, got {t.shuffle_block}")
 
