@@ -22,6 +22,7 @@ from cidistill.core.config import Config, from_dict
 from cidistill.core.errors import StageError
 from cidistill.core.runtime import resolve_precision
 from cidistill.core.progress import Progress
+from cidistill.core.packed import iter_tar_samples, sample_fields
 from cidistill.core.models import by_length, count_params, create, encode_text, trim_vocab
 from cidistill.core.store import Store
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
@@ -221,8 +222,6 @@ def setup(job: dict) -> Worker:
 
 def teacher_width(spec: StreamSpec) -> int | None:
     """The teacher embeddings' width, from the first packed sample (None: a pack without them)."""
-    from cidistill.core.packed import iter_tar_samples, sample_fields
-
     first = sample_fields(next(iter_tar_samples(Store(spec.root), spec.shards[0][0])))
     return first["t_img"].shape[0] if "t_img" in first else None
 

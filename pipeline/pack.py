@@ -206,15 +206,14 @@ def pack_dataset(cfg: Config, out: Store, src: Sources, use_ray: bool = True) ->
                             desc="pack: gather"))
     result = {"input_shards": len(shards), **counts}
     for split in SPLITS:
-        sizes = [n for _, n in split_shards(out, split)]
+        shard_stats = [out.read_json(n) for n in out.glob(f"{split}/shard-*_stats.json")]  # read once each
+        sizes = [st["samples"] for st in shard_stats]
         if sizes:
             write_manifest(out, split)
         result[f"{split}_shards"] = len(sizes)
         result[f"{split}_samples_per_shard"] = [min(sizes), max(sizes)] if sizes else [0, 0]
-        result[f"{split}_bytes"] = sum(out.read_json(f"{split}/{shard_file(j)}_stats.json")["bytes"]
-                                       for j in range(len(sizes)))
-        result[f"{split}_has_zh"] = sum(out.read_json(f"{split}/{shard_file(j)}_stats.json")["has_zh"]
-                                        for j in range(len(sizes)))
+        result[f"{split}_bytes"] = sum(st["bytes"] for st in shard_stats)
+        result[f"{split}_has_zh"] = sum(st["has_zh"] for st in shard_stats)
     out.rm(PARTS)
     return result
 
