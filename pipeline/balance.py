@@ -1,161 +1,52 @@
-"""balance: image semantic balance (CLIP-CID §3.1). Removes, in this order,
-  bad_embedding  NaN/inf/zero teacher image embeddings
-  exact_dup      same decoded-pixel hash
-  near_dup       cosine >= near_dup_cos to an earlier item of its k-means cluster
-  semantic_dup   cosine >  1 - eps to an earlier item of its cluster (SemDeDup's rule)
-  cluster_cap    beyond the per-cluster cap (optional)
-and marks `held_out` the evaluation split (data.holdout), which takes no part in any rule: an evaluation
-image is never a duplicate's surviving representative, so holding it out costs training no sample.
-"Earlier" is the keep policy's order inside the cluster: hard (farthest from the centroid first, as
-SemDeDup), easy (nearest first) or random. Memory is bounded by the largest cluster: oversized clusters are
-split, and similarities are computed in row blocks (int8-screened, exact where it decides: semdedup.py).
-Decisions are saved once, then written per shard."""
+"""balance: image semantic balance (the rules: balance_rules.py), out of core and spread over the Ray cluster.
+Every step is a set of tasks whose outputs land in `_work/` on the store, each resumable by its marker:
+
+1. scan    (per embed shard)  held_out / bad_embedding / no_caption per row; the live rows with a pixel hash
+                              scattered into a part sorted by a hash of the pixel hash;
+2. exact   (per hash range)   exact_dup: each range of pixel hashes read from every part, decided alone;
+3. sample  (per embed shard)  a seeded hash sample of the live rows (k x 256 of them, faiss's own bound) and
+                              a held-aside one; the driver fits the k-means on the sample (bounded by k);
+4. assign  (per embed shard)  each live row's cluster; rows scattered into a part sorted by cluster;
+5. rules   (per cluster group, about `balance.rows_per_task` rows) the clusters' rows read from every part
+                              in dataset order, oversized clusters split, near/ε/cap rules (exact kernels);
+6. write   (per embed shard, the stage's units) the decisions gathered back into `0000N.parquet` with
+                              the lineage (drop_reason, dup_of, balance_cluster), then its stats file.
+The driver holds counts and the k-means sample, never rows of the dataset. Held-out rows take no part in any
+rule: an evaluation image is never a duplicate's surviving representative."""
 from __future__ import annotations
 
-import math
+import io
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cidistill.core.config import BalanceConfig, Config
+from cidistill.core import faults
+from cidistill.core.config import Config
 from cidistill.core.errors import StageError
-from cidistill.core.schema import (BALANCE_SCHEMA, DROP_REASONS, HOLDOUT_FIELDS, emb_matrix, has_holdout,
-                                   holdout_mask, join_on_key, shard_stats_name)
-from cidistill.core.stage import Stage
-from .cluster import assign, l2n, spherical_kmeans
-from .semdedup import gather, keep_order, screened_earlier_max
+from cidistill.core.schema import (BALANCE_SCHEMA, HOLDOUT_FIELDS, emb_matrix, has_holdout, holdout_mask,
+                                   join_on_key, shard_stats_name)
+from cidistill.core.stage import Stage, run_tasks, sum_counters
+from cidistill.core.store import Store, join
+from .balance_rules import (KMEANS_POINTS_PER_CENTROID, balance_k, bad_embedding, decide_cluster, rule_matrix,
+                            summarise)
+from .cluster import assign, spherical_kmeans
+from .parts import (H_SPAN, cut_ranges, in_range, key_hash, raise_failed, read_parts, sample_cuts, write_part)
 
-def split_oversized(x: np.ndarray, labels: np.ndarray, centroids: np.ndarray, max_size: int, seed: int):
-    """Split clusters above max_size with a sub-k-means so that no cluster exceeds it (bounds memory)."""
-    labels = labels.copy()
-    cents = [c for c in centroids]
-    for _ in range(8):
-        sizes = np.bincount(labels, minlength=len(cents))
-        big = np.flatnonzero(sizes > max_size)
-        if not len(big):
-            break
-        for c in big:
-            idx = np.flatnonzero(labels == c)
-            parts = math.ceil(len(idx) / max_size) + 1
-            sub, _ = spherical_kmeans(x[idx], parts, niter=10, seed=seed)
-            sub_ids, _ = assign(x[idx], sub)
-            base = len(cents)
-            cents.extend(sub[1:])
-            cents[c] = sub[0]
-            labels[idx] = np.where(sub_ids == 0, c, base + sub_ids - 1)
-    return labels, np.stack(cents)
+WORK = "_work"
+ASIDE = 10_000          # held-aside rows on which the k-means objective is reported
 
 
-def mark_bad_and_exact(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, reason: np.ndarray,
-                       dup_of: np.ndarray, no_caption: np.ndarray | None = None) -> None:
-    """bad_embedding (NaN/inf/zero), no_caption, then exact_dup: the first key (sorted) of each pixel-hash
-    group survives."""
-    norms = np.linalg.norm(x, axis=1)
-    bad = (~np.isfinite(x).all(1) | (norms < 1e-6)) & (reason == None)  # noqa: E711
-    reason[bad] = "bad_embedding"
-    if no_caption is not None:
-        reason[no_caption & (reason == None)] = "no_caption"  # noqa: E711
-    first_of: dict[str, int] = {}
-    for i in np.argsort(keys, kind="stable"):
-        if reason[i] is not None or not hashes[i]:
-            continue
-        j = first_of.setdefault(hashes[i], i)
-        if j != i:
-            reason[i], dup_of[i] = "exact_dup", keys[j]
+def save_npy(store: Store, name: str, a: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    store.write_bytes(name, buf.getvalue())
 
 
-def rule_vectors(x: np.ndarray, text: np.ndarray | None, live: np.ndarray, bc: BalanceConfig) -> np.ndarray:
-    """What the near/semantic rules compare: the image embedding, or [image, caption] / sqrt(2) (joint)."""
-    xs = l2n(x[live])
-    if bc.semantic_on == "joint":
-        if text is None:
-            raise ValueError("balance.semantic_on=joint needs the caption embeddings")
-        # a cosine is then the mean of the two (no caption: at most 1/sqrt(2), never a dup)
-        xs = l2n(np.concatenate([xs, l2n(np.nan_to_num(text[live]))], axis=1))
-    return xs
-
-
-def decide_cluster(order: np.ndarray, best: np.ndarray, arg: np.ndarray, live: np.ndarray, keys: np.ndarray,
-                   reason: np.ndarray, dup_of: np.ndarray, bc: BalanceConfig) -> int:
-    """One cluster's rows in keep order: near_dup / semantic_dup by the earlier max, then the cap. Returns
-    how many it keeps."""
-    kept_in_cluster = 0
-    for pos, row in enumerate(order):
-        g = live[row]
-        if best[pos] >= bc.near_dup_cos or best[pos] > 1 - bc.apply_eps:
-            reason[g] = "near_dup" if best[pos] >= bc.near_dup_cos else "semantic_dup"
-            near = live[order[arg[pos]]]
-            dup_of[g] = keys[near] if reason[near] is None else dup_of[near]  # its surviving representative
-        elif bc.cluster_cap and kept_in_cluster >= bc.cluster_cap:
-            reason[g] = "cluster_cap"
-        else:
-            kept_in_cluster += 1
-    return kept_in_cluster
-
-
-def semantic_rules(xs: np.ndarray, live: np.ndarray, keys: np.ndarray, reason: np.ndarray, dup_of: np.ndarray,
-                   cluster: np.ndarray, bc: BalanceConfig, stats: dict) -> tuple[Counter, np.ndarray, np.ndarray]:
-    """k-means over the live rows, then the rules cluster by cluster. Returns (ε sweep, sizes before, after)."""
-    eps_sorted = sorted(bc.semantic_eps)
-    thresholds = [1 - e for e in eps_sorted] + [1 - bc.apply_eps, bc.near_dup_cos]
-    k = min(bc.kmeans_k or max(1, int(round(math.sqrt(len(live))))), len(live))
-    cents, info = spherical_kmeans(xs, k, seed=bc.seed, gpu=bc.gpu)
-    labels, _ = assign(xs, cents, bc.gpu)
-    labels, cents = split_oversized(xs, labels, cents, bc.max_cluster_size, bc.seed)
-    stats["kmeans"] = dict(info, clusters_after_split=len(cents))
-    cluster[live] = labels
-    rng = np.random.default_rng(bc.seed)
-    sweep: Counter = Counter()
-    sizes_before, sizes_after = np.bincount(labels, minlength=len(cents)), np.zeros(len(cents), np.int64)
-    members = np.argsort(labels, kind="stable")
-    bounds = np.searchsorted(labels[members], np.arange(len(cents) + 1))
-    for c in range(len(cents)):
-        idx = members[bounds[c]:bounds[c + 1]]
-        if not len(idx):
-            continue
-        order = idx[keep_order(gather(xs, idx).numpy(), cents[c], bc.keep, rng)]
-        best, arg = screened_earlier_max(xs, thresholds, rows=order)
-        for e in eps_sorted:
-            sweep[e] += int((best > 1 - e).sum())
-        sizes_after[c] = decide_cluster(order, best, arg, live, keys, reason, dup_of, bc)
-    return sweep, sizes_before, sizes_after
-
-
-def balance_decisions(keys: np.ndarray, x: np.ndarray, hashes: np.ndarray, bc: BalanceConfig,
-                      held_out: np.ndarray | None = None, text: np.ndarray | None = None,
-                      no_caption: np.ndarray | None = None) -> tuple[pa.Table, dict]:
-    """The whole rule on in-memory arrays. Returns a table key/kept/drop_reason/dup_of/balance_cluster
-    and the stats. `text`: the caption embeddings, needed with `semantic_on: joint`; `no_caption`: rows
-    without an English caption embedding."""
-    n = len(keys)
-    reason = np.full(n, None, dtype=object)
-    if held_out is not None:
-        reason[held_out] = "held_out"
-    dup_of = np.full(n, None, dtype=object)
-    cluster = np.full(n, -1, np.int32)
-    mark_bad_and_exact(keys, x, hashes, reason, dup_of, no_caption)
-    live = np.flatnonzero(reason == None)  # noqa: E711 (object array)
-    xs = rule_vectors(x, text, live, bc)
-    stats: dict = {"input": n, "semantic_on": bc.semantic_on}
-    sweep, sizes_before, sizes_after = Counter(), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if len(live):
-        sweep, sizes_before, sizes_after = semantic_rules(xs, live, keys, reason, dup_of, cluster, bc, stats)
-    kept = np.array([r is None for r in reason])
-    counts = Counter(r for r in reason if r is not None)
-    stats.update(kept=int(kept.sum()), removed=int((~kept).sum()),
-                 removed_by_rule={r: int(counts.get(r, 0)) for r in DROP_REASONS if r != "held_out"},
-                 held_out=int(counts.get("held_out", 0)),
-                 eps_sweep={str(e): sweep[e] for e in sorted(bc.semantic_eps)}, apply_eps=bc.apply_eps,
-                 clusters=int(len(sizes_before)),
-                 cluster_size_max_before=int(sizes_before.max()) if len(sizes_before) else 0,
-                 cluster_size_max_after=int(sizes_after.max()) if len(sizes_after) else 0)
-    table = pa.table({"key": pa.array(keys.tolist(), pa.string()), "kept": kept,
-                      "drop_reason": pa.array(reason.tolist(), pa.string()),
-                      "dup_of": pa.array(dup_of.tolist(), pa.string()), "balance_cluster": cluster},
-                     schema=BALANCE_SCHEMA)
-    return table, {"stats": stats, "sizes_before": sizes_before.tolist(), "sizes_after": sizes_after.tolist()}
+def load_npy(store: Store, name: str) -> np.ndarray:
+    with store.fs.open(store.path(name), "rb") as f:
+        return np.load(f)
 
 
 class BalanceStage(Stage):
@@ -167,59 +58,240 @@ class BalanceStage(Stage):
         super().__init__(cfg, use_ray)
         self.bc = cfg.balance
         self.emb = self.input_store("embed")
+        self.work = Store(join(self.out.uri, WORK))
+        self.joint = self.bc.semantic_on == "joint"
 
     def units(self) -> list[str]:
         self.require("embed")
         return [n[:-len(".parquet")] for n in self.emb.glob("[0-9]*.parquet")]
 
-    def _decide(self) -> pa.Table:
-        """Global decisions, saved before any shard output so a resumed run writes the same shards."""
-        if self.out.exists("_decisions.parquet"):
-            return self.out.read_table("_decisions.parquet")
-        keys, xs, txt, hashes, shard_of, held, nocap = [], [], [], [], [], [], []
-        joint = self.bc.semantic_on == "joint"
-        dl = self.input_store("download")
-        for s in self.units():
-            t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash", "text_emb"])
-            if self.cfg.data.holdout:
-                col = self.cfg.data.holdout.partition("=")[0]
-                d = dl.read_table(f"{s}.parquet", columns=["key", col])
-                t = join_on_key(t, d.filter(pc.is_valid(d.column("key"))))
-            if has_holdout(self.cfg):
-                held.append(holdout_mask(self.cfg, t).to_numpy(zero_copy_only=False))
-            keys += t.column("key").to_pylist()
-            xs.append(emb_matrix(t.column("image_emb")))
-            if joint:
-                txt.append(emb_matrix(t.column("text_emb")))
-            nocap.append(t.column("text_emb").is_null().to_numpy(zero_copy_only=False))  # embed writes null for no caption
-            hashes += [h or "" for h in t.column("image_hash").to_pylist()]
-            shard_of += [s] * t.num_rows
-        dup = [k for k, c in Counter(keys).items() if c > 1]
-        if dup:
-            raise StageError(f"duplicate keys across embed shards (e.g. {dup[:3]}): the embed folder mixes runs")
-        x = np.concatenate(xs) if xs else np.zeros((0, 1), np.float32)
-        table, extra = balance_decisions(np.array(keys, dtype=object), x, np.array(hashes, dtype=object), self.bc,
-                                         np.concatenate(held) if held else None, np.concatenate(txt) if txt else None,
-                                         np.concatenate(nocap) if nocap else None)
-        table = table.append_column("shard", pa.array(shard_of, pa.string()))
-        self.out.write_json("cluster_sizes.json", {k: extra[k] for k in ("sizes_before", "sizes_after")})
-        self.out.write_json("_global_stats.json", extra["stats"])
-        self.out.write_table("_decisions.parquet", table)
-        return table
+    # -- the steps' driver: run the missing tasks of a step, return every task's stats
+    def step(self, name: str, items: list[str], fn) -> dict[str, dict]:
+        def task(item: str) -> dict:
+            st = fn(item)
+            self.work.write_json(f"{name}/{item}_stats.json", st)  # the task's marker, last
+            return st
+
+        todo = [i for i in items if not self.work.exists(f"{name}/{i}_stats.json")]
+        faults.set_phase(name)
+        raise_failed(f"balance: {name}", run_tasks(task, todo, use_ray=self.use_ray, desc=f"balance: {name}"))
+        return {i: self.work.read_json(f"{name}/{i}_stats.json") for i in items}
+
+    def fixed(self, name: str, make):
+        """A value decided once per run (a resumed run reuses it)."""
+        if not self.work.exists(name):
+            self.work.write_json(name, make())
+        return self.work.read_json(name)
 
     def run_units(self, pending: list[str]) -> dict[str, str]:
-        table = self._decide()
-        for s in pending:
-            part = table.filter(pc.equal(table.column("shard"), s)).drop(["shard"]).sort_by("key")
-            self.out.write_table(f"{s}.parquet", part)
-            reasons = Counter(r for r in part.column("drop_reason").to_pylist() if r)
-            self.out.write_json(shard_stats_name(s), {"samples": part.num_rows,
-                                                      "kept_samples": int(pc.sum(part.column("kept")).as_py() or 0),
-                                                      "dropped": dict(reasons)})
+        try:
+            self.run_steps(pending)
+        finally:
+            faults.set_phase("")
         return {}
 
+    def run_steps(self, pending: list[str]) -> None:
+        shards = self.units()
+        scans = self.step("scan", shards, self.scan)
+        check_key_ranges(scans)
+        counts = sum_counters(scans.values())
+        ranges = self.fixed("exact_ranges.json", lambda: cut_ranges(counts["hashed"], self.bc.rows_per_task))
+        exact = self.step("exact", [str(j) for j in range(len(ranges))], lambda j: self.exact(ranges[int(j)], j))
+        live = counts["live"] - sum(e["exact_dup"] for e in exact.values())
+        self.exact_names = [f"exact/{j}.parquet" for j in range(len(ranges))]
+        groups, rules = [], {}
+        if live:
+            cents = self.centroids(shards, live)
+            assigned = self.step("assign", shards, self.assign)
+            sizes = np.sum([assigned[s]["sizes"] for s in shards], axis=0)
+            groups = self.fixed("groups.json", lambda: cluster_groups(sizes, self.bc.rows_per_task))
+            rules = self.step("rules", [str(g) for g in range(len(groups))], lambda g: self.rules(groups[int(g)], g, cents))
+        extra = {int(c): n for r in rules.values() for c, n in r["parts"].items()}
+        k = len(cents) if live else 0
+        offsets = np.concatenate([[0], np.cumsum([extra.get(c, 1) - 1 for c in range(k)])]).astype(np.int64)
+        self.rule_names = [f"rules/{g}.parquet" for g in range(len(groups))]
+        faults.set_phase("write")
+        raise_failed("balance: write", run_tasks(lambda s: self.write_shard(s, k, offsets), pending,
+                                                 use_ray=self.use_ray, desc="balance: write"))
+
+    # -- 1. scan
+    def scan(self, s: str) -> dict:
+        t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash", "text_emb"])
+        keys = t.column("key").to_pylist()
+        if len(set(keys)) != len(keys):
+            dup = [k for k, c in Counter(keys).items() if c > 1]
+            raise StageError(f"duplicate keys in embed shard {s} (e.g. {dup[:3]}): the embed folder mixes runs")
+        if self.cfg.data.holdout:
+            col = self.cfg.data.holdout.partition("=")[0]
+            d = self.input_store("download").read_table(f"{s}.parquet", columns=["key", col])
+            t = join_on_key(t, d.filter(pc.is_valid(d.column("key"))))
+            keys = t.column("key").to_pylist()
+        reason = np.full(len(keys), None, dtype=object)
+        if has_holdout(self.cfg):
+            reason[holdout_mask(self.cfg, t).to_numpy(zero_copy_only=False)] = "held_out"
+        reason[bad_embedding(emb_matrix(t.column("image_emb"))) & (reason == None)] = "bad_embedding"  # noqa: E711
+        reason[t.column("text_emb").is_null().to_numpy(zero_copy_only=False) & (reason == None)] = "no_caption"  # noqa: E711
+        self.work.write_table(f"scan/{s}.parquet", pa.table({"key": keys, "reason": pa.array(reason.tolist(), pa.string())}))
+        hashes = [h or "" for h in t.column("image_hash").to_pylist()]
+        rows = [i for i in range(len(keys)) if reason[i] is None and hashes[i]]
+        part = pa.table({"hb": pa.array([key_hash(0, hashes[i]) for i in rows], pa.uint64()),
+                         "image_hash": [hashes[i] for i in rows], "key": [keys[i] for i in rows],
+                         "shard": [s] * len(rows)})
+        write_part(self.work, f"hash/{s}.parquet", part, [("hb", "ascending")], row_group_size=4096)
+        return {"rows": len(keys), "live": int((reason == None).sum()), "hashed": len(rows),  # noqa: E711
+                "key_range": [min(keys), max(keys)] if keys else []}
+
+    # -- 2. exact duplicates, one range of pixel hashes
+    def exact(self, rng: list[int], j: str) -> dict:
+        lo, hi = rng
+        names = [f"hash/{s}.parquet" for s in self.units()]
+        t = read_parts(self.work, names, in_range("hb", lo, hi if hi < H_SPAN else None, pa.uint64()),
+                       columns=["image_hash", "key", "shard"])
+        t = t.sort_by([("image_hash", "ascending"), ("key", "ascending")])
+        h = np.array(t.column("image_hash").to_pylist(), dtype=object)
+        keys = np.array(t.column("key").to_pylist(), dtype=object)
+        first = np.r_[True, h[1:] != h[:-1]] if len(h) else np.zeros(0, bool)
+        survivor = keys[np.flatnonzero(first)][np.cumsum(first) - 1]
+        dup = ~first
+        out = pa.table({"shard": t.column("shard").filter(pa.array(dup)), "key": pa.array(keys[dup].tolist(), pa.string()),
+                        "dup_of": pa.array(survivor[dup].tolist(), pa.string())})
+        write_part(self.work, f"exact/{j}.parquet", out, [("shard", "ascending"), ("key", "ascending")], 4096)
+        return {"exact_dup": int(dup.sum())}
+
+    def live_rows(self, s: str, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
+        """A shard's rows that reach the k-means (no reason so far), their embed columns and their row
+        numbers in the shard's scan order."""
+        scan = self.work.read_table(f"scan/{s}.parquet")
+        gone = set(read_parts(self.work, self.exact_names, pc.field("shard") == s, columns=["key"]).column("key").to_pylist())
+        ok = [i for i, (k, r) in enumerate(zip(scan.column("key").to_pylist(), scan.column("reason").to_pylist()))
+              if r is None and k not in gone]
+        e = join_on_key(scan.select(["key"]).take(pa.array(ok, pa.int64())),
+                        self.emb.read_table(f"{s}.parquet", columns=["key"] + columns))
+        return e, np.asarray(ok, np.int32)
+
+    def vectors(self, t: pa.Table) -> np.ndarray:
+        text = emb_matrix(t.column("text_emb")) if self.joint else None
+        return rule_matrix(emb_matrix(t.column("image_emb")), text, self.bc)
+
+    def emb_columns(self) -> list[str]:
+        return ["image_emb", "text_emb"] if self.joint else ["image_emb"]
+
+    # -- 3. the k-means, fitted on a seeded sample
+    def centroids(self, shards: list[str], live: int) -> np.ndarray:
+        if self.work.exists("centroids.npy"):
+            return load_npy(self.work, "centroids.npy")
+        k = balance_k(self.bc, live)
+        cut, aside_hi = sample_cuts(live, k * KMEANS_POINTS_PER_CENTROID, ASIDE)
+
+        def sample(s: str) -> dict:
+            t, _ = self.live_rows(s, self.emb_columns())
+            h = [key_hash(self.bc.seed, key) for key in t.column("key").to_pylist()]
+            x = self.vectors(t)
+            save_npy(self.work, f"sample/{s}.npy", x[np.array([v < cut for v in h], bool)])
+            save_npy(self.work, f"sample/{s}.aside.npy", x[np.array([cut <= v < aside_hi for v in h], bool)])
+            return {}
+
+        self.step("sample", shards, sample)
+        x = np.concatenate([load_npy(self.work, f"sample/{s}.npy") for s in shards])
+        cents, info = spherical_kmeans(x, min(k, len(x)), seed=self.bc.seed, gpu=self.bc.gpu)
+        info.update(sample=len(x), sample_of=live, **objective(x, cents, self.bc.gpu, "sample"))
+        aside = np.concatenate([load_npy(self.work, f"sample/{s}.aside.npy") for s in shards])
+        if len(aside):
+            info.update(objective(aside, cents, self.bc.gpu, "aside"), aside=len(aside))
+        self.work.write_json("kmeans.json", info)
+        save_npy(self.work, "centroids.npy", cents)  # after its info: the npy marks the fit done
+        return cents
+
+    # -- 4. assign and scatter by cluster
+    def assign(self, s: str) -> dict:
+        cents = load_npy(self.work, "centroids.npy")
+        t, rows = self.live_rows(s, self.emb_columns())
+        ids = assign(self.vectors(t), cents, self.bc.gpu)[0] if t.num_rows else np.zeros(0, np.int32)
+        part = pa.table({"cluster": ids, "shard": [s] * t.num_rows, "row": rows, "key": t.column("key"),
+                         **{c: t.column(c) for c in self.emb_columns()}})
+        write_part(self.work, f"assign/{s}.parquet", part, [("cluster", "ascending"), ("row", "ascending")], 1024)
+        return {"sizes": np.bincount(ids, minlength=len(cents)).tolist()}
+
+    # -- 5. the rules, one group of clusters
+    def rules(self, group: list[int], g: str, cents: np.ndarray) -> dict:
+        c0, c1 = group
+        names = [f"assign/{s}.parquet" for s in self.units()]
+        t = read_parts(self.work, names, in_range("cluster", c0, c1, pa.int32()))
+        t = t.sort_by([("cluster", "ascending"), ("shard", "ascending"), ("row", "ascending")])  # dataset order
+        xs = self.vectors(t)
+        labels = t.column("cluster").to_numpy()
+        keys = np.array(t.column("key").to_pylist(), dtype=object)
+        reason, dup_of = np.full(len(keys), None, object), np.full(len(keys), None, object)
+        sub = np.zeros(len(keys), np.int32)
+        stats = {"parts": {}, "sizes_before": {}, "sizes_after": {}, "sweep": Counter()}
+        bounds = np.searchsorted(labels, np.arange(c0, c1 + 1))
+        for c in range(c0, c1):
+            a, b = bounds[c - c0], bounds[c - c0 + 1]
+            if a == b:
+                continue
+            d = decide_cluster(xs[a:b], cents[c], keys[a:b], c, self.bc)
+            reason[a:b], dup_of[a:b], sub[a:b] = d.reason, d.dup_of, d.sub
+            stats["sweep"].update({str(e): v for e, v in d.sweep.items()})
+            stats["sizes_before"][str(c)], stats["sizes_after"][str(c)] = d.sizes_before, d.sizes_after
+            if len(d.sizes_before) > 1:
+                stats["parts"][str(c)] = len(d.sizes_before)
+        out = pa.table({"shard": t.column("shard"), "key": t.column("key"),
+                        "reason": pa.array(reason.tolist(), pa.string()), "dup_of": pa.array(dup_of.tolist(), pa.string()),
+                        "cluster": labels, "sub": sub})
+        write_part(self.work, f"rules/{g}.parquet", out, [("shard", "ascending")], 4096)
+        return stats
+
+    # -- 6. the decisions gathered back per shard
+    def write_shard(self, s: str, k: int, offsets: np.ndarray) -> None:
+        scan = self.work.read_table(f"scan/{s}.parquet")
+        keys = scan.column("key").to_pylist()
+        reason = dict(zip(keys, scan.column("reason").to_pylist()))
+        dup_of: dict = {}
+        cluster = dict.fromkeys(keys, -1)
+        ex = read_parts(self.work, self.exact_names, pc.field("shard") == s)
+        for key, d in zip(ex.column("key").to_pylist(), ex.column("dup_of").to_pylist()):
+            reason[key], dup_of[key] = "exact_dup", d
+        r = read_parts(self.work, self.rule_names, pc.field("shard") == s)
+        cl, sb = r.column("cluster").to_numpy(), r.column("sub").to_numpy()
+        ids = np.where(sb == 0, cl, k + offsets[cl] + sb - 1) if len(cl) else cl
+        for key, why, d, c in zip(r.column("key").to_pylist(), r.column("reason").to_pylist(),
+                                  r.column("dup_of").to_pylist(), ids.tolist()):
+            reason[key], dup_of[key], cluster[key] = why, d, c
+        keys.sort()
+        part = pa.table({"key": keys, "kept": [reason[x] is None for x in keys],
+                         "drop_reason": [reason[x] for x in keys], "dup_of": [dup_of.get(x) for x in keys],
+                         "balance_cluster": [cluster[x] for x in keys]}, schema=BALANCE_SCHEMA)
+        self.out.write_table(f"{s}.parquet", part)
+        self.out.write_json(shard_stats_name(s), {"samples": len(keys), "kept_samples": sum(v is None for v in reason.values()),
+                                                  "dropped": dict(Counter(v for v in reason.values() if v))})
+
+    # -- stage-level facts, then the work folder goes
     def finish(self, stats: dict) -> dict:
+        if not self.out.exists("_global_stats.json"):
+            self.out.write_json("_global_stats.json", self.global_stats(stats))
+        self.out.rm(WORK)
         stats.update(self.out.read_json("_global_stats.json"))
+        return stats
+
+    def global_stats(self, rolled: dict) -> dict:
+        groups = self.work.read_json("groups.json") if self.work.exists("groups.json") else []
+        rules = [self.work.read_json(f"rules/{g}_stats.json") for g in range(len(groups))]
+        k = groups[-1][1] if groups else 0
+        before, after, extra_b, extra_a, sweep = [0] * k, [0] * k, [], [], Counter()
+        for r in rules:
+            sweep.update({float(e): v for e, v in r["sweep"].items()})
+            for c, sizes in r["sizes_before"].items():
+                before[int(c)], after[int(c)] = sizes[0], r["sizes_after"][c][0]
+        for c in range(k):  # the extra parts of split clusters, numbered in cluster order
+            for r in rules:
+                if str(c) in r["parts"]:
+                    extra_b += r["sizes_before"][str(c)][1:]
+                    extra_a += r["sizes_after"][str(c)][1:]
+        stats = {"input": rolled.get("samples", 0), "semantic_on": self.bc.semantic_on}
+        if self.work.exists("kmeans.json"):
+            stats["kmeans"] = dict(self.work.read_json("kmeans.json"), clusters_after_split=k + len(extra_b))
+        summarise(stats, Counter(rolled.get("dropped", {})), sweep, before + extra_b, after + extra_a, self.bc)
+        self.out.write_json("cluster_sizes.json", {"sizes_before": before + extra_b, "sizes_after": after + extra_a})
         return stats
 
     def summary(self, stats: dict) -> str:
@@ -227,3 +299,29 @@ class BalanceStage(Stage):
         return (f"kept {stats.get('kept', 0)}/{stats.get('input', 0)}; removed " +
                 ", ".join(f"{k} {v}" for k, v in r.items() if v) + f"; {stats.get('clusters', 0)} clusters")
 
+
+def objective(x: np.ndarray, cents: np.ndarray, gpu: bool, name: str) -> dict:
+    """The k-means objective on rows: their mean cosine to the nearest centroid."""
+    return {f"{name}_mean_cos": round(float(assign(x, cents, gpu)[1].mean()), 5)} if len(x) else {}
+
+
+def cluster_groups(sizes: np.ndarray, rows: int) -> list[list[int]]:
+    """Contiguous cluster ranges [c0, c1) of about `rows` rows each (a bigger cluster is a group alone)."""
+    groups, c0, n = [], 0, 0
+    for c, size in enumerate(np.asarray(sizes).tolist()):
+        if n and n + size > rows:
+            groups.append([c0, c])
+            c0, n = c, 0
+        n += size
+    groups.append([c0, len(sizes)])
+    return groups
+
+
+def check_key_ranges(scans: dict[str, dict]) -> None:
+    """Shards of one download hold disjoint key ranges (a key begins with its shard's name): overlapping
+    ranges mean the embed folder mixes runs, and keys would repeat."""
+    spans = sorted((v["key_range"][0], v["key_range"][1], s) for s, v in scans.items() if v["key_range"])
+    for (a0, a1, sa), (b0, b1, sb) in zip(spans, spans[1:]):
+        if b0 <= a1:
+            raise StageError(f"duplicate keys across embed shards {sa} and {sb} (keys {b0}..{min(a1, b1)} in "
+                             "both ranges): the embed folder mixes runs")

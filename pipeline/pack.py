@@ -13,7 +13,6 @@ the teacher's embeddings (format: cidistill.core.packed), globally shuffled out 
 Memory is bounded by one input shard (1) or one output shard (3), never by the dataset."""
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -28,18 +27,14 @@ from cidistill.core.packed import SPLITS, npy_bytes, shard_file, split_shards, t
 from cidistill.core.schema import HOLDOUT_FIELDS, download_shards, emb_matrix, has_holdout, holdout_mask, join_on_key
 from cidistill.core.stage import Stage, run_tasks
 from cidistill.core.store import Store
+from .parts import H_SPAN, in_range, key_hash, raise_failed, read_parts, write_part
 
 PARTS = "_parts"
-H_SPAN = 1 << 64
 EMB_COLUMNS = {"image_emb": "teacher_image_emb.npy", "text_emb": "teacher_text_emb.npy",
                "text_emb_zh": "teacher_text_zh_emb.npy"}
 PART_SCHEMA = pa.schema([("split", pa.string()), ("h", pa.uint64()), ("key", pa.string()),
                          ("caption", pa.string()), ("caption_zh", pa.string()),
                          ("members", pa.map_(pa.string(), pa.binary()))])
-
-
-def row_hash(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
 
 
 def has_text(col: pa.ChunkedArray) -> pa.Array:
@@ -118,14 +113,12 @@ def scatter(cfg: Config, src: Sources, out: Store, shard: str) -> dict:
                 stats["undecodable"] += 1  # with embed, a pair it could not decode has no embedding
                 continue
             members = sample_members(row, image, ext, {c: m[i] for c, m in embs.items()})
-            rows.append({"split": split, "h": row_hash(cfg.pack.seed, row["key"]), "key": row["key"],
+            rows.append({"split": split, "h": key_hash(cfg.pack.seed, row["key"]), "key": row["key"],
                          "caption": row.get("caption") or "", "caption_zh": row.get("caption_zh") or "",
                          "members": list(members.items())})
             stats[split] += 1
-    rows.sort(key=lambda r: (r["split"], r["h"]))
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=PART_SCHEMA), sink, row_group_size=256, compression="zstd")
-    out.write_bytes(f"{PARTS}/{shard}.parquet", sink.getvalue().to_pybytes())
+    write_part(out, f"{PARTS}/{shard}.parquet", pa.Table.from_pylist(rows, schema=PART_SCHEMA),
+               [("split", "ascending"), ("h", "ascending")], row_group_size=256)
     return stats
 
 
@@ -144,14 +137,8 @@ def h_range(j: int, n: int) -> tuple[int, int]:
 def gather(out: Store, parts: list[str], split: str, j: int, n: int) -> dict:
     """Step 3 for one output shard: its h-range of every part, in h order, as a tar and its index."""
     lo, hi = h_range(j, n)
-    flt = (pc.field("split") == split) & (pc.field("h") >= pa.scalar(lo, pa.uint64()))
-    if hi < H_SPAN:
-        flt = flt & (pc.field("h") < pa.scalar(hi, pa.uint64()))
-    tables = []
-    for p in parts:
-        with out.fs.open(out.path(p), "rb") as f:
-            tables.append(pq.read_table(f, filters=flt, schema=PART_SCHEMA))
-    t = pa.concat_tables(tables).sort_by("h")
+    flt = (pc.field("split") == split) & in_range("h", lo, hi if hi < H_SPAN else None, pa.uint64())
+    t = read_parts(out, parts, flt, schema=PART_SCHEMA).sort_by("h")
     name = f"{split}/{shard_file(j)}"
     samples = [{"__key__": k, **dict(m)} for k, m in zip(t.column("key").to_pylist(), t.column("members").to_pylist())]
     data = tar_bytes(samples)
@@ -189,7 +176,7 @@ def pack_dataset(cfg: Config, out: Store, src: Sources, use_ray: bool = True) ->
         out.write_json(f"{PARTS}/{shard}_stats.json", st)
         return st
 
-    _raise_failed(run_tasks(scatter_one, todo, use_ray=use_ray, desc="pack: scatter"))
+    raise_failed("pack", run_tasks(scatter_one, todo, use_ray=use_ray, desc="pack: scatter"))
     counts: dict = {}
     for s in shards:
         for k, v in out.read_json(f"{PARTS}/{s}_stats.json").items():
@@ -202,7 +189,7 @@ def pack_dataset(cfg: Config, out: Store, src: Sources, use_ray: bool = True) ->
     parts = [f"{PARTS}/{s}.parquet" for s in shards]
     jobs = [(s, j) for s in SPLITS for j in range(layout[s]) if counts[s]
             and not out.exists(f"{s}/{shard_file(j)}_stats.json")]
-    _raise_failed(run_tasks(lambda sj: gather(out, parts, sj[0], sj[1], layout[sj[0]]), jobs, use_ray=use_ray,
+    raise_failed("pack", run_tasks(lambda sj: gather(out, parts, sj[0], sj[1], layout[sj[0]]), jobs, use_ray=use_ray,
                             desc="pack: gather"))
     result = {"input_shards": len(shards), **counts}
     for split in SPLITS:
@@ -216,12 +203,6 @@ def pack_dataset(cfg: Config, out: Store, src: Sources, use_ray: bool = True) ->
         result[f"{split}_has_zh"] = sum(st["has_zh"] for st in shard_stats)
     out.rm(PARTS)
     return result
-
-
-def _raise_failed(results) -> None:
-    bad = [r for r in results if not r.ok]
-    if bad:
-        raise StageError(f"pack: {len(bad)} task(s) failed: {bad[0].item}: {bad[0].error.splitlines()[0]}")
 
 
 class PackStage(Stage):

@@ -8,7 +8,7 @@ import pytest
 import pipeline.semdedup as semdedup
 from pipeline.native import SRC, build, semdedup_lib
 
-from pipeline.balance import balance_decisions
+from pipeline.balance_rules import balance_decisions
 from pipeline.semdedup import earlier_max, keep_order, quantise, screened_earlier_max, semdedup_reference
 from pipeline.cluster import l2n, spherical_kmeans
 from cidistill.core.config import BalanceConfig

@@ -1,6 +1,7 @@
 """Fault injection for the reliability tests (off unless the environment asks for it).
 
     CIDISTILL_KILL_AT=embed:3     SIGKILL this process the 3rd time the embed stage passes a kill point
+    CIDISTILL_KILL_AT=balance/rules:2   ... the 2nd time inside that stage's step `rules` (`set_phase`)
     CIDISTILL_KILL_ONCE=FILE      kill only if FILE does not exist yet (and create it): a worker that dies
                                   once, so that the retry succeeds
     CIDISTILL_FAULT_LOG=FILE      at exit, write how many kill points each stage passed (to draw points from)
@@ -20,12 +21,19 @@ from collections import Counter
 
 _stage = os.environ.get("CIDISTILL_STAGE", "none")
 _VARS = ("CIDISTILL_KILL_AT", "CIDISTILL_KILL_ONCE", "CIDISTILL_FAULT_LOG")
+_phase = ""
 _passed: Counter = Counter()
 
 
 def set_stage(name: str) -> None:
     global _stage
     _stage = name
+
+
+def set_phase(name: str) -> None:
+    """A step inside the current stage: its kill points are also counted as `stage/step` (in this process)."""
+    global _phase
+    _phase = name
 
 
 def current_stage() -> str:
@@ -37,9 +45,13 @@ def point() -> None:
     if not spec and not os.environ.get("CIDISTILL_FAULT_LOG"):
         return
     _passed[_stage] += 1
+    here = [_stage]
+    if _phase:
+        here.append(f"{_stage}/{_phase}")
+        _passed[here[1]] += 1
     if spec:
         stage, _, n = spec.rpartition(":")
-        if stage == _stage and _passed[_stage] == int(n):
+        if stage in here and _passed[stage] == int(n):
             once = os.environ.get("CIDISTILL_KILL_ONCE")
             if once:
                 if os.path.exists(once):

@@ -33,7 +33,7 @@ WHOLE = "run"          # the unit of a whole-run stage
 OPERATIONAL = frozenset({
     "ray_address", "data.thread_count", "data.shard_retries", "teacher.num_actors", "teacher.cpus_per_actor",
     "teacher.threads", "train.threads", "train.cpus_per_worker", "train.log_every", "train.ckpt_every",
-    "train.loader_workers",
+    "train.loader_workers", "balance.rows_per_task",
 })
 
 
