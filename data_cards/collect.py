@@ -1,11 +1,13 @@
-"""Facts for a data card, read from the stage folders alone (nothing heavy is recomputed)."""
+"""Facts for a data card, read from the stage folders alone (nothing heavy is recomputed), one shard at a
+time: per-shard counts and histograms added up, seeded hash samples for the grids and the embedding map;
+nothing is held per pair of the dataset."""
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
 import random
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -13,9 +15,10 @@ import pyarrow.compute as pc
 
 from cidistill.core.config import STAGES, Config, to_dict
 from cidistill.core.images import read_tar_images
-from cidistill.core.schema import download_shards, emb_matrix
+from cidistill.core.schema import download_shards, emb_matrix, join_on_key, key_hash
 from cidistill.core.store import Store
 
+H_SPAN = 1 << 64
 PACKAGES = ("cidistill", "torch", "open_clip_torch", "img2dataset", "ray", "faiss-cpu", "pyarrow", "scikit-learn")
 
 
@@ -80,70 +83,128 @@ def _url_facts(urls: str) -> dict | None:
     return {"path": urls, "sha256": _sha256_file(st, p.rsplit("/", 1)[-1])}
 
 
-def _caption_facts(t: pa.Table, facts: dict) -> None:
-    ok = t.filter(pc.equal(t.column("status"), "success"))
-    cap = [c or "" for c in ok.column("caption").to_pylist()]
-    zh = [c or "" for c in ok.column("caption_zh").to_pylist()] if "caption_zh" in ok.column_names else [""] * len(cap)
-    facts["captions"] = {"n": len(cap), "en_present": sum(bool(c.strip()) for c in cap),
-                         "zh_present": sum(bool(c.strip()) for c in zh),
-                         "both": sum(bool(a.strip()) and bool(b.strip()) for a, b in zip(cap, zh)),
-                         "en_len": [len(c) for c in cap], "zh_len": [len(c) for c in zh if c]}
-    if "vendor" in ok.column_names:
-        facts["vendors"] = dict(Counter(ok.column("vendor").to_pylist()))
+LEN_BIN, LEN_MAX = 4, 400      # caption-length histogram: 4-character bins, the last one open-ended
+TRACKED_GROUPS = 10_000        # duplicate groups followed (a seeded hash sample of them when there are more)
+MAP_POINTS = 3000
 
 
-def _dup_groups(b: pa.Table, meta: dict, max_groups: int) -> list:
-    """The biggest duplicate groups, preferring ones that span artist styles (cross-vendor copies)."""
-    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for k, r, d in zip(b.column("key").to_pylist(), b.column("drop_reason").to_pylist(), b.column("dup_of").to_pylist()):
-        if d:
-            groups[d].append((k, r))
-    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-    cross = [g for g in ranked if len({meta.get(k, (0, 0, None))[2] for k, _ in g[1]} | {meta.get(g[0], (0, 0, None))[2]}) > 1]
+def _len_hist(lengths: list[int]) -> np.ndarray:
+    return np.bincount(np.minimum(np.asarray(lengths, np.int64), LEN_MAX) // LEN_BIN, minlength=LEN_MAX // LEN_BIN + 1)
+
+
+def _caption_facts(dl: Store, shards: list[str], facts: dict) -> None:
+    """Per-shard counts and caption-length histograms, added up (nothing held per pair)."""
+    c = {"n": 0, "en_present": 0, "zh_present": 0, "both": 0, "len_bin": LEN_BIN,
+         "en_hist": _len_hist([]), "zh_hist": _len_hist([])}
+    vendors: Counter = Counter()
+    for s in shards:
+        t = dl.read_table(f"{s}.parquet")
+        ok = t.filter(pc.equal(t.column("status"), "success"))
+        cap = [x or "" for x in ok.column("caption").to_pylist()]
+        zh = [x or "" for x in ok.column("caption_zh").to_pylist()] if "caption_zh" in ok.column_names else [""] * len(cap)
+        c["n"] += len(cap)
+        c["en_present"] += sum(bool(x.strip()) for x in cap)
+        c["zh_present"] += sum(bool(x.strip()) for x in zh)
+        c["both"] += sum(bool(a.strip()) and bool(b.strip()) for a, b in zip(cap, zh))
+        c["en_hist"] = c["en_hist"] + _len_hist([len(x) for x in cap])
+        c["zh_hist"] = c["zh_hist"] + _len_hist([len(x) for x in zh if x])
+        if "vendor" in ok.column_names:
+            vendors.update(ok.column("vendor").to_pylist())
+    facts["captions"] = dict(c, en_hist=c["en_hist"].tolist(), zh_hist=c["zh_hist"].tolist())
+    if vendors:
+        facts["vendors"] = dict(vendors)
+
+
+def _meta(dl: Store, shards: list[str], keys: set[str]) -> dict[str, tuple]:
+    """(caption, Chinese caption, vendor) of the given keys, read from their download shards only."""
+    out = {}
+    for s in shards:
+        want = {k for k in keys if k.startswith(s)}
+        if not want:
+            continue
+        t = dl.read_table(f"{s}.parquet")
+        t = t.filter(pc.is_in(t.column("key"), pa.array(sorted(want))))
+        col = {n: t.column(n).to_pylist() if n in t.column_names else [None] * t.num_rows
+               for n in ("key", "caption", "caption_zh", "vendor")}
+        out.update({k: (c, z, v) for k, c, z, v in zip(col["key"], col["caption"], col["caption_zh"], col["vendor"])})
+    return out
+
+
+def _dup_groups(bal: Store, shards: list[str], max_groups: int, seed: int, n_dups: int) -> dict[str, list]:
+    """The biggest duplicate groups, counted per shard: survivor -> [size, first 7 (member, reason)]. With more
+    than TRACKED_GROUPS duplicates, only a seeded hash sample of survivors is followed (bounded memory)."""
+    cut = H_SPAN if n_dups <= TRACKED_GROUPS else TRACKED_GROUPS * H_SPAN // n_dups
+    groups: dict[str, list] = {}
+    for s in shards:
+        b = bal.read_table(f"{s}.parquet", columns=["key", "drop_reason", "dup_of"])
+        b = b.filter(pc.is_valid(b.column("dup_of")))
+        for k, r, d in zip(b.column("key").to_pylist(), b.column("drop_reason").to_pylist(), b.column("dup_of").to_pylist()):
+            if d in groups or key_hash(seed, d) < cut:
+                g = groups.setdefault(d, [0, []])
+                g[0] += 1
+                if len(g[1]) < 7:
+                    g[1].append((k, r))
+    ranked = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    return dict(ranked[:max(256, 4 * max_groups)])
+
+
+def _choose_groups(groups: dict[str, list], meta: dict, max_groups: int) -> list:
+    """Half of the shown groups span artist styles (cross-vendor copies) where there are such."""
+    vendor = {k: v[2] for k, v in meta.items()}
+    ranked = list(groups.items())
+    cross = [g for g in ranked if len({vendor.get(k) for k, _ in g[1][1]} | {vendor.get(g[0])}) > 1]
     return (cross[:max_groups // 2] + [g for g in ranked if g not in cross[:max_groups // 2]])[:max_groups]
 
 
 def _random_clusters(cfg: Config, shards: list[str], seed: int, facts: dict) -> dict:
+    """Four pseudo-label clusters of at least 3 members drawn with `seed`, their first 8 keys."""
     clu = Store(cfg.stage_dir("cluster"))
     if not clu.exists("_DONE"):
         return {}
-    c = pa.concat_tables([clu.read_table(f"{s}.parquet") for s in shards])
-    facts["pseudo_label_sizes"] = clu.read_json("cluster_sizes.json")
-    by = defaultdict(list)
-    for k, cid in zip(c.column("key").to_pylist(), c.column("cluster_id").to_pylist()):
-        by[cid].append(k)
-    rng = random.Random(seed)
-    eligible = sorted(cid for cid in by if len(by[cid]) >= 3)
-    return {cid: by[cid][:8] for cid in rng.sample(eligible, min(4, len(eligible)))}
+    sizes = clu.read_json("cluster_sizes.json")
+    facts["pseudo_label_sizes"] = sizes
+    eligible = [cid for cid, n in enumerate(sizes) if n >= 3]
+    chosen = random.Random(seed).sample(eligible, min(4, len(eligible)))
+    by: dict[int, list[str]] = {cid: [] for cid in chosen}
+    for s in shards:
+        c = clu.read_table(f"{s}.parquet", columns=["key", "cluster_id"])
+        for k, cid in zip(c.column("key").to_pylist(), c.column("cluster_id").to_pylist()):
+            if cid in by and len(by[cid]) < 8:
+                by[cid].append(k)
+    return by
 
 
 def _embedding_map(cfg: Config, bal: Store, shards: list[str], seed: int) -> dict:
-    """2-D map of the teacher's image embeddings (PCA), coloured by balance cluster."""
+    """2-D map (PCA) of the teacher's image embeddings of a seeded hash sample of MAP_POINTS pairs, coloured by
+    balance cluster; the sample is kept while streaming the shards."""
     emb = Store(cfg.stage_dir("embed"))
-    xs, cl = [], []
+    h, xs, cl = np.zeros(0, np.uint64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     for s in shards:
-        e = emb.read_table(f"{s}.parquet", columns=["key", "image_emb"])
-        bb = bal.read_table(f"{s}.parquet", columns=["key", "balance_cluster"])
-        xs.append(emb_matrix(e.column("image_emb")))
-        cl += bb.column("balance_cluster").to_pylist()
-    x = np.nan_to_num(np.concatenate(xs))
-    idx = np.random.default_rng(seed).permutation(len(x))[:3000]
-    xc = x[idx] - x[idx].mean(0)
+        e = join_on_key(emb.read_table(f"{s}.parquet", columns=["key", "image_emb"]),
+                        bal.read_table(f"{s}.parquet", columns=["key", "balance_cluster"]))
+        hs = np.array([key_hash(seed, k) for k in e.column("key").to_pylist()], np.uint64)
+        x = np.nan_to_num(emb_matrix(e.column("image_emb")))
+        h, xs = np.concatenate([h, hs]), np.concatenate([xs.reshape(-1, x.shape[1]), x])
+        cl = np.concatenate([cl, e.column("balance_cluster").to_numpy(zero_copy_only=False)])
+        keep = np.argsort(h, kind="stable")[:MAP_POINTS]
+        h, xs, cl = h[keep], xs[keep], cl[keep]
+    if not len(xs):
+        return {}
+    xc = xs - xs.mean(0)
     _, _, vt = np.linalg.svd(xc, full_matrices=False)
-    return {"xy": (xc @ vt[:2].T).tolist(), "cluster": [cl[i] for i in idx]}
+    return {"xy": (xc @ vt[:2].T).tolist(), "cluster": cl.tolist()}
 
 
-def _balance_facts(cfg: Config, t: pa.Table, shards: list[str], dl: Store, bal: Store, max_groups: int,
-                   seed: int, facts: dict) -> None:
-    b = pa.concat_tables([bal.read_table(f"{s}.parquet") for s in shards])
+def _balance_facts(cfg: Config, shards: list[str], dl: Store, bal: Store, max_groups: int, seed: int,
+                   facts: dict) -> None:
     facts["cluster_sizes"] = bal.read_json("cluster_sizes.json")
-    meta = {k: (c, z, v) for k, c, z, v in zip(
-        t.column("key").to_pylist(), t.column("caption").to_pylist(),
-        t.column("caption_zh").to_pylist() if "caption_zh" in t.column_names else [None] * t.num_rows,
-        t.column("vendor").to_pylist() if "vendor" in t.column_names else [None] * t.num_rows)}
-    chosen = _dup_groups(b, meta, max_groups)
+    rules = bal.read_json("stats.json").get("removed_by_rule", {}) if bal.exists("stats.json") else {}
+    groups = _dup_groups(bal, shards, max_groups, seed, sum(rules.get(r, 0) for r in ("exact_dup", "near_dup", "semantic_dup")))
     random_clusters = _random_clusters(cfg, shards, seed, facts)
-    keys_needed = {k for kept, members in chosen for k in [kept] + [m for m, _ in members[:7]]}
+    meta = _meta(dl, shards, set(groups) | {m for _, ms in groups.values() for m, _ in ms}
+                 | {k for ks in random_clusters.values() for k in ks})
+    chosen = _choose_groups(groups, meta, max_groups)
+    keys_needed = {k for kept, (_, members) in chosen for k in [kept] + [m for m, _ in members]}
     keys_needed |= {k for ks in random_clusters.values() for k in ks}
     images = {}
     for s in shards:
@@ -151,11 +212,12 @@ def _balance_facts(cfg: Config, t: pa.Table, shards: list[str], dl: Store, bal: 
         if want:
             raw = read_tar_images(dl, f"{s}.tar")
             images.update({k: raw[k] for k in want if k in raw})
-    facts["dup_groups"] = [{"kept": kept, "kept_caption": meta.get(kept, ("",))[0], "kept_vendor": meta.get(kept, (0, 0, None))[2],
-                            "members": [{"key": m, "reason": r, "caption": meta.get(m, ("",))[0],
-                                         "vendor": meta.get(m, (0, 0, None))[2]} for m, r in members[:7]],
-                            "size": len(members)} for kept, members in chosen]
-    facts["random_clusters"] = {int(cid): [{"key": k, "caption": meta.get(k, ("",))[0]} for k in ks]
+    none = ("", None, None)
+    facts["dup_groups"] = [{"kept": kept, "kept_caption": meta.get(kept, none)[0], "kept_vendor": meta.get(kept, none)[2],
+                            "members": [{"key": m, "reason": r, "caption": meta.get(m, none)[0],
+                                         "vendor": meta.get(m, none)[2]} for m, r in members],
+                            "size": size} for kept, (size, members) in chosen]
+    facts["random_clusters"] = {int(cid): [{"key": k, "caption": meta.get(k, none)[0]} for k in ks]
                                 for cid, ks in random_clusters.items()}
     facts["images"] = images
     facts["map"] = _embedding_map(cfg, bal, shards, seed)
@@ -168,11 +230,9 @@ def collect(cfg: Config, max_groups: int = 8, seed: int = 0) -> dict:
         facts["urls"] = urls
     dl = Store(cfg.stage_dir("download"))
     shards = download_shards(dl)
-    tables = [dl.read_table(f"{s}.parquet") for s in shards]
-    t = pa.concat_tables(tables, promote_options="default") if tables else None
-    if t is not None:
-        _caption_facts(t, facts)
+    if shards:
+        _caption_facts(dl, shards, facts)
     bal = Store(cfg.stage_dir("balance"))
-    if bal.exists("_DONE") and t is not None:
-        _balance_facts(cfg, t, shards, dl, bal, max_groups, seed, facts)
+    if bal.exists("_DONE") and shards:
+        _balance_facts(cfg, shards, dl, bal, max_groups, seed, facts)
     return facts

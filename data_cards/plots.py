@@ -61,13 +61,15 @@ def cluster_sizes(before: list[int], after: list[int], labels: list[int] | None)
     return _png(fig)
 
 
-def caption_lengths(en: list[int], zh: list[int]) -> bytes:
+def caption_lengths(en: list[int], zh: list[int], width: int) -> bytes:
+    """Histograms given as counts per `width`-character bin (the last bin holds every longer caption)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 2.6))
-    bins = np.arange(0, max(en + zh + [1]) + 5, 4)
-    ax.hist(en, bins=bins, alpha=0.6, label="English")
-    ax.hist(zh, bins=bins, alpha=0.6, label="Chinese")
-    ax.set_xlabel("characters")
+    used = max([i for i, v in enumerate(en) if v] + [i for i, v in enumerate(zh) if v] + [0]) + 1
+    edges = np.arange(used + 1) * width
+    ax.stairs(en[:used], edges, fill=True, alpha=0.6, label="English")
+    ax.stairs(zh[:used], edges, fill=True, alpha=0.6, label="Chinese")
+    ax.set_xlabel(f"characters (last bin: {width * (len(en) - 1)} or more)" if used == len(en) else "characters")
     ax.legend()
     ax.set_title("caption length")
     return _png(fig)

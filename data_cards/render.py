@@ -109,7 +109,7 @@ def _examples_section(f: dict, figs: dict) -> list[str]:
 
 def _caption_section(f: dict, figs: dict) -> list[str]:
     c = f["captions"]
-    figs["captions.png"] = plots.caption_lengths(c["en_len"], c["zh_len"])
+    figs["captions.png"] = plots.caption_lengths(c["en_hist"], c["zh_hist"], c["len_bin"])
     md = ["## Captions", "", "![captions](captions.png)", "",
           f"- {c['n']:,} downloaded pairs: English caption {c['en_present']:,}, Chinese {c['zh_present']:,}, "
           f"both {c['both']:,}; empty English captions {c['n'] - c['en_present']:,}"]

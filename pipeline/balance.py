@@ -1,21 +1,22 @@
 """balance: image semantic balance (the rules: balance_rules.py), out of core and spread over the Ray cluster.
 Every step is a set of tasks whose outputs land in `_work/` on the store, each resumable by its marker:
 
-1. scan    (per embed shard)  held_out / bad_embedding / no_caption per row; the live rows with a pixel hash
-                              scattered into a part sorted by a hash of the pixel hash;
+1. scan    (per embed shard)  held_out / bad_embedding / no_caption per row; the live rows' float16 vectors
+                              kept as raw rows (one read of the embed shard in the whole stage), their
+                              seeded hash sample for the k-means (k x 256 rows, faiss's own bound) and a
+                              held-aside one; the rows with a pixel hash scattered into a part sorted by
+                              a hash of the pixel hash;
 2. exact   (per hash range)   exact_dup: each range of pixel hashes read from every part, decided alone;
-3. sample  (per embed shard)  a seeded hash sample of the live rows (k x 256 of them, faiss's own bound) and
-                              a held-aside one; the driver fits the k-means on the sample (bounded by k);
-4. assign  (per embed shard)  each live row's cluster; rows scattered into a part sorted by cluster;
-5. rules   (per cluster group, about `balance.rows_per_task` rows) the clusters' rows read from every part
+   fit     (the driver)       k-means on the sample minus its exact duplicates (bounded by k);
+3. assign  (per embed shard)  each live row's cluster; rows scattered into a part sorted by cluster;
+4. rules   (per cluster group, about `balance.rows_per_task` rows) the clusters' rows read from every part
                               in dataset order, oversized clusters split, near/ε/cap rules (exact kernels);
-6. write   (per embed shard, the stage's units) the decisions gathered back into `0000N.parquet` with
+5. write   (per embed shard, the stage's units) the decisions gathered back into `0000N.parquet` with
                               the lineage (drop_reason, dup_of, balance_cluster), then its stats file.
 The driver holds counts and the k-means sample, never rows of the dataset. Held-out rows take no part in any
 rule: an evaluation image is never a duplicate's surviving representative."""
 from __future__ import annotations
 
-import io
 from collections import Counter
 
 import numpy as np
@@ -31,22 +32,12 @@ from cidistill.core.stage import Stage, run_tasks, sum_counters
 from cidistill.core.store import Store, join
 from .balance_rules import (KMEANS_POINTS_PER_CENTROID, balance_k, bad_embedding, decide_cluster, rule_matrix,
                             summarise)
-from .cluster import assign, spherical_kmeans
-from .parts import (H_SPAN, cut_ranges, in_range, key_hash, raise_failed, read_parts, sample_cuts, write_part)
+from .cluster import assign, objective, spherical_kmeans
+from .parts import (H_SPAN, cut_ranges, f16_blob, f16_rows, hash_sample, in_range, key_hash, load_npy, load_sample,
+                    raise_failed, read_parts, sample_cuts, save_npy, write_part)
 
 WORK = "_work"
 ASIDE = 10_000          # held-aside rows on which the k-means objective is reported
-
-
-def save_npy(store: Store, name: str, a: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, a)
-    store.write_bytes(name, buf.getvalue())
-
-
-def load_npy(store: Store, name: str) -> np.ndarray:
-    with store.fs.open(store.path(name), "rb") as f:
-        return np.load(f)
 
 
 class BalanceStage(Stage):
@@ -92,16 +83,17 @@ class BalanceStage(Stage):
 
     def run_steps(self, pending: list[str]) -> None:
         shards = self.units()
-        scans = self.step("scan", shards, self.scan)
+        cut, aside_hi = self.fixed("sample_cuts.json", lambda: self.sample_cuts(shards))
+        scans = self.step("scan", shards, lambda s: self.scan(s, cut, aside_hi))
         check_key_ranges(scans)
         counts = sum_counters(scans.values())
         ranges = self.fixed("exact_ranges.json", lambda: cut_ranges(counts["hashed"], self.bc.rows_per_task))
-        exact = self.step("exact", [str(j) for j in range(len(ranges))], lambda j: self.exact(ranges[int(j)], j))
+        exact = self.step("exact", [str(j) for j in range(len(ranges))], lambda j: self.exact(ranges[int(j)], j, aside_hi))
         live = counts["live"] - sum(e["exact_dup"] for e in exact.values())
         self.exact_names = [f"exact/{j}.parquet" for j in range(len(ranges))]
         groups, rules = [], {}
         if live:
-            cents = self.centroids(shards, live)
+            cents = self.centroids(shards, live, {k for e in exact.values() for k in e["sampled_dups"]})
             assigned = self.step("assign", shards, self.assign)
             sizes = np.sum([assigned[s]["sizes"] for s in shards], axis=0)
             groups = self.fixed("groups.json", lambda: cluster_groups(sizes, self.bc.rows_per_task))
@@ -115,7 +107,24 @@ class BalanceStage(Stage):
                                                  use_ray=self.use_ray, desc="balance: write"))
 
     # -- 1. scan
-    def scan(self, s: str) -> dict:
+    def sample_cuts(self, shards: list[str]) -> list[int]:
+        """The k-means sample's hash cuts, fixed before the scan from the row count in the shards' footers:
+        k x 256 rows of the k the whole data would give (faiss's own bound), and ASIDE more held aside."""
+        import pyarrow.parquet as pq
+
+        total = 0
+        for s in shards:
+            with self.emb.fs.open(self.emb.path(f"{s}.parquet"), "rb") as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return list(sample_cuts(total, balance_k(self.bc, max(1, total)) * KMEANS_POINTS_PER_CENTROID, ASIDE))
+
+    def rule_vectors(self, vec16: np.ndarray) -> np.ndarray:
+        """The rule vectors from the stored float16 rows ([image | caption] when joint)."""
+        d = vec16.shape[1] // 2 if self.joint else vec16.shape[1]
+        x = vec16.astype(np.float32)
+        return rule_matrix(x[:, :d], x[:, d:] if self.joint else None, self.bc)
+
+    def scan(self, s: str, cut: int, aside_hi: int) -> dict:
         t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash", "text_emb"])
         keys = t.column("key").to_pylist()
         if len(set(keys)) != len(keys):
@@ -129,8 +138,16 @@ class BalanceStage(Stage):
         reason = np.full(len(keys), None, dtype=object)
         if has_holdout(self.cfg):
             reason[holdout_mask(self.cfg, t).to_numpy(zero_copy_only=False)] = "held_out"
-        reason[bad_embedding(emb_matrix(t.column("image_emb"))) & (reason == None)] = "bad_embedding"  # noqa: E711
+        image = emb_matrix(t.column("image_emb"))
+        reason[bad_embedding(image) & (reason == None)] = "bad_embedding"  # noqa: E711
         reason[t.column("text_emb").is_null().to_numpy(zero_copy_only=False) & (reason == None)] = "no_caption"  # noqa: E711
+        live = reason == None  # noqa: E711
+        vec16 = image[live].astype(np.float16)                                   # exact: the values were float16
+        if self.joint:
+            vec16 = np.concatenate([vec16, emb_matrix(t.column("text_emb"))[live].astype(np.float16)], axis=1)
+        save_npy(self.work, f"vec/{s}.npy", vec16)
+        hash_sample(self.work, f"sample/{s}", [k for k, ok in zip(keys, live) if ok], self.rule_vectors(vec16),
+                    self.bc.seed, cut, aside_hi)
         self.work.write_table(f"scan/{s}.parquet", pa.table({"key": keys, "reason": pa.array(reason.tolist(), pa.string())}))
         hashes = [h or "" for h in t.column("image_hash").to_pylist()]
         rows = [i for i in range(len(keys)) if reason[i] is None and hashes[i]]
@@ -142,7 +159,7 @@ class BalanceStage(Stage):
                 "key_range": [min(keys), max(keys)] if keys else []}
 
     # -- 2. exact duplicates, one range of pixel hashes
-    def exact(self, rng: list[int], j: str) -> dict:
+    def exact(self, rng: list[int], j: str, aside_hi: int) -> dict:
         lo, hi = rng
         names = [f"hash/{s}.parquet" for s in self.units()]
         t = read_parts(self.work, names, in_range("hb", lo, hi if hi < H_SPAN else None, pa.uint64()),
@@ -156,69 +173,50 @@ class BalanceStage(Stage):
         out = pa.table({"shard": t.column("shard").filter(pa.array(dup)), "key": pa.array(keys[dup].tolist(), pa.string()),
                         "dup_of": pa.array(survivor[dup].tolist(), pa.string())})
         write_part(self.work, f"exact/{j}.parquet", out, [("shard", "ascending"), ("key", "ascending")], 4096)
-        return {"exact_dup": int(dup.sum())}
+        sampled = [k for k in keys[dup].tolist() if key_hash(self.bc.seed, k) < aside_hi]  # to leave out of the k-means
+        return {"exact_dup": int(dup.sum()), "sampled_dups": sampled}
 
-    def live_rows(self, s: str, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
-        """A shard's rows that reach the k-means (no reason so far), their embed columns and their row
-        numbers in the shard's scan order."""
+    def live_vectors(self, s: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """A shard's rows that reach the k-means (no reason so far): keys, row numbers in the scan's order,
+        float16 vectors."""
         scan = self.work.read_table(f"scan/{s}.parquet")
+        keys = np.array(scan.column("key").to_pylist(), dtype=object)
+        rows = np.flatnonzero(np.array([r is None for r in scan.column("reason").to_pylist()], bool))
         gone = set(read_parts(self.work, self.exact_names, pc.field("shard") == s, columns=["key"]).column("key").to_pylist())
-        ok = [i for i, (k, r) in enumerate(zip(scan.column("key").to_pylist(), scan.column("reason").to_pylist()))
-              if r is None and k not in gone]
-        e = join_on_key(scan.select(["key"]).take(pa.array(ok, pa.int64())),
-                        self.emb.read_table(f"{s}.parquet", columns=["key"] + columns))
-        return e, np.asarray(ok, np.int32)
+        keep = np.array([k not in gone for k in keys[rows]], bool)
+        return keys[rows][keep].tolist(), rows[keep].astype(np.int32), load_npy(self.work, f"vec/{s}.npy")[keep]
 
-    def vectors(self, t: pa.Table) -> np.ndarray:
-        text = emb_matrix(t.column("text_emb")) if self.joint else None
-        return rule_matrix(emb_matrix(t.column("image_emb")), text, self.bc)
-
-    def emb_columns(self) -> list[str]:
-        return ["image_emb", "text_emb"] if self.joint else ["image_emb"]
-
-    # -- 3. the k-means, fitted on a seeded sample
-    def centroids(self, shards: list[str], live: int) -> np.ndarray:
+    # -- the k-means, fitted on the seeded sample
+    def centroids(self, shards: list[str], live: int, exact_dups: set[str]) -> np.ndarray:
         if self.work.exists("centroids.npy"):
             return load_npy(self.work, "centroids.npy")
-        k = balance_k(self.bc, live)
-        cut, aside_hi = sample_cuts(live, k * KMEANS_POINTS_PER_CENTROID, ASIDE)
-
-        def sample(s: str) -> dict:
-            t, _ = self.live_rows(s, self.emb_columns())
-            h = [key_hash(self.bc.seed, key) for key in t.column("key").to_pylist()]
-            x = self.vectors(t)
-            save_npy(self.work, f"sample/{s}.npy", x[np.array([v < cut for v in h], bool)])
-            save_npy(self.work, f"sample/{s}.aside.npy", x[np.array([cut <= v < aside_hi for v in h], bool)])
-            return {}
-
-        self.step("sample", shards, sample)
-        x = np.concatenate([load_npy(self.work, f"sample/{s}.npy") for s in shards])
-        cents, info = spherical_kmeans(x, min(k, len(x)), seed=self.bc.seed, gpu=self.bc.gpu)
+        x, aside = load_sample(self.work, [f"sample/{s}" for s in shards], exact_dups)
+        cents, info = spherical_kmeans(x, min(balance_k(self.bc, live), len(x)), seed=self.bc.seed, gpu=self.bc.gpu)
         info.update(sample=len(x), sample_of=live, **objective(x, cents, self.bc.gpu, "sample"))
-        aside = np.concatenate([load_npy(self.work, f"sample/{s}.aside.npy") for s in shards])
         if len(aside):
             info.update(objective(aside, cents, self.bc.gpu, "aside"), aside=len(aside))
         self.work.write_json("kmeans.json", info)
         save_npy(self.work, "centroids.npy", cents)  # after its info: the npy marks the fit done
         return cents
 
-    # -- 4. assign and scatter by cluster
+    # -- 3. assign and scatter by cluster
     def assign(self, s: str) -> dict:
         cents = load_npy(self.work, "centroids.npy")
-        t, rows = self.live_rows(s, self.emb_columns())
-        ids = assign(self.vectors(t), cents, self.bc.gpu)[0] if t.num_rows else np.zeros(0, np.int32)
-        part = pa.table({"cluster": ids, "shard": [s] * t.num_rows, "row": rows, "key": t.column("key"),
-                         **{c: t.column(c) for c in self.emb_columns()}})
-        write_part(self.work, f"assign/{s}.parquet", part, [("cluster", "ascending"), ("row", "ascending")], 1024)
+        keys, rows, vec16 = self.live_vectors(s)
+        ids = assign(self.rule_vectors(vec16), cents, self.bc.gpu)[0] if keys else np.zeros(0, np.int32)
+        part = pa.table({"cluster": ids, "shard": [s] * len(keys), "row": rows, "key": pa.array(keys, pa.string()),
+                         "vec": f16_blob(vec16)})
+        write_part(self.work, f"assign/{s}.parquet", part, [("cluster", "ascending"), ("row", "ascending")], 1024,
+                   compression="none")
         return {"sizes": np.bincount(ids, minlength=len(cents)).tolist()}
 
-    # -- 5. the rules, one group of clusters
+    # -- 4. the rules, one group of clusters
     def rules(self, group: list[int], g: str, cents: np.ndarray) -> dict:
         c0, c1 = group
         names = [f"assign/{s}.parquet" for s in self.units()]
         t = read_parts(self.work, names, in_range("cluster", c0, c1, pa.int32()))
         t = t.sort_by([("cluster", "ascending"), ("shard", "ascending"), ("row", "ascending")])  # dataset order
-        xs = self.vectors(t)
+        xs = self.rule_vectors(f16_rows(t.column("vec"), t.schema.field("vec").type.byte_width // 2))
         labels = t.column("cluster").to_numpy()
         keys = np.array(t.column("key").to_pylist(), dtype=object)
         reason, dup_of = np.full(len(keys), None, object), np.full(len(keys), None, object)
@@ -241,7 +239,7 @@ class BalanceStage(Stage):
         write_part(self.work, f"rules/{g}.parquet", out, [("shard", "ascending")], 4096)
         return stats
 
-    # -- 6. the decisions gathered back per shard
+    # -- 5. the decisions gathered back per shard
     def write_shard(self, s: str, k: int, offsets: np.ndarray) -> None:
         scan = self.work.read_table(f"scan/{s}.parquet")
         keys = scan.column("key").to_pylist()
@@ -298,11 +296,6 @@ class BalanceStage(Stage):
         r = stats.get("removed_by_rule", {})
         return (f"kept {stats.get('kept', 0)}/{stats.get('input', 0)}; removed " +
                 ", ".join(f"{k} {v}" for k, v in r.items() if v) + f"; {stats.get('clusters', 0)} clusters")
-
-
-def objective(x: np.ndarray, cents: np.ndarray, gpu: bool, name: str) -> dict:
-    """The k-means objective on rows: their mean cosine to the nearest centroid."""
-    return {f"{name}_mean_cos": round(float(assign(x, cents, gpu)[1].mean()), 5)} if len(x) else {}
 
 
 def cluster_groups(sizes: np.ndarray, rows: int) -> list[list[int]]:

@@ -1,6 +1,8 @@
 """cluster: FAISS k-means pseudo-labels on the kept samples' teacher embeddings (image, or image+text joint
-as UNICOM does). Large k trains on a sample and with two-level clustering; assignment streams shard by
-shard, so memory does not grow with N. Centroids are saved first (with the config that made them)."""
+as UNICOM does). The k-means trains on a seeded hash sample of k x max_points_per_centroid rows streamed
+from the shards (faiss would subsample to that many anyway; large k trains two-level), and reports its
+objective on a held-aside sample; then assignment runs per shard as Ray tasks. Memory is bounded by the
+sample and one shard, never by N. Centroids are saved first (with the config that made them)."""
 from __future__ import annotations
 
 import math
@@ -12,8 +14,9 @@ import pyarrow as pa
 from cidistill.core.config import Config
 from cidistill.core.errors import StageError
 from cidistill.core.schema import CLUSTER_SCHEMA, emb_matrix, join_on_key, shard_stats_name
-from cidistill.core.stage import Stage
+from cidistill.core.stage import Stage, run_tasks
 from cidistill.core.store import Store
+from .parts import hash_sample, load_npy, load_sample, raise_failed, sample_cuts, save_npy
 
 
 def faiss_module(gpu: bool):
@@ -88,6 +91,15 @@ def assign(x: np.ndarray, centroids: np.ndarray, gpu: bool = False) -> tuple[np.
 DEDUP_REASONS = ("exact_dup", "near_dup", "semantic_dup", "cluster_cap")
 
 
+def objective(x: np.ndarray, cents: np.ndarray, gpu: bool, name: str) -> dict:
+    """The k-means objective on rows: their mean cosine to the nearest centroid."""
+    return {f"{name}_mean_cos": round(float(assign(x, cents, gpu)[1].mean()), 5)} if len(x) else {}
+
+
+ASIDE = 10_000          # held-aside rows on which the k-means objective is reported
+WORK = "_work"
+
+
 def kept_embeddings(cfg: Config, shard: str, joint: bool) -> tuple[list[str], np.ndarray]:
     """A shard's kept keys and their (image or joint) teacher embeddings; with `cluster.use_balanced` off,
     the duplicates too (never held-out or bad embeddings)."""
@@ -120,34 +132,63 @@ class ClusterStage(Stage):
         return [n[:-len(".parquet")] for n in self.require("balance").glob("[0-9]*.parquet")]
 
     def centroids(self) -> np.ndarray:
+        """Fit on the seeded sample. The one read of each shard also keeps its rows (raw, float16 when exact)
+        in `_work/` for the assignment."""
         if self.out.exists("centroids.npy"):
-            with self.out.fs.open(self.out.path("centroids.npy"), "rb") as f:
-                return np.load(f)
-        xs = [kept_embeddings(self.cfg, s, self.cc.joint)[1] for s in self.units()]
-        x = np.concatenate(xs) if xs else np.zeros((0, 1), np.float32)
-        cent, info = spherical_kmeans(x, self.cc.k, niter=self.cc.niter, seed=self.cc.seed, gpu=self.cc.gpu,
+            return load_npy(self.out, "centroids.npy")
+        shards = self.units()
+        n = self.rows_to_cluster(shards)
+        cut, aside_hi = sample_cuts(n, self.cc.k * self.cc.max_points_per_centroid, ASIDE)
+        cfg, joint, seed, out = self.cfg, self.cc.joint, self.cc.seed, self.out
+
+        def sample(s: str) -> None:
+            keys, x = kept_embeddings(cfg, s, joint)
+            save_npy(out, f"{WORK}/{s}.keys.npy", np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"))
+            save_npy(out, f"{WORK}/{s}.npy", x if joint else x.astype(np.float16))  # float16 in embed: exact
+            hash_sample(out, f"{WORK}/{s}.sample", keys, x, seed, cut, aside_hi)
+
+        raise_failed("cluster: sample", run_tasks(sample, [s for s in shards if not out.exists(f"{WORK}/{s}.sample.npz")],
+                                                  use_ray=self.use_ray, desc="cluster: sample"))
+        x, aside = load_sample(out, [f"{WORK}/{s}.sample" for s in shards])
+        cent, info = spherical_kmeans(x, self.cc.k, niter=self.cc.niter, seed=seed, gpu=self.cc.gpu,
                                       max_points_per_centroid=self.cc.max_points_per_centroid,
                                       two_level_above=self.cc.two_level_above)
-        import io
-
-        buf = io.BytesIO()
-        np.save(buf, cent.astype(np.float32))
+        info.update(sample=len(x), sample_of=n, **objective(x, cent, self.cc.gpu, "sample"))
+        if len(aside):
+            info.update(objective(aside, cent, self.cc.gpu, "aside"), aside=len(aside))
         self.out.write_json("centroids.json", {"config": vars(self.cc), "train": info, "dim": int(cent.shape[1])})
-        self.out.write_bytes("centroids.npy", buf.getvalue())  # after its config: the npy marks training done
+        save_npy(self.out, "centroids.npy", cent.astype(np.float32))  # after its config: the npy marks training done
         return cent
 
+    def rows_to_cluster(self, shards: list[str]) -> int:
+        """How many rows the k-means sees, from balance's per-shard counts."""
+        bal = self.input_store("balance")
+        n = 0
+        for s in shards:
+            st = bal.read_json(shard_stats_name(s))
+            n += st["kept_samples"]
+            if not self.cc.use_balanced:
+                n += sum(st["dropped"].get(r, 0) for r in DEDUP_REASONS)
+        return n
+
     def run_units(self, pending: list[str]) -> dict[str, str]:
-        cent = self.centroids()
-        for s in pending:
-            keys, x = kept_embeddings(self.cfg, s, self.cc.joint)
-            ids, sim = assign(x, cent, self.cc.gpu) if keys else (np.zeros(0, np.int32), np.zeros(0, np.float32))
-            self.out.write_table(f"{s}.parquet", pa.table({"key": keys, "cluster_id": ids, "cluster_sim": sim},
-                                                          schema=CLUSTER_SCHEMA))
-            sizes = np.bincount(ids, minlength=len(cent))
-            self.out.write_json(shard_stats_name(s), {"assigned": len(keys), "sizes": sizes.tolist()})
+        self.centroids()
+        cfg, out = self.cfg, self.out
+
+        def assign_one(s: str) -> None:
+            cent = load_npy(out, "centroids.npy")
+            keys = load_npy(out, f"{WORK}/{s}.keys.npy").tolist()
+            x = load_npy(out, f"{WORK}/{s}.npy").astype(np.float32)
+            ids, sim = assign(x, cent, cfg.cluster.gpu) if keys else (np.zeros(0, np.int32), np.zeros(0, np.float32))
+            out.write_table(f"{s}.parquet", pa.table({"key": keys, "cluster_id": ids, "cluster_sim": sim},
+                                                     schema=CLUSTER_SCHEMA))
+            out.write_json(shard_stats_name(s), {"assigned": len(keys), "sizes": np.bincount(ids, minlength=len(cent)).tolist()})
+
+        raise_failed("cluster: assign", run_tasks(assign_one, pending, use_ray=self.use_ray, desc="cluster: assign"))
         return {}
 
     def finish(self, stats: dict) -> dict:
+        self.out.rm(WORK)
         sizes = np.zeros(self.cc.k, np.int64)
         for s in self.units():
             sizes += np.asarray(self.out.read_json(shard_stats_name(s))["sizes"], np.int64)

@@ -1,11 +1,10 @@
 """download: img2dataset fetches every URL into webdataset shards (0000N.tar + 0000N.parquet +
 0000N_stats.json), one Ray task per input shard, retried on failure, incremental per shard.
 
-We split the URL list ourselves (so unsafe schemes and repeated URLs are counted and never fetched) and
-hand each shard to img2dataset's own Downloader, which writes `_stats.json` last: the shard's done-marker."""
+We split the URL list ourselves, streaming it in batches (so unsafe schemes and URLs repeated within a
+batch are counted and never fetched; no set of every URL is held) and hand each shard to img2dataset's own Downloader, which writes `_stats.json` last: the shard's done-marker."""
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import Counter
@@ -38,19 +37,22 @@ def url_files(urls: str):
     return fs, files
 
 
-def _read_url_tables(urls: str, columns: list[str]):
+URL_BATCH = 65536   # rows of the URL list read at a time (repeated URLs are rejected within a batch)
+
+
+def _read_url_batches(urls: str, columns: list[str]):
+    """Each file of the URL list as a stream of tables of at most URL_BATCH rows (bounded memory)."""
     fs, files = url_files(urls)
     for f in files:
         with fs.open(f, "rb") as fh:
             try:
-                schema = pq.read_schema(fh)
+                pf = pq.ParquetFile(fh)
             except (pa.ArrowInvalid, OSError) as e:
                 raise StageError(f"data.urls: {f} is not a parquet file ({str(e).splitlines()[0][:120]})") from None
-            missing = [c for c in columns if c not in schema.names]
+            missing = [c for c in columns if c not in pf.schema_arrow.names]
             if missing:
-                raise StageError(f"{f}: missing column(s) {missing}; has {schema.names}")
-            fh.seek(0)
-            yield f, pq.read_table(fh, columns=columns)
+                raise StageError(f"{f}: missing column(s) {missing}; has {pf.schema_arrow.names}")
+            yield f, (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=URL_BATCH, columns=columns))
 
 
 def clean_text_columns(table: pa.Table, columns: list[str], max_chars: int, fixed: Counter) -> pa.Table:
@@ -111,55 +113,68 @@ class DownloadStage(Stage):
         return self.out.read_json("_plan.json")["shards"]
 
     def _plan(self) -> None:
+        """Stream the URL list into input shards of data.samples_per_shard rows (the last of each file
+        shorter), rejecting empty URLs, schemes not allowed and URLs repeated within a read batch (repeats
+        further apart download twice and balance drops the second copy as an exact duplicate)."""
         if not self.d.urls:
             raise StageError("data.urls is empty: give a parquet file/folder/glob with url and caption columns")
-        seen: set[str] = set()
         rejected: Counter = Counter()
         fixed: Counter = Counter()
         rejected_rows = []
-        shards, total, next_id = [], 0, 0
+        self.shards, total = [], 0
         allowed = {s.lower() for s in self.d.allowed_schemes}
-        for _, table in _read_url_tables(self.d.urls, self.columns):
-            urls = table.column(self.d.url_col).to_pylist()
-            keep = []
-            for i, u in enumerate(urls):
-                reason = None
-                if not isinstance(u, str) or not u.strip():
-                    reason = "empty_url"
-                elif urlsplit(u.strip()).scheme.lower() not in allowed:
-                    reason = "scheme_not_allowed"
-                elif u in seen:
-                    reason = "duplicate_url"
-                if reason:
-                    rejected[reason] += 1
-                    rejected_rows.append({"url": str(u)[:2000], "reason": reason})
-                else:
-                    seen.add(u)
-                    keep.append(i)
-            table = table.take(pa.array(keep, pa.int64()))
-            text_cols = [self.d.caption_col] + [c for c in self.columns if c not in (self.d.url_col, self.d.caption_col)]
-            table = clean_text_columns(table, text_cols, self.d.max_caption_chars, fixed)
-            total += table.num_rows
-            n = self.d.samples_per_shard
-            for j in range(math.ceil(table.num_rows / n)):
-                part = table.slice(j * n, n)
-                part = part.rename_columns(["url" if c == self.d.url_col else "caption" if c == self.d.caption_col
-                                            else c for c in part.column_names])
-                sink = pa.BufferOutputStream()
-                with pa.ipc.new_file(sink, part.schema) as w:
-                    w.write_table(part)
-                self.tmp.write_bytes(f"{next_id}.feather", sink.getvalue().to_pybytes())
-                shards.append(shard_name(next_id))
-                next_id += 1
+        text_cols = [self.d.caption_col] + [c for c in self.columns if c not in (self.d.url_col, self.d.caption_col)]
+        for _, batches in _read_url_batches(self.d.urls, self.columns):
+            buffered: list[pa.Table] = []
+            for table in batches:
+                keep, seen = [], set()
+                for i, u in enumerate(table.column(self.d.url_col).to_pylist()):
+                    reason = None
+                    if not isinstance(u, str) or not u.strip():
+                        reason = "empty_url"
+                    elif urlsplit(u.strip()).scheme.lower() not in allowed:
+                        reason = "scheme_not_allowed"
+                    elif u in seen:
+                        reason = "duplicate_url"
+                    if reason:
+                        rejected[reason] += 1
+                        if len(rejected_rows) < 100_000:  # the first ones as examples; every one is counted
+                            rejected_rows.append({"url": str(u)[:2000], "reason": reason})
+                    else:
+                        seen.add(u)
+                        keep.append(i)
+                table = clean_text_columns(table.take(pa.array(keep, pa.int64())), text_cols, self.d.max_caption_chars, fixed)
+                total += table.num_rows
+                buffered = self._emit_full(buffered + [table])
+            if buffered:
+                self._write_input_shard(pa.concat_tables(buffered))
         if not total:
             raise StageError(f"data.urls: no URL to download in {self.d.urls!r} "
                              f"({sum(rejected.values())} rejected: {dict(rejected) or 'the file has no rows'})")
-        if next_id >= 10 ** OOM_SHARD:
-            raise StageError(f"{next_id} shards: raise data.samples_per_shard (at most {10 ** OOM_SHARD - 1} shards)")
+        if len(self.shards) >= 10 ** OOM_SHARD:
+            raise StageError(f"{len(self.shards)} shards: raise data.samples_per_shard (at most {10 ** OOM_SHARD - 1} shards)")
         if rejected_rows:
             self.out.write_table("rejected.parquet", pa.Table.from_pylist(rejected_rows))
-        self.out.write_json("_plan.json", {"shards": shards, "urls_accepted": total,
+        self.out.write_json("_plan.json", {"shards": self.shards, "urls_accepted": total,
                                            "urls_rejected": dict(rejected), "text_fixed": dict(fixed)})
+
+    def _emit_full(self, buffered: list[pa.Table]) -> list[pa.Table]:
+        """Write every full input shard of the buffered rows; return the rest."""
+        t = pa.concat_tables(buffered) if len(buffered) > 1 else buffered[0]
+        n = self.d.samples_per_shard
+        while t.num_rows >= n:
+            self._write_input_shard(t.slice(0, n))
+            t = t.slice(n)
+        return [t] if t.num_rows else []
+
+    def _write_input_shard(self, part: pa.Table) -> None:
+        part = part.rename_columns(["url" if c == self.d.url_col else "caption" if c == self.d.caption_col
+                                    else c for c in part.column_names])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, part.schema) as w:
+            w.write_table(part)
+        self.tmp.write_bytes(f"{len(self.shards)}.feather", sink.getvalue().to_pybytes())
+        self.shards.append(shard_name(len(self.shards)))
 
     # -- work
     def _downloader(self):

@@ -5,7 +5,9 @@ bounded by one shard (scatter) or one bucket range (gather), never by the datase
 from __future__ import annotations
 
 import hashlib
+import io
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,10 +25,10 @@ def key_hash(seed: int, key: str) -> int:
 
 
 def write_part(store: Store, name: str, table: pa.Table, sort_by: list[tuple[str, str]],
-               row_group_size: int = 1024) -> None:
+               row_group_size: int = 1024, compression: str = "zstd") -> None:
     """One part: `table` sorted by `sort_by`, written atomically in row groups of `row_group_size`."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table.sort_by(sort_by), sink, row_group_size=row_group_size, compression="zstd")
+    pq.write_table(table.sort_by(sort_by), sink, row_group_size=row_group_size, compression=compression)
     store.write_bytes(name, sink.getvalue().to_pybytes())
 
 
@@ -65,3 +67,54 @@ def sample_cuts(total: int, want: int, aside: int) -> tuple[int, int]:
         return H_SPAN, H_SPAN
     cut = want * H_SPAN // total
     return cut, min(H_SPAN, cut + aside * H_SPAN // total)
+
+
+def save_npy(store: Store, name: str, a: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    store.write_bytes(name, buf.getvalue())
+
+
+def load_npy(store: Store, name: str) -> np.ndarray:
+    with store.fs.open(store.path(name), "rb") as f:
+        return np.load(f)
+
+
+def hash_sample(store: Store, name: str, keys: list[str], x: np.ndarray, seed: int, cut: int, aside_hi: int) -> None:
+    """A shard's rows of a seeded hash sample (key_hash < cut) and of the held-aside sample (cut <= key_hash <
+    aside_hi) as `name`.npz: `sample`, `sample_keys`, `aside`, `aside_keys` (plain arrays, no pickle)."""
+    h = [key_hash(seed, k) for k in keys]
+    s = np.array([v < cut for v in h], bool)
+    a = np.array([cut <= v < aside_hi for v in h], bool)
+    k = np.array(keys, dtype=str) if keys else np.zeros(0, "<U1")
+    buf = io.BytesIO()
+    np.savez(buf, sample=x[s].reshape(-1, x.shape[1]), sample_keys=k[s], aside=x[a].reshape(-1, x.shape[1]), aside_keys=k[a])
+    store.write_bytes(f"{name}.npz", buf.getvalue())
+
+
+def load_sample(store: Store, names: list[str], drop: set[str] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+    """(sample, aside) rows of every `name`.npz, in the order of `names`, minus rows whose key is in `drop`."""
+    out: dict[str, list] = {"sample": [], "aside": []}
+    for n in names:
+        with store.fs.open(store.path(f"{n}.npz"), "rb") as f:
+            z = np.load(io.BytesIO(f.read()), allow_pickle=False)
+            for part in out:
+                keep = np.array([k not in drop for k in z[f"{part}_keys"]], bool) if drop else slice(None)
+                out[part].append(z[part][keep])
+    return tuple(np.concatenate(v) if v else np.zeros((0, 1), np.float32) for v in out.values())
+
+
+def f16_blob(x: np.ndarray) -> pa.Array:
+    """float16 rows as fixed-size binary (parquet moves them as raw bytes, several times faster than a
+    float16 list column, and they come back bit for bit)."""
+    x = np.ascontiguousarray(x, np.float16)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * x.shape[1]), len(x), [None, pa.py_buffer(x.tobytes())])
+
+
+def f16_rows(col, width: int) -> np.ndarray:
+    """`f16_blob` back to an (N, width) float16 array."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not len(col):
+        return np.zeros((0, width), np.float16)
+    buf = col.buffers()[1]
+    return np.frombuffer(buf, np.float16, count=len(col) * width, offset=col.offset * 2 * width).reshape(len(col), width)

@@ -1,7 +1,8 @@
 """The SemDeDup rule inside one cluster: for rows in keep order, the largest cosine to any earlier row.
 
 `earlier_max` computes it exactly in fp32 row blocks. `screened_earlier_max` gives the same answers at
-given thresholds ~5x faster than a BLAS fp32 reference on 1,000-row clusters (bench/results/balance.txt):
+given thresholds, on CPUs with int8 dot-product instructions (`int8_pays`; the exact kernel elsewhere)
+~5x faster than a BLAS fp32 reference on 1,000-row clusters (bench/results/balance.txt):
 an int8 similarity matrix (VNNI integer matmul, lower-triangle row blocks) screens every pair, with a
 per-pair error bound derived from each vector's quantisation error, and only rows whose answer the bound
 leaves open are recomputed exactly. The passes around the matmul (quantise the cluster's rows where they
@@ -11,7 +12,9 @@ from cluster to cluster: fresh pages cost more than the arithmetic at this size.
 SemDeDup's own formulation (full matrix, upper triangle, column max) for tests and the bench."""
 from __future__ import annotations
 
+import functools
 import math
+import os
 import threading
 
 import numpy as np
@@ -24,10 +27,33 @@ EXACT_BELOW = 64            # tiny clusters: the exact kernel is as fast
 _FP_SLACK = 1e-4            # fp32 rounding of the "exact" dots (BLAS order) and of the scaled integers
 
 
+def int8_pays() -> bool:
+    """The int8 screen pays only where the CPU has int8 dot-product instructions (VNNI, AMX): elsewhere
+    torch's `_int_mm` runs a generic loop, measured 28x slower than fp32 BLAS on a 2-core AVX2 EPYC
+    (1024 x 1024 x 512: 0.33 s vs 0.012 s), and the exact fp32 kernel reaches the same decisions sooner.
+    CIDISTILL_SEMDEDUP=int8 or =exact overrides."""
+    forced = os.environ.get("CIDISTILL_SEMDEDUP", "")
+    return forced == "int8" if forced else _cpu_has_int8_dot()
+
+
+@functools.cache
+def _cpu_has_int8_dot() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def exact_rows(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """fp32: for the given rows (ascending), the max cosine to any strictly earlier row and which row."""
-    sim = x[rows] @ x[: rows[-1] + 1].T
-    sim[np.arange(sim.shape[1])[None, :] >= rows[:, None]] = -np.inf
+    """fp32: for the given rows (ascending), the max cosine to any strictly earlier row and which row (the
+    first such row on ties). The product runs in torch (its BLAS uses every core)."""
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    r = torch.from_numpy(np.ascontiguousarray(rows, np.int64))
+    sim = torch.index_select(xt, 0, r) @ xt[: rows[-1] + 1].T
+    sim.masked_fill_(torch.arange(sim.shape[1])[None, :] >= r[:, None], -np.inf)
+    sim = sim.numpy()
     arg = sim.argmax(1)
     return sim[np.arange(len(rows)), arg], arg
 
@@ -133,7 +159,7 @@ def int8_earlier_max(q: torch.Tensor, block: int | None = None, lib=None, thr: i
 
 
 def screened_earlier_max(x: np.ndarray, thresholds, block: int | None = None,
-                         rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         rows: np.ndarray | None = None, screen: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Like `earlier_max` on x (or on x[rows]), exact where it decides something: for every t in `thresholds`
     and every row, (best > t) and (best >= t) equal the exact answers. Where the exact max reaches
     min(thresholds), `arg` is an earlier row and `best` its exact cosine: the exact max, unless another
@@ -145,9 +171,9 @@ def screened_earlier_max(x: np.ndarray, thresholds, block: int | None = None,
     n = len(rows)
     t_sorted = np.sort(np.asarray(list(thresholds), np.float32))
     t_min = float(t_sorted[0])
-    screen = n >= EXACT_BELOW and hasattr(torch, "_int_mm")
+    screen = n >= EXACT_BELOW and hasattr(torch, "_int_mm") and (int8_pays() if screen is None else screen)
     lib = semdedup_lib() if screen else None
-    xt = None if lib is not None else gather(x, rows)           # C reads rows in place; torch works on a copy
+    xt = gather(x, rows) if screen and lib is None else None    # C reads rows in place; torch works on a copy
     if screen:
         q, s, margin = quantise_native(lib, x, rows) if lib is not None else quantise(xt)
     if not screen or t_min <= margin:

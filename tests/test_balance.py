@@ -135,7 +135,7 @@ def test_c_kernels_fall_back_to_torch_without_a_compiler(tmp_path, monkeypatch):
             assert semdedup_lib() is None
         x = l2n(np.repeat(np.random.default_rng(5).normal(size=(40, 64)), 3, 0)
                 + 0.01 * np.random.default_rng(6).normal(size=(120, 64))).astype(np.float32)
-        best, _ = screened_earlier_max(x, [0.9, 0.95])
+        best, _ = screened_earlier_max(x, [0.9, 0.95], screen=True)
         exact, _ = earlier_max(x)
         assert np.array_equal(best > 0.95, exact > 0.95) and (exact > 0.95).sum() == 80
     finally:
@@ -173,7 +173,7 @@ def test_int8_screen_agrees_with_exact_kernel_at_every_threshold(kernel_path):
     near = cos[:, None] * u + np.sqrt(1 - cos[:, None] ** 2) * v
     x = np.concatenate([x, u, near]).astype(np.float32)[rng.permutation(1200)]
     exact, _ = earlier_max(x)
-    best, arg = screened_earlier_max(x, thresholds, block=64)
+    best, arg = screened_earlier_max(x, thresholds, block=64, screen=True)
     for t in thresholds:
         assert np.array_equal(best > t, exact > t) and np.array_equal(best >= t, exact >= t)
     hit = exact >= 0.9
@@ -186,7 +186,12 @@ def test_int8_screen_agrees_with_exact_kernel_at_every_threshold(kernel_path):
     # the stage's path: rows of a larger matrix gathered inside (into reused buffers), default block size
     pool = np.concatenate([l2n(rng.normal(size=(500, 512))).astype(np.float32), x])
     rows = 500 + np.arange(len(x))
-    best_r, arg_r = screened_earlier_max(pool, thresholds, rows=rows)
+    best_r, arg_r = screened_earlier_max(pool, thresholds, rows=rows, screen=True)
     for t in thresholds:
         assert np.array_equal(best_r > t, exact > t) and np.array_equal(best_r >= t, exact >= t)
     assert np.array_equal(arg_r == -1, arg == -1)
+    # without the screen (CPUs with no int8 dot instructions: int8_pays() False) the same decisions
+    best_e, arg_e = screened_earlier_max(pool, thresholds, rows=rows, screen=False)
+    for t in thresholds:
+        assert np.array_equal(best_e > t, exact > t) and np.array_equal(best_e >= t, exact >= t)
+    assert np.array_equal(arg_e == -1, arg == -1)

@@ -120,3 +120,10 @@ def holdout_mask(cfg, table: pa.Table) -> pa.Array:
     cut = int(fraction * 2 ** 64)
     return pa.array([int.from_bytes(hashlib.blake2b(f"{cfg.seed}:{k}".encode(), digest_size=8).digest(), "big") < cut
                      for k in table.column("key").to_pylist()])
+
+
+def key_hash(seed: int, key: str) -> int:
+    """A seeded uint64 hash of a key: ordering or cutting by it is a seeded permutation or sample."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
