@@ -17,6 +17,7 @@ The driver holds counts and the k-means sample, never rows of the dataset. Held-
 rule: an evaluation image is never a duplicate's surviving representative."""
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -51,6 +52,7 @@ class BalanceStage(Stage):
         self.emb = self.input_store("embed")
         self.work = Store(join(self.out.uri, WORK))
         self.joint = self.bc.semantic_on == "joint"
+        self.timings: dict[str, float] = {}      # seconds per step in this run (stats: step_seconds)
 
     def units(self) -> list[str]:
         self.require("embed")
@@ -65,7 +67,9 @@ class BalanceStage(Stage):
 
         todo = [i for i in items if not self.work.exists(f"{name}/{i}_stats.json")]
         faults.set_phase(name)
+        t0 = time.time()
         raise_failed(f"balance: {name}", run_tasks(task, todo, use_ray=self.use_ray, desc=f"balance: {name}"))
+        self.timings[name] = round(time.time() - t0, 1)
         return {i: self.work.read_json(f"{name}/{i}_stats.json") for i in items}
 
     def fixed(self, name: str, make):
@@ -103,8 +107,10 @@ class BalanceStage(Stage):
         offsets = np.concatenate([[0], np.cumsum([extra.get(c, 1) - 1 for c in range(k)])]).astype(np.int64)
         self.rule_names = [f"rules/{g}.parquet" for g in range(len(groups))]
         faults.set_phase("write")
+        t0 = time.time()
         raise_failed("balance: write", run_tasks(lambda s: self.write_shard(s, k, offsets), pending,
                                                  use_ray=self.use_ray, desc="balance: write"))
+        self.timings["write"] = round(time.time() - t0, 1)
 
     # -- 1. scan
     def sample_cuts(self, shards: list[str]) -> list[int]:
@@ -190,13 +196,15 @@ class BalanceStage(Stage):
     def centroids(self, shards: list[str], live: int, exact_dups: set[str]) -> np.ndarray:
         if self.work.exists("centroids.npy"):
             return load_npy(self.work, "centroids.npy")
+        t0 = time.time()
         x, aside = load_sample(self.work, [f"sample/{s}" for s in shards], exact_dups)
         cents, info = spherical_kmeans(x, min(balance_k(self.bc, live), len(x)), seed=self.bc.seed, gpu=self.bc.gpu)
-        info.update(sample=len(x), sample_of=live, **objective(x, cents, self.bc.gpu, "sample"))
+        info.update(sample=len(x), sample_of=live)
         if len(aside):
             info.update(objective(aside, cents, self.bc.gpu, "aside"), aside=len(aside))
         self.work.write_json("kmeans.json", info)
         save_npy(self.work, "centroids.npy", cents)  # after its info: the npy marks the fit done
+        self.timings["fit"] = round(time.time() - t0, 1)
         return cents
 
     # -- 3. assign and scatter by cluster
@@ -268,7 +276,7 @@ class BalanceStage(Stage):
         if not self.out.exists("_global_stats.json"):
             self.out.write_json("_global_stats.json", self.global_stats(stats))
         self.out.rm(WORK)
-        stats.update(self.out.read_json("_global_stats.json"))
+        stats.update(self.out.read_json("_global_stats.json"), step_seconds=self.timings)
         return stats
 
     def global_stats(self, rolled: dict) -> dict:

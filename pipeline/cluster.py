@@ -127,6 +127,7 @@ class ClusterStage(Stage):
     def __init__(self, cfg: Config, use_ray: bool = True):
         super().__init__(cfg, use_ray)
         self.cc = cfg.cluster
+        self.timings: dict[str, float] = {}      # seconds per step in this run (stats: step_seconds)
 
     def units(self) -> list[str]:
         return [n[:-len(".parquet")] for n in self.require("balance").glob("[0-9]*.parquet")]
@@ -147,17 +148,21 @@ class ClusterStage(Stage):
             save_npy(out, f"{WORK}/{s}.npy", x if joint else x.astype(np.float16))  # float16 in embed: exact
             hash_sample(out, f"{WORK}/{s}.sample", keys, x, seed, cut, aside_hi)
 
+        t0 = time.time()
         raise_failed("cluster: sample", run_tasks(sample, [s for s in shards if not out.exists(f"{WORK}/{s}.sample.npz")],
                                                   use_ray=self.use_ray, desc="cluster: sample"))
+        self.timings["sample"] = round(time.time() - t0, 1)
+        t0 = time.time()
         x, aside = load_sample(out, [f"{WORK}/{s}.sample" for s in shards])
         cent, info = spherical_kmeans(x, self.cc.k, niter=self.cc.niter, seed=seed, gpu=self.cc.gpu,
                                       max_points_per_centroid=self.cc.max_points_per_centroid,
                                       two_level_above=self.cc.two_level_above)
-        info.update(sample=len(x), sample_of=n, **objective(x, cent, self.cc.gpu, "sample"))
+        info.update(sample=len(x), sample_of=n)
         if len(aside):
             info.update(objective(aside, cent, self.cc.gpu, "aside"), aside=len(aside))
         self.out.write_json("centroids.json", {"config": vars(self.cc), "train": info, "dim": int(cent.shape[1])})
         save_npy(self.out, "centroids.npy", cent.astype(np.float32))  # after its config: the npy marks training done
+        self.timings["fit"] = round(time.time() - t0, 1)
         return cent
 
     def rows_to_cluster(self, shards: list[str]) -> int:
@@ -184,7 +189,9 @@ class ClusterStage(Stage):
                                                      schema=CLUSTER_SCHEMA))
             out.write_json(shard_stats_name(s), {"assigned": len(keys), "sizes": np.bincount(ids, minlength=len(cent)).tolist()})
 
+        t0 = time.time()
         raise_failed("cluster: assign", run_tasks(assign_one, pending, use_ray=self.use_ray, desc="cluster: assign"))
+        self.timings["assign"] = round(time.time() - t0, 1)
         return {}
 
     def finish(self, stats: dict) -> dict:
@@ -196,7 +203,8 @@ class ClusterStage(Stage):
         info = self.out.read_json("centroids.json")["train"]
         stats.update(k=self.cc.k, empty_clusters=int((sizes == 0).sum()),
                      tiny_clusters=int(((sizes > 0) & (sizes < self.cc.min_cluster_size)).sum()),
-                     largest_cluster=int(sizes.max()), median_cluster=float(np.median(sizes)), kmeans=info)
+                     largest_cluster=int(sizes.max()), median_cluster=float(np.median(sizes)), kmeans=info,
+                     step_seconds=self.timings)
         self.out.write_json("cluster_sizes.json", sizes.tolist())
         return stats
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cidistill.core.config import load_config
@@ -121,7 +122,7 @@ def _files(folder: Path) -> dict:
             out[f.name] = pq.read_table(f).to_pylist()
         elif f.suffix == ".json" or f.name == "_DONE":
             out[f.name] = {k: v for k, v in json.loads(f.read_text()).items()
-                           if k not in ("seconds", "finished", "shards_resumed", "temp_files_removed")}
+                           if k not in ("seconds", "finished", "shards_resumed", "temp_files_removed", "step_seconds")}
             out[f.name].get("kmeans", {}).pop("seconds", None)
     return out
 
@@ -145,3 +146,29 @@ def test_sigkill_in_scatter_rules_and_gather_resumes_to_identical_outputs(tmp_pa
     assert sorted(got) == sorted(ref) and not [f for f in (tmp_path / "killed").rglob("*.tmp-*")]
     for name in ref:
         assert got[name] == ref[name], name
+
+
+def test_cluster_fits_on_a_seeded_sample_and_assigns_every_kept_pair(tmp_path):
+    """The pseudo-label k-means trains on k x max_points_per_centroid sampled rows (reported, with the
+    objective on a held-aside sample) and assigns every kept pair; with the sample as large as the data it
+    is the k-means of all kept rows in shard order (what the stage did in one process)."""
+    from pipeline.cluster import ClusterStage, kept_embeddings, spherical_kmeans
+
+    planted_embed(tmp_path / "embed")
+    BalanceStage(_cfg(tmp_path, "balance"), use_ray=False).run()
+    kept = _table(tmp_path / "balance").filter(pc.field("kept"))
+    cfg = _cfg(tmp_path, "balance", f"dirs.cluster={tmp_path / 'c1'}", "cluster.k=5", "cluster.max_points_per_centroid=20")
+    st = ClusterStage(cfg, use_ray=False).run()
+    km = st["kmeans"]
+    assert km["sample_of"] == kept.num_rows and 60 <= km["sample"] <= 150 and km["aside"] > 0
+    assert 0 < km["aside_mean_cos"] <= 1
+    got = _table(tmp_path / "c1")
+    assert got.column("key").to_pylist() == kept.column("key").to_pylist()
+    assert set(got.column("cluster_id").to_pylist()) <= set(range(5)) and not (tmp_path / "c1" / "_work").exists()
+
+    cfg = _cfg(tmp_path, "balance", f"dirs.cluster={tmp_path / 'c2'}", "cluster.k=5")
+    st = ClusterStage(cfg, use_ray=False).run()
+    assert st["kmeans"]["sample"] == kept.num_rows and "aside" not in st["kmeans"]
+    x = np.concatenate([kept_embeddings(cfg, f"{s:05d}", False)[1] for s in range(4)])
+    cents, _ = spherical_kmeans(x, 5, seed=cfg.cluster.seed)
+    assert np.array_equal(np.load(tmp_path / "c2" / "centroids.npy"), cents)

@@ -82,7 +82,7 @@ class BalanceConfig:
     semantic_on: str = "image"
     kmeans_k: int = 0                   # 0 = about sqrt(N)
     max_cluster_size: int = 20000       # clusters above are split (bounds memory)
-    rows_per_task: int = 262144         # rows one task of the out-of-core steps holds (a hash range, a cluster group)
+    rows_per_task: int = 131072         # rows one task of the out-of-core steps holds (a hash range, a cluster group)
     cluster_cap: int = 0                # 0 = no cap
     seed: int = 0                       # k-means and random keep order
     gpu: bool = False                   # FAISS on the GPU (the `gpu` extra)
