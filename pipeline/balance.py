@@ -116,12 +116,7 @@ class BalanceStage(Stage):
     def sample_cuts(self, shards: list[str]) -> list[int]:
         """The k-means sample's hash cuts, fixed before the scan from the row count in the shards' footers:
         k x 256 rows of the k the whole data would give (faiss's own bound), and ASIDE more held aside."""
-        import pyarrow.parquet as pq
-
-        total = 0
-        for s in shards:
-            with self.emb.fs.open(self.emb.path(f"{s}.parquet"), "rb") as f:
-                total += pq.ParquetFile(f).metadata.num_rows
+        total = sum(self.emb.num_rows(f"{s}.parquet") for s in shards)
         return list(sample_cuts(total, balance_k(self.bc, max(1, total)) * KMEANS_POINTS_PER_CENTROID, ASIDE))
 
     def rule_vectors(self, vec16: np.ndarray) -> np.ndarray:

@@ -91,6 +91,14 @@ class Store:
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{self.url(name)}: not a readable parquet file ({e})") from e
 
+    def num_rows(self, name: str) -> int:
+        """A parquet file's row count, from its footer alone."""
+        try:
+            with self.fs.open(self.path(name), "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{self.url(name)}: not a readable parquet file ({e})") from e
+
     def rm(self, name: str) -> None:
         if self.exists(name):
             self.fs.rm(self.path(name), recursive=True)
