@@ -56,6 +56,8 @@ def cut_ranges(total: int, per: int, span: int = H_SPAN) -> list[tuple[int, int]
 
 def raise_failed(stage: str, results: list[TaskResult]) -> None:
     bad = [r for r in results if not r.ok]
+    if bad and isinstance(bad[0].exc, OSError) and not isinstance(bad[0].exc, StageError):
+        raise bad[0].exc  # a store that cannot be written (disk full): the CLI names it as such
     if bad:
         raise StageError(f"{stage}: {len(bad)} task(s) failed: {bad[0].item}: {bad[0].error.splitlines()[0]}")
 

@@ -57,6 +57,7 @@ class TaskResult:
     ok: bool
     value: Any = None
     error: str = ""
+    exc: BaseException | None = None   # the task's exception (an OSError is re-raised as itself: disk full)
 
 
 def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, desc: str = "",
@@ -70,7 +71,7 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
             try:
                 results.append(TaskResult(it, True, fn(it)))
             except Exception as e:  # counted and reported, the stage goes on
-                results.append(TaskResult(it, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+                results.append(TaskResult(it, False, error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}", exc=e))
             bar.update()
         bar.close()
         return results
@@ -88,7 +89,8 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
             try:
                 results.append(TaskResult(it, True, ray.get(ref)))
             except Exception as e:
-                results.append(TaskResult(it, False, error=f"{type(e).__name__}: {str(e)[-2000:]}"))
+                results.append(TaskResult(it, False, error=f"{type(e).__name__}: {str(e)[-2000:]}",
+                                          exc=getattr(e, "cause", None) or e))
             bar.update()
     bar.close()
     return results
