@@ -15,10 +15,9 @@ import pyarrow.compute as pc
 
 from cidistill.core.config import STAGES, Config, to_dict
 from cidistill.core.images import read_tar_images
-from cidistill.core.schema import download_shards, emb_matrix, join_on_key, key_hash
+from cidistill.core.schema import H_SPAN, download_shards, emb_matrix, join_on_key, key_hash
 from cidistill.core.store import Store
 
-H_SPAN = 1 << 64
 PACKAGES = ("cidistill", "torch", "open_clip_torch", "img2dataset", "ray", "faiss-cpu", "pyarrow", "scikit-learn")
 
 

@@ -86,7 +86,7 @@ class BalanceStage(Stage):
         return {}
 
     def run_steps(self, pending: list[str]) -> None:
-        shards = self.units()
+        shards = self.shards = self.units()   # listed once; the tasks name every shard's part from it
         cut, aside_hi = self.fixed("sample_cuts.json", lambda: self.sample_cuts(shards))
         scans = self.step("scan", shards, lambda s: self.scan(s, cut, aside_hi))
         check_key_ranges(scans)
@@ -162,7 +162,7 @@ class BalanceStage(Stage):
     # -- 2. exact duplicates, one range of pixel hashes
     def exact(self, rng: list[int], j: str, aside_hi: int) -> dict:
         lo, hi = rng
-        names = [f"hash/{s}.parquet" for s in self.units()]
+        names = [f"hash/{s}.parquet" for s in self.shards]
         t = read_parts(self.work, names, in_range("hb", lo, hi if hi < H_SPAN else None, pa.uint64()),
                        columns=["image_hash", "key", "shard"])
         t = t.sort_by([("image_hash", "ascending"), ("key", "ascending")])
@@ -216,7 +216,7 @@ class BalanceStage(Stage):
     # -- 4. the rules, one group of clusters
     def rules(self, group: list[int], g: str, cents: np.ndarray) -> dict:
         c0, c1 = group
-        names = [f"assign/{s}.parquet" for s in self.units()]
+        names = [f"assign/{s}.parquet" for s in self.shards]
         t = read_parts(self.work, names, in_range("cluster", c0, c1, pa.int32()))
         t = t.sort_by([("cluster", "ascending"), ("shard", "ascending"), ("row", "ascending")])  # dataset order
         xs = self.rule_vectors(f16_rows(t.column("vec"), t.schema.field("vec").type.byte_width // 2))

@@ -4,7 +4,6 @@ bucket range from every part, and the row-group statistics let it skip the rest 
 bounded by one shard (scatter) or one bucket range (gather), never by the dataset."""
 from __future__ import annotations
 
-import hashlib
 import io
 
 import numpy as np
@@ -13,16 +12,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cidistill.core.errors import StageError
+from cidistill.core.schema import H_SPAN, key_hash  # noqa: F401 (re-exported for the stages)
 from cidistill.core.stage import TaskResult
 from cidistill.core.store import Store
-
-H_SPAN = 1 << 64       # key hashes are uint64
-
-
-def key_hash(seed: int, key: str) -> int:
-    """A seeded uint64 hash of a key: ordering or cutting by it is a seeded permutation or sample."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
-
 
 def write_part(store: Store, name: str, table: pa.Table, sort_by: list[tuple[str, str]],
                row_group_size: int = 1024, compression: str = "zstd") -> None:

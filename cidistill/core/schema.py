@@ -102,7 +102,6 @@ def holdout_mask(cfg, table: pa.Table) -> pa.Array:
     """Which rows of a table (with `key`, and the `data.holdout` column when set) are the held-out evaluation
     split: `data.holdout` = COL=VALUE, else a `data.holdout_fraction` of keys chosen by a seeded hash (the same
     keys in every stage and every run)."""
-    import hashlib
 
     import pyarrow.compute as pc
 
@@ -118,8 +117,11 @@ def holdout_mask(cfg, table: pa.Table) -> pa.Array:
     if fraction <= 0:
         return pa.array([False] * table.num_rows)
     cut = int(fraction * 2 ** 64)
-    return pa.array([int.from_bytes(hashlib.blake2b(f"{cfg.seed}:{k}".encode(), digest_size=8).digest(), "big") < cut
+    return pa.array([key_hash(cfg.seed, k) < cut
                      for k in table.column("key").to_pylist()])
+
+
+H_SPAN = 1 << 64       # key hashes are uint64
 
 
 def key_hash(seed: int, key: str) -> int:
