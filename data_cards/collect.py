@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cidistill.core.config import STAGES, Config, to_dict
+from cidistill.core.config import STAGES, Config, public_dict
 from cidistill.core.images import read_tar_images
 from cidistill.core.schema import H_SPAN, download_shards, emb_matrix, join_on_key, key_hash
 from cidistill.core.store import Store
@@ -78,8 +78,8 @@ def _url_facts(urls: str) -> dict | None:
     fs, p = fsspec.core.url_to_fs(urls)
     if not fs.isfile(p):
         return None
-    st = Store(p.rsplit("/", 1)[0] if "/" in p else ".")
-    return {"path": urls, "sha256": _sha256_file(st, p.rsplit("/", 1)[-1])}
+    folder, name = urls.rsplit("/", 1) if "/" in urls else (".", urls)  # the URI, its scheme kept
+    return {"path": urls, "sha256": _sha256_file(Store(folder), name)}
 
 
 LEN_BIN, LEN_MAX = 4, 400      # caption-length histogram: 4-character bins, the last one open-ended
@@ -223,7 +223,7 @@ def _balance_facts(cfg: Config, shards: list[str], dl: Store, bal: Store, max_gr
 
 
 def collect(cfg: Config, max_groups: int = 8, seed: int = 0) -> dict:
-    facts: dict = {"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "config": to_dict(cfg),
+    facts: dict = {"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "config": public_dict(cfg),
                    "stages": _stage_facts(cfg), "versions": _versions()}
     if cfg.data.urls and (urls := _url_facts(cfg.data.urls)):
         facts["urls"] = urls

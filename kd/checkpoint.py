@@ -1,72 +1,84 @@
-"""Training checkpoints: a folder per step (safetensors weights, optimizer state loaded weights-only,
-meta.json last), written under a temporary name and renamed, the last two kept."""
+"""Training checkpoints on the train stage's store (a local folder or an object store): a folder per step
+(safetensors weights, optimizer state loaded weights-only), each file published atomically and meta.json
+written last, which marks the checkpoint complete; the last two kept. The training log travels the same way."""
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
 import time
-from pathlib import Path
 
 import torch
 
 from cidistill.core import faults
+from cidistill.core.store import Store
+
+LOG = "log.jsonl"
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in Path(out).glob("step-*") if (p / "meta.json").exists())
+def latest_checkpoint(out: Store) -> str | None:
+    """The newest complete checkpoint's folder name (`step-0000100`), or None."""
+    done = sorted(n.split("/")[0] for n in out.glob("step-*/meta.json"))
     return done[-1] if done else None
 
 
-def save_checkpoint(out: Path, step: int, module, opt, meta: dict | None = None, keep: int = 2) -> Path:
-    """Atomic: write into a temp folder, rename it into place; meta.json inside (with `meta`: the data stream's
-    position) marks it complete."""
+def save_checkpoint(out: Store, step: int, module, opt, meta: dict | None = None, keep: int = 2) -> str:
+    """`meta` (the data stream's position) goes into meta.json, the checkpoint's done-marker."""
     from safetensors.torch import save
 
-    final = out / f"step-{step:07d}"
-    tmp = out / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    name = f"step-{step:07d}"
+    out.rm(name)  # a partial one a killed run left at this step
     # bytes written by Python: a full disk is an OSError (the CLI's exit-3 message), not a SafetensorError
-    (tmp / "model.safetensors").write_bytes(save({k: v.contiguous() for k, v in module.student.state_dict().items()}))
-    (tmp / "heads.safetensors").write_bytes(save({k: v.contiguous() for k, v in module.heads.state_dict().items()}))
-    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), **(meta or {})}, indent=1))
+    out.write_bytes(f"{name}/model.safetensors", save({k: v.contiguous() for k, v in module.student.state_dict().items()}))
+    out.write_bytes(f"{name}/heads.safetensors", save({k: v.contiguous() for k, v in module.heads.state_dict().items()}))
+    buf = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "step": step}, buf)
+    out.write_bytes(f"{name}/state.pt", buf.getvalue())
     faults.point()
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(p for p in out.glob("step-*") if p != final)[:-(keep - 1) or None]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    out.write_json(f"{name}/meta.json", {"step": step, "time": time.time(), **(meta or {})})
+    for old in sorted(n for n in out.glob("step-*") if n != name)[:-(keep - 1) or None]:
+        out.rm(old)
+    return name
 
 
-def load_checkpoint(ckpt: Path, module, opt) -> int:
-    """Weights, heads and optimizer state back from `ckpt`; returns its step."""
-    from safetensors.torch import load_file
+def load_weights(out: Store, name: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's student weights (`name`: a checkpoint folder, or any safetensors file on the store)."""
+    from safetensors.torch import load
 
-    module.student.load_state_dict(load_file(ckpt / "model.safetensors"))
-    module.heads.load_state_dict(load_file(ckpt / "heads.safetensors"))
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+    return load(out.read_bytes(name if name.endswith(".safetensors") else f"{name}/model.safetensors"))
+
+
+def load_checkpoint(out: Store, name: str, module, opt) -> int:
+    """Weights, heads and optimizer state back from checkpoint `name`; returns its step."""
+    from safetensors.torch import load
+
+    module.student.load_state_dict(load_weights(out, name))
+    module.heads.load_state_dict(load(out.read_bytes(f"{name}/heads.safetensors")))
+    state = torch.load(io.BytesIO(out.read_bytes(f"{name}/state.pt")), map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])
 
 
-def clean_partial(out: Path) -> None:
-    for leftover in out.glob(".tmp-step-*"):  # a checkpoint a killed run did not finish
-        shutil.rmtree(leftover, ignore_errors=True)
+def clean_partial(out: Store) -> None:
+    """Checkpoint folders a killed run did not finish (no meta.json)."""
+    done = {n.split("/")[0] for n in out.glob("step-*/meta.json")}
+    for name in out.glob("step-*"):
+        if name not in done:
+            out.rm(name)
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint (a killed run logged them; they are redone)."""
-    if not path.exists():
-        return
+def read_log(out: Store, step: int) -> list[str]:
+    """On resume: the log's lines up to the checkpoint's step (a killed run logged later ones; they are redone)."""
+    if not out.exists(LOG):
+        return []
     keep = []
-    for ln in path.read_text().splitlines():
+    for ln in out.read_bytes(LOG).decode().splitlines():
         try:
             if json.loads(ln)["step"] <= step:
                 keep.append(ln)
-        except (ValueError, KeyError):  # a line the kill cut short
+        except (ValueError, KeyError):  # a line cut short
             pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    return keep
+
+
+def write_log(out: Store, lines: list[str]) -> None:
+    out.write_bytes(LOG, "".join(ln + "\n" for ln in lines).encode())

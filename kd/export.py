@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
+import tempfile
 from pathlib import Path
 
 import torch
 
-from cidistill.core import faults
 from cidistill.core.config import Config
 from cidistill.core.errors import StageError
 from cidistill.core.models import LoadedModel, count_params, create, state_dict_for_export
+from cidistill.core.store import Store, absolute
+from .text_tower import ARCH, load_arch
 
 
-def export_local_dir(lm: LoadedModel, out: Path, readme: str = "") -> Path:
-    """Atomic: build the folder under a temporary name, then rename it into place."""
+def export_local_dir(lm: LoadedModel, out: str | Path, readme: str = "", onnx: bool = False) -> dict:
+    """Build the folder locally, then publish it at `out` (a local path or a URI) through the store: a local
+    folder appears whole (renamed into place); on an object store open_clip_config.json is written last.
+    With `onnx`, the encoders go in too; returns their largest differences from torch."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir(parents=True)
-    try:
+    out = absolute(str(out))
+    diffs: dict = {}
+    with tempfile.TemporaryDirectory(prefix="cidistill-export-") as tmp_dir:
+        tmp = Path(tmp_dir)
         model_cfg = json.loads(json.dumps(lm.model_cfg))
         text = model_cfg.get("text_cfg", {})
         if text.get("hf_tokenizer_name"):
@@ -35,22 +38,20 @@ def export_local_dir(lm: LoadedModel, out: Path, readme: str = "") -> Path:
         hf_model = Path(text.get("hf_model_name") or "")
         if text.get("hf_model_name") and (hf_model / "config.json").exists():
             # the HF tower's architecture travels with the folder; open_clip reads it from hf_model_name,
-            # which must be a path: the folder's final one (moving the folder means editing this one line)
+            # which must be a path: the folder's final one (cidistill loads a moved folder as it is; plain
+            # open_clip needs this one line edited)
             shutil.copyfile(hf_model / "config.json", tmp / "config.json")
-            text["hf_model_name"] = str(out.resolve())
+            text["hf_model_name"] = out
         cfg = {"model_cfg": model_cfg, "preprocess_cfg": _jsonable(lm.preprocess_cfg)}
         (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
         vocab = lm.model_cfg.get("text_cfg", {}).get("vocab_size", 49408)
         save_file(state_dict_for_export(lm.model, vocab), str(tmp / "open_clip_model.safetensors"))
-        (tmp / "README.md").write_text(readme or f"# {out.name}\n\nopen_clip model exported by cidistill.\n")
-        faults.point()
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        (tmp / "README.md").write_text(readme or f"# {out.rsplit('/', 1)[-1]}\n\nopen_clip model exported by cidistill.\n")
+        if onnx:
+            diffs = export_onnx(lm, tmp)
+        parent, name = out.rstrip("/").rsplit("/", 1)
+        Store(parent).put_folder(tmp, name, last="open_clip_config.json")
+    return diffs
 
 
 def _jsonable(d: dict) -> dict:
@@ -59,11 +60,14 @@ def _jsonable(d: dict) -> dict:
 
 def load_trained_student(cfg: Config) -> LoadedModel:
     """The train stage's final weights (trimmed vocabulary expanded) in a plain open_clip model."""
-    train_dir = Path(cfg.stage_dir("train"))
-    if not (train_dir / "model.safetensors").exists():
-        raise StageError(f"no trained student in {train_dir}: run the train stage first")
-    meta = json.loads((train_dir / "student.json").read_text())
-    return create(meta["model"], str(train_dir / "model.safetensors"), meta.get("model_config", ""),
+    train = Store(cfg.stage_dir("train"))
+    if not train.exists("model.safetensors"):
+        raise StageError(f"no trained student in {train.uri}: run the train stage first")
+    meta = train.read_json("student.json")
+    model_config = meta.get("model_config", "")
+    if model_config.startswith(f"{ARCH}/"):  # a text tower cut from the teacher, saved beside the weights
+        model_config = load_arch(train, model_config)
+    return create(meta["model"], str(train.local_copy("model.safetensors")), model_config,
                   context_length=meta.get("context_length"))
 
 

@@ -1,12 +1,9 @@
 """The training library's three stages for the driver (cidistill.core.stage): train, eval and export, each
-one unit of work. Their folders are local paths for now (checkpoints, exported folders)."""
+one unit of work. Their folders are on the store like every stage's (a local folder or an object store)."""
 from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 
@@ -14,24 +11,23 @@ from cidistill.core.config import Config
 from cidistill.core.models import count_params, create
 from cidistill.core.schema import HOLDOUT_FIELDS, has_holdout
 from cidistill.core.stage import Stage
-from cidistill.core.store import Store
+from cidistill.core.store import Store, join
 from .checkpoint import latest_checkpoint
 from .evaluate import evaluate, load_for_eval, results_markdown
-from .export import export_local_dir, export_onnx, load_trained_student, model_card
+from .export import export_local_dir, load_trained_student, model_card
 from .train import train
 
 TEACHER_FIELDS = ("teacher.model", "teacher.pretrained", "teacher.model_config")
 
 
-def write_final(out: Path, cfg: Config, result: dict) -> None:
+def write_final(out: Store, cfg: Config, result: dict) -> None:
     """train/model.safetensors + student.json: what eval and export load."""
     ckpt = latest_checkpoint(out)
-    shutil.copyfile(ckpt / "model.safetensors", out / "model.safetensors.tmp")
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-    Store(str(out)).write_json("student.json", {
+    out.write_bytes("model.safetensors", out.read_bytes(f"{ckpt}/model.safetensors"))
+    out.write_json("student.json", {
         "model": result.get("student_model", cfg.student.model),
         "model_config": result.get("student_model_config", cfg.student.model_config),
-        "context_length": cfg.student.context_length, "checkpoint": ckpt.name})
+        "context_length": cfg.student.context_length, "checkpoint": ckpt})
 
 
 class TrainStage(Stage):
@@ -42,9 +38,8 @@ class TrainStage(Stage):
 
     def run_unit(self, unit: str) -> dict:
         self.require("pack")
-        out = Path(self.cfg.stage_dir("train"))
-        result = train(self.cfg, str(out), use_ray=self.use_ray)
-        write_final(out, self.cfg, result)
+        result = train(self.cfg, self.out.uri, use_ray=self.use_ray)
+        write_final(self.out, self.cfg, result)
         return result
 
     def summary(self, stats: dict) -> str:
@@ -106,26 +101,24 @@ class ExportStage(Stage):
     reads = ("export",) + TEACHER_FIELDS
 
     def run_unit(self, unit: str) -> dict:
-        cfg, root = self.cfg, Path(self.cfg.stage_dir("export"))
-        for leftover in root.glob(".*.tmp-*"):  # a folder a killed run did not finish
-            shutil.rmtree(leftover, ignore_errors=True)
+        cfg, root = self.cfg, self.out
         student = load_trained_student(cfg)
         facts = {"distilled from": f"{cfg.teacher.model} {cfg.teacher.pretrained}",
                  "training recipe": json.dumps([{"steps": p.steps, "losses": p.losses} for p in cfg.train.phases]),
-                 "data card": str(Path(cfg.stage_dir("card")) / "card.html")}
+                 "data card": join(cfg.stage_dir("card"), "card.html")}
         readme = model_card("cidistill student", student, facts)
-        evald = Path(cfg.stage_dir("eval")) / "results.md"
-        if evald.exists():
-            readme += "\n## Evaluation\n\n" + evald.read_text()
-        export_local_dir(student, root / "student", readme)
-        stats = {"student": str(root / "student"), "student_params": count_params(student.model)}
+        evald = Store(cfg.stage_dir("eval"))
+        if evald.exists("results.md"):
+            readme += "\n## Evaluation\n\n" + evald.read_bytes("results.md").decode()
+        diffs = export_local_dir(student, root.url("student"), readme, onnx=cfg.export.onnx)
+        stats = {"student": root.url("student"), "student_params": count_params(student.model)}
         if cfg.teacher.pretrained:
             teacher = create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
-            export_local_dir(teacher, root / "teacher",
+            export_local_dir(teacher, root.url("teacher"),
                              model_card("cidistill teacher", teacher, {"source": cfg.teacher.pretrained}))
-            stats["teacher"] = str(root / "teacher")
+            stats["teacher"] = root.url("teacher")
         if cfg.export.onnx:
-            stats["onnx_max_abs_diff"] = export_onnx(student, root / "student")
+            stats["onnx_max_abs_diff"] = diffs
         return stats
 
     def summary(self, stats: dict) -> str:

@@ -12,9 +12,11 @@ scratch on CLIP's byte-level BPE, and 8.9 % / 6.8 % for this architecture traine
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ import torch
 
 from cidistill.core.errors import StageError
 from cidistill.core.models import LoadedModel, ModelLoadError, create
+from cidistill.core.runtime import cache_dir
+from cidistill.core.store import Store
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -107,31 +111,73 @@ def build_student_text_tower(teacher_cfg: dict, teacher_sd: dict[str, torch.Tens
     return student_text, sd
 
 
-def student_with_teacher_text(cfg, lm: LoadedModel, texts: list[str], out: Path) -> tuple[LoadedModel, str]:
-    """The configured student's image tower + a text tower cut from the teacher's, in the teacher's
-    embedding width. Its open_clip config and tower folder go to out/student_arch/, built in a
-    private folder and renamed into place, so Ray workers sharing `out` never read a half-written one (they
-    all build the same content: vocabulary order and new rows are fixed by the corpus and the seed)."""
+ARCH = "student_arch"  # in the train stage's folder: the student's open_clip config + its text tower's files
+
+
+def student_with_teacher_text(cfg, lm: LoadedModel, texts: list[str], out: Store, publish: bool
+                              ) -> tuple[LoadedModel, str]:
+    """The configured student's image tower + a text tower cut from the teacher's, in the teacher's embedding
+    width. The tower is built in a local folder (every worker builds the same content: vocabulary order and
+    new rows are fixed by the corpus and the seed); with `publish`, it goes to out/student_arch/ for eval
+    and export, its paths relative to that folder. Returns the student and its config's name on the store."""
     teacher = create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
     name = f"{lm.name}-text{cfg.student.text_from_teacher}"
-    arch, tmp = out / "student_arch", out / f".student_arch.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    text_cfg, init = build_student_text_tower(teacher.model_cfg, teacher.model.state_dict(), texts,
-                                              cfg.student.text_from_teacher, tmp / "text_tower", cfg.train.seed,
-                                              cfg.student.text_vocab_common)
-    final = str((arch / "text_tower").resolve())
-    text_cfg.update(hf_model_name=final, hf_tokenizer_name=final, context_length=cfg.student.context_length)
-    model_cfg = dict(lm.model_cfg, embed_dim=teacher.embed_dim, text_cfg=text_cfg, custom_text=True)
-    (tmp / f"{name}.json").write_text(json.dumps(model_cfg, indent=1))
-    del teacher
-    try:
-        tmp.rename(arch)
-    except OSError:  # another worker (or an earlier run of this one) put the same folder there first
+    with tempfile.TemporaryDirectory(prefix="cidistill-arch-") as tmp:
+        text_cfg, init = build_student_text_tower(teacher.model_cfg, teacher.model.state_dict(), texts,
+                                                  cfg.student.text_from_teacher, Path(tmp) / "text_tower",
+                                                  cfg.train.seed, cfg.student.text_vocab_common)
+        text_cfg.update(hf_model_name="text_tower", hf_tokenizer_name="text_tower",
+                        context_length=cfg.student.context_length)
+        model_cfg = dict(lm.model_cfg, embed_dim=teacher.embed_dim, text_cfg=text_cfg, custom_text=True)
+        (Path(tmp) / f"{name}.json").write_text(json.dumps(model_cfg, indent=1))
+        del teacher
+        if publish:
+            out.put_folder(Path(tmp), ARCH, last=f"{name}.json")
+        local = node_copy(Path(tmp))
+    student = create(name, model_config=arch_config(local, name))
+    if cfg.student.text_init != "random":  # "random": the from-scratch baseline, none of the teacher's weights
+        missing, unexpected = student.model.load_state_dict(init, strict=False)
+        if unexpected or any(k.startswith("text.") for k in missing):
+            raise StageError(f"the teacher's text weights do not fit the student: {unexpected[:3]} {missing[:3]}")
+    return student, f"{ARCH}/{name}.json"
+
+
+def node_copy(folder: Path) -> Path:
+    """A copy of `folder` in this node's cache, named by its content (workers building the same tower share it)."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        h.update(p.relative_to(folder).as_posix().encode() + b"\0" + p.read_bytes())
+    dest = cache_dir() / ARCH / h.hexdigest()[:20]
+    if not dest.exists():
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-    student = create(name, model_config=str(arch / f"{name}.json"))
-    if cfg.student.text_init == "random":  # the from-scratch baseline: the same tower, none of the teacher's weights
-        return student, str(arch / f"{name}.json")
-    missing, unexpected = student.model.load_state_dict(init, strict=False)
-    if unexpected or any(k.startswith("text.") for k in missing):
-        raise StageError(f"the teacher's text weights do not fit the student: {unexpected[:3]} {missing[:3]}")
-    return student, str(arch / f"{name}.json")
+        shutil.copytree(folder, tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process put the same copy there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def arch_config(folder: Path, name: str) -> str:
+    """A config file open_clip can load for the student_arch folder at `folder` (a local path): the stored
+    config names its tower relative to the folder; open_clip needs absolute paths, written into a copy in
+    this node's cache (the work folder is never written to)."""
+    cfg = json.loads((folder / f"{name}.json").read_text())
+    text = cfg["text_cfg"]
+    for k in ("hf_model_name", "hf_tokenizer_name"):
+        if text.get(k) and not Path(text[k]).is_absolute():
+            text[k] = str((folder / text[k]).resolve())
+    body = json.dumps(cfg, indent=1)
+    path = cache_dir() / "arch_configs" / hashlib.sha256(body.encode()).hexdigest()[:20] / f"{name}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(body)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def load_arch(out: Store, config_name: str) -> str:
+    """The local config path for a student_arch config on the train stage's store (`student_arch/NAME.json`)."""
+    return arch_config(out.local_copy(ARCH), config_name.rsplit("/", 1)[-1].removesuffix(".json"))

@@ -8,11 +8,11 @@ nccl on GPU). Batches, augmentations and PartialFC samples are functions of (see
 from a mid-epoch checkpoint reaches the same weights as an uninterrupted run."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -20,12 +20,12 @@ import torch.nn as nn
 from cidistill.core import faults
 from cidistill.core.config import Config, from_dict
 from cidistill.core.errors import StageError
-from cidistill.core.runtime import resolve_precision
+from cidistill.core.runtime import cache_dir, resolve_precision
 from cidistill.core.progress import Progress
 from cidistill.core.packed import iter_tar_samples, sample_fields
 from cidistill.core.models import by_length, count_params, create, encode_text, trim_vocab
-from cidistill.core.store import Store
-from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from cidistill.core.store import Store, absolute
+from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, read_log, save_checkpoint, write_log
 from .data import manifest_texts
 from .losses import DistillHeads, compute_losses
 from .stream import BatchMaker, StreamSpec, data_position, worker_batches
@@ -35,6 +35,10 @@ TEACHER_LOSSES = ("instance", "feature_distill", "cluster")
 
 
 class TrainingDiverged(StageError):
+    pass
+
+
+class TrainingFailed(StageError):
     pass
 
 
@@ -123,7 +127,7 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    out: Path
+    out: Store                    # the train stage's folder (local or an object store)
     spec: StreamSpec              # the packed dataset's stream: fixes the batch sequence
     make: BatchMaker              # raw samples -> a step's tensors (in the loader processes)
     module: TrainModule
@@ -158,7 +162,7 @@ def used_token_ids(tokenizer, texts, chunk: int = 4096) -> torch.Tensor:
     return torch.unique(torch.cat([used, tokenizer(buf).flatten()])) if buf else used
 
 
-def build_student(cfg: Config, job: dict, out: Path, spec: StreamSpec):
+def build_student(cfg: Config, job: dict, out: Store, spec: StreamSpec, publish: bool = True):
     """The student and what turns packed samples into its batches (its tokenizer, a vocabulary cut or trimmed
     to the corpus). The order of the steps is the order the random initialisations are drawn in: keep it."""
     sc, tc = cfg.student, cfg.train
@@ -167,7 +171,7 @@ def build_student(cfg: Config, job: dict, out: Path, spec: StreamSpec):
     use_zh = job.get("chinese", True) and not lock_text and packed_has_zh(spec)
     model_config = sc.model_config
     if sc.text_from_teacher and not lock_text:
-        lm, model_config = student_with_teacher_text(cfg, lm, manifest_texts(spec.root, spec.split, use_zh), out)
+        lm, model_config = student_with_teacher_text(cfg, lm, manifest_texts(spec.root, spec.split, use_zh), out, publish)
     old2new = None
     if lock_text:
         lm.model.lock_text_tower()
@@ -202,17 +206,18 @@ def setup(job: dict) -> Worker:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    out = Path(job["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    clean_partial(out)
+    out = Store(job["out"])
+    if rank == 0:
+        clean_partial(out)
     spec = StreamSpec.of(job["data"], "train", cfg.train)
-    lm, model_config, make = build_student(cfg, job, out, spec)
+    lm, model_config, make = build_student(cfg, job, out, spec, publish=rank == 0)
     weights_any = {k for ph in cfg.train.phases for k, w in ph.losses.items() if w}
     centroids = None
     if "cluster" in weights_any:
         import numpy as np
 
-        centroids = torch.from_numpy(np.load(Path(cfg.stage_dir("cluster")) / "centroids.npy"))
+        centroids = torch.from_numpy(np.load(io.BytesIO(Store(cfg.stage_dir("cluster")).read_bytes("centroids.npy")),
+                                             allow_pickle=False))
     heads = DistillHeads(lm.embed_dim, teacher_width(spec) or lm.embed_dim, centroids, cfg.train.loss.learn_centres,
                          cfg.train.loss.instance_temperature)
     module = TrainModule(lm.model, heads, lock_text=bool(job.get("lock_text"))).to(device)
@@ -240,7 +245,7 @@ def train_step(w: Worker, step: int, phase, lr: float, item: dict) -> tuple[torc
         terms = w.model(item["x"].to(w.device), item["tokens"].to(w.device), tokens_zh, batch, phase.losses, tc.loss)
     loss = sum(terms.values())
     if not torch.isfinite(loss):
-        good = latest_checkpoint(w.out)
+        good = latest_checkpoint(w.out)  # a name on the store
         raise TrainingDiverged(f"step {step}: loss is not finite ({ {k: float(v) for k, v in terms.items()} });"
                                f" last good checkpoint: {good or 'none'}")
     w.opt.zero_grad(set_to_none=True)
@@ -273,15 +278,13 @@ def train_worker(job: dict) -> dict:
     w = setup(job)
     tc = w.cfg.train
     ckpt = latest_checkpoint(w.out)
-    step = load_checkpoint(ckpt, w.module, w.opt) if ckpt is not None else 0
+    step = resumed_from = load_checkpoint(w.out, ckpt, w.module, w.opt) if ckpt is not None else 0
     if ckpt is not None and w.rank == 0:
-        print(f"[train] resuming from {ckpt.name}")
+        print(f"[train] resuming from {ckpt}")
     if w.world > 1:
         w.model = nn.parallel.DistributedDataParallel(w.module, find_unused_parameters=True)
     total = sum(ph.steps for ph in tc.phases)
-    if w.rank == 0:
-        truncate_log(w.out / "log.jsonl", step)
-    log_f = open(w.out / "log.jsonl", "a") if w.rank == 0 else None
+    log = read_log(w.out, step) if w.rank == 0 else []  # rank 0's lines, written with each checkpoint
     bar = Progress(total, "train", unit="step", initial=step, disable=w.rank != 0)
     batches = worker_batches(w.spec, w.make, w.rank, w.world, step, tc.loader_workers)
     t_start, t_log, last, waited = time.time(), time.time(), {}, 0.0
@@ -298,19 +301,20 @@ def train_worker(job: dict) -> dict:
         if step % tc.log_every == 0 or step == total:
             last = log_record(w, step, pi, loss, terms, lr, time.time() - t_log)
             t_log = time.time()
-            if log_f:
-                log_f.write(json.dumps(last) + "\n")
-                log_f.flush()
+            if w.rank == 0:
+                log.append(json.dumps(last))
                 bar.set_postfix(loss=f"{last['loss']:.3f}", phase=pi)
         if w.rank == 0 and (step % tc.ckpt_every == 0 or step == total):
+            write_log(w.out, log)
             save_checkpoint(w.out, step, w.module, w.opt, {"data_position": data_position(w.spec, step)})
         if job.get("stop_after") and step >= job["stop_after"]:
             break
     bar.close()
     batches.close()  # stops the loader processes
-    if log_f:
-        log_f.close()
+    if w.rank == 0:
+        write_log(w.out, log)
     result = worker_result(w, step, time.time() - t_start, last)
+    result["resumed_from"] = resumed_from
     result["data"]["wait_seconds"] = round(waited, 3)  # time the steps waited for the loader
     return result
 
@@ -333,7 +337,7 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
           chinese: bool = True, stop_after: int = 0) -> dict:
     """Train into out_dir (resuming from its last checkpoint) on the packed dataset in `data` (default: the
     pack stage's folder): in this process, or on Ray Train workers."""
-    job = {"config": asdict(cfg), "out": str(Path(out_dir).resolve()), "lock_text": lock_text, "chinese": chinese,
+    job = {"config": asdict(cfg), "out": absolute(out_dir), "lock_text": lock_text, "chinese": chinese,
            "stop_after": stop_after, "data": data or cfg.stage_dir("pack")}
     if cfg.train.workers <= 1 or not use_ray:
         return train_worker(job)
@@ -345,9 +349,20 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
                            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
                            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-                           run_config=RunConfig(name="cidistill-train", storage_path=str(Path(out_dir).resolve() / "_ray")))
-    trainer.fit()
-    return json.loads((Path(out_dir) / "_worker_result.json").read_text())
+                           # Ray Train's own files (no checkpoints: ours go to the store) stay on this node
+                           run_config=RunConfig(name="cidistill-train", storage_path=str(cache_dir() / "ray_train")))
+    try:
+        trainer.fit()
+    except Exception as e:  # a worker's error, or its node lost: say so in one line; the rerun resumes
+        if isinstance(e, StageError):
+            raise
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raised = [ln for ln in lines if "Error: " in ln and not ln.startswith("File ")]  # the causes' lines
+        cause = (raised or lines or [type(e).__name__])[-1]
+        good = latest_checkpoint(Store(job["out"]))
+        raise TrainingFailed(f"a training worker failed ({cause[:300]}); rerun to resume from "
+                             f"{good or 'the start'}") from None
+    return Store(job["out"]).read_json("_worker_result.json")
 
 
 def _ray_loop(config: dict) -> None:
@@ -355,4 +370,4 @@ def _ray_loop(config: dict) -> None:
 
     r = train_worker(config)
     if ray.train.get_context().get_world_rank() == 0:
-        (Path(config["out"]) / "_worker_result.json").write_text(json.dumps(r))
+        Store(config["out"]).write_json("_worker_result.json", r)

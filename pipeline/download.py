@@ -192,7 +192,7 @@ class DownloadStage(Stage):
                           min_image_size=0, max_image_area=float(d.max_image_pixels), max_aspect_ratio=float("inf"))
         return Downloader(
             sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=d.thread_count,
-            save_caption=True, extract_exif=False, output_folder=self.out.url(""), column_list=column_list,
+            save_caption=True, extract_exif=False, output_folder=self.out.url("").rstrip("/"), column_list=column_list,
             timeout=d.timeout, number_sample_per_shard=d.samples_per_shard, oom_shard_count=OOM_SHARD,
             compute_hash="sha256", verify_hash_type=None, encode_format=d.encode_format, retries=d.retries,
             user_agent_token="cidistill", disallowed_header_directives=list(d.disallowed_header_directives) or None)

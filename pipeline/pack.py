@@ -153,8 +153,7 @@ def gather(out: Store, parts: list[str], split: str, j: int, n: int) -> dict:
 
 def write_manifest(out: Store, split: str) -> None:
     """`split/manifest.parquet`: every shard's index with its shard name, streamed one shard at a time."""
-    tmp = out.path(f"{split}/manifest.parquet.tmp-writing")
-    with out.fs.open(tmp, "wb") as f:
+    with out.open_atomic(f"{split}/manifest.parquet") as f:
         writer = None
         for tar, _ in split_shards(out, split):
             t = out.read_table(tar.removesuffix(".tar") + ".parquet")
@@ -163,7 +162,6 @@ def write_manifest(out: Store, split: str) -> None:
             writer.write_table(t)
         if writer:
             writer.close()
-    out.fs.mv(tmp, out.path(f"{split}/manifest.parquet"))
 
 
 def pack_dataset(cfg: Config, out: Store, src: Sources, use_ray: bool = True) -> dict:

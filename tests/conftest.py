@@ -8,7 +8,23 @@ import pytest
 
 os.environ.setdefault("CIDISTILL_TEST", "1")
 
-SLOW_MODULES = {"test_kill_resume", "test_multinode", "test_card_browser", "test_download_kill"}
+# The object-store tier talks to moto's S3 server on loopback (started by the `s3` fixture). Its endpoint and
+# test credentials are set before anything starts Ray, so that every Ray worker inherits them.
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+S3_PORT = free_port()
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"}
+os.environ.update(S3_TEST_ENV)
+
+SLOW_MODULES = {"test_kill_resume", "test_multinode", "test_card_browser", "test_download_kill", "test_object_store"}
 
 
 def pytest_collection_modifyitems(items):
@@ -60,3 +76,34 @@ def server(small_data):
 
     with LoopbackServer(small_data.root) as srv:
         yield srv
+
+
+def start_moto(port: int, env: dict | None = None):
+    """moto's standalone S3 server on 127.0.0.1:port (the way s3fs's own tests run one)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, **(env or {})))
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API on loopback for the session: returns the endpoint URL; buckets are made by each test."""
+    import fsspec
+
+    proc = start_moto(S3_PORT)
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = S3_TEST_ENV["FSSPEC_S3_ENDPOINT_URL"]
+    yield S3_TEST_ENV["FSSPEC_S3_ENDPOINT_URL"]
+    proc.terminate()
+    proc.wait(10)

@@ -18,7 +18,8 @@ from cidistill.app.demo_data import write_urls
 
 KILLED = ("download", "embed", "balance", "cluster", "pack", "train", "export")
 VOLATILE = {"seconds", "attempts", "started", "finished", "time", "shards_resumed", "temp_files_removed", "duration",
-            "start_time", "end_time", "samples_per_s", "wait_seconds", "step_seconds", "eval_seconds", "image_throughput", "throughput_ratio"}
+            "start_time", "end_time", "samples_per_s", "wait_seconds", "step_seconds", "eval_seconds", "image_throughput", "throughput_ratio",
+            "resumed_from"}
 
 
 def _cfg_file(tmp_path, workdir, urls, teacher) -> Path:

@@ -1,5 +1,8 @@
-"""Two Ray nodes on 127.0.0.1 (ray.cluster_utils.Cluster, each with its own resources) run download → embed →
-balance → cluster → a short 2-worker train; the data outputs equal the single-node run's (small_run).
+"""Two Ray nodes on 127.0.0.1 that share no disk: each has its own scratch folder (its cache), and the work
+folder and the teacher's weights live only on the S3 server (moto, on loopback). download → embed → balance →
+cluster → pack run across both and equal the single-node run's outputs (small_run); then a 2-worker train
+(one worker per node) loses node B to SIGKILL after a checkpoint, and the rerun, with node B back, resumes
+from the checkpoint on the store.
 
 The cluster runs in a child process: it needs its own Ray, not the test session's."""
 import json
@@ -7,76 +10,116 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from cidistill.core.config import to_dict
+from cidistill.core.store import Store
 
 JOB = r'''
-import json, os, sys
+import json, os, sys, threading, time
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray then resolves 127.0.0.1 to itself, not the host IP
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-from pathlib import Path
+cfg_path, out, scratch = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def node_env(name):
+    os.makedirs(f"{scratch}/{name}/cache", exist_ok=True)
+    return {"CIDISTILL_CACHE": f"{scratch}/{name}/cache"}
+
+os.environ.update(node_env("a"))  # the driver lives on node A
+import fsspec
 from ray.cluster_utils import Cluster
 from cidistill.app.demo_data import LoopbackServer, build_demo_data, write_urls
 from cidistill.app.cli import main
 
-cfg_path, out = sys.argv[1], Path(sys.argv[2])
 common = dict(num_cpus=2, node_ip_address="127.0.0.1", include_dashboard=False, object_store_memory=200 << 20)
-cluster = Cluster(initialize_head=True, head_node_args=dict(common, resources={"node_a": 1}))
-cluster.add_node(**dict(common, resources={"node_b": 1}))
+fast_death = {"health_check_period_ms": 500, "health_check_failure_threshold": 2}  # notice node B's loss in ~1 s
+cluster = Cluster(initialize_head=True, head_node_args=dict(common, resources={"node_a": 1}, env_vars=node_env("a"),
+                                                            _system_config=fast_death))
+add_b = lambda: cluster.add_node(**dict(common, resources={"node_b": 1}, env_vars=node_env("b")))
+node_b = add_b()
 cluster.wait_for_nodes()
+address = ["--ray-address", "127.0.0.1:" + cluster.address.rsplit(":", 1)[-1]]
+import yaml
+cfg = yaml.safe_load(open(cfg_path))
 data = build_demo_data(small=True)
 with LoopbackServer(data.root) as srv:
-    import yaml
-    cfg = yaml.safe_load(open(cfg_path))
-    write_urls(data, srv.base_url, Path(cfg["data"]["urls"]))
-    rc = main(["run", cfg_path, "--ray-address", "127.0.0.1:" + cluster.address.rsplit(":", 1)[-1]])
+    write_urls(data, srv.base_url, cfg["data"]["urls"])
+    rc_data = main(["run", cfg_path, "--stages", "download", "embed", "balance", "cluster", "pack"] + address)
 import ray
 nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-(out / "cluster.json").write_text(json.dumps({"rc": rc, "nodes": nodes}))
+
+# train; once a checkpoint is on the store, node B (one of the two workers) is SIGKILLed
+fs = fsspec.filesystem("s3")
+ckpt = cfg["workdir"].removeprefix("s3://") + "/train/step-0000002/meta.json"
+def kill_b():
+    while not fs.exists(ckpt):
+        fs.invalidate_cache()
+        time.sleep(0.2)
+    cluster.remove_node(node_b, allow_graceful=False)
+threading.Thread(target=kill_b, daemon=True).start()
+rc_killed = main(["run", cfg_path, "--stages", "train"] + address)
+node_b = add_b()
+cluster.wait_for_nodes()
+rc_resumed = main(["run", cfg_path, "--stages", "train"] + address)
+open(f"{out}/cluster.json", "w").write(json.dumps({"rc": [rc_data, rc_killed, rc_resumed], "nodes": nodes}))
 ray.shutdown()
 cluster.shutdown()
 '''
 
 
-def _by_key(path: Path, cols: list[str]) -> dict:
-    rows = [r for p in sorted(path.glob("0*.parquet")) for r in pq.read_table(p, columns=cols).to_pylist()]
-    return {r["key"]: r for r in rows}
+def _by_key(store: Store, cols: list[str]) -> dict:
+    return {r["key"]: r for n in store.glob("0*.parquet") for r in store.read_table(n, columns=cols).to_pylist()}
 
 
-@pytest.mark.timeout(600)
-def test_two_node_cluster_matches_single_node(tmp_path, small_run):
+@pytest.mark.timeout(900)
+def test_two_nodes_without_shared_disk_match_one_node_and_resume_training(tmp_path, s3, small_run):
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("cluster-bucket")
+    teacher = small_run.teacher.pretrained.removeprefix("local-dir:")
+    fs.put(teacher, "cluster-bucket/teacher", recursive=True)  # no node reads the test's own cache
+    work = "s3://cluster-bucket/w"
     d = to_dict(small_run)
-    d.update(workdir=str(tmp_path / "w"), stages=["download", "embed", "balance", "cluster", "pack", "train"], dirs={})
-    d["data"]["urls"] = str(tmp_path / "w" / "urls.parquet")
-    d["teacher"].update(num_actors=2, cpus_per_actor=1.0)
+    d.update(workdir=work, dirs={}, stages=["download", "embed", "balance", "cluster", "pack", "train"])
+    d["data"]["urls"] = f"{work}/urls.parquet"
+    d["teacher"].update(pretrained="local-dir:s3://cluster-bucket/teacher", num_actors=2, cpus_per_actor=1.0)
     d["train"].update(workers=2, cpus_per_worker=2.0, threads=1, batch_size=32, streams=2, loader_workers=1,
+                      ckpt_every=2, log_every=1,
                       phases=[{"steps": 2, "losses": {"feature_distill": 1.0}},
-                              {"steps": 2, "losses": {"cluster": 0.5, "instance": 1.0, "align": 0.5}}])
+                              {"steps": 18, "losses": {"cluster": 0.5, "instance": 1.0, "align": 0.5}}])
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(d, allow_unicode=True))
     (tmp_path / "job.py").write_text(JOB)
-    subprocess.run([sys.executable, str(tmp_path / "job.py"), str(cfg), str(tmp_path)], check=True,
-                   cwd=Path(__file__).parents[1], timeout=540)
+    scratch = tmp_path / "nodes"
+    subprocess.run([sys.executable, str(tmp_path / "job.py"), str(cfg), str(tmp_path), str(scratch)], check=True,
+                   cwd=Path(__file__).parents[1], timeout=840)
     res = json.loads((tmp_path / "cluster.json").read_text())
-    assert res["rc"] == 0 and len(res["nodes"]) == 2
+    rc_data, rc_killed, rc_resumed = res["rc"]
+    assert rc_data == 0 and len(res["nodes"]) == 2
+    assert rc_killed != 0 and rc_resumed == 0  # losing a node fails the run; the rerun finishes it
 
-    w, ref = tmp_path / "w", {s: Path(small_run.stage_dir(s)) for s in ("download", "embed", "balance", "cluster")}
+    # each node fetched the teacher into its own scratch folder; the run's outputs are only on the store
+    for node in ("a", "b"):
+        assert any((scratch / node / "cache" / "store").glob("*/teacher/open_clip_config.json")), node
+    ref = {s: Store(small_run.stage_dir(s)) for s in ("download", "embed", "balance", "cluster")}
+    w = {s: Store(f"{work}/{s}") for s in ("download", "embed", "balance", "cluster", "train")}
     cols = ["key", "status", "caption", "sha256"]
-    assert _by_key(w / "download", cols) == _by_key(ref["download"], cols)
-    got, want = _by_key(w / "embed", ["key", "image_emb", "text_emb"]), _by_key(ref["embed"], ["key", "image_emb", "text_emb"])
+    assert _by_key(w["download"], cols) == _by_key(ref["download"], cols)
+    got, want = _by_key(w["embed"], ["key", "image_emb", "text_emb"]), _by_key(ref["embed"], ["key", "image_emb", "text_emb"])
     assert got.keys() == want.keys()
     for col in ("image_emb", "text_emb"):
         a = np.array([got[k][col] for k in sorted(got)], np.float32)
         b = np.array([want[k][col] for k in sorted(want)], np.float32)
         assert np.abs(a - b).max() < 2e-3, col
     cols = ["key", "kept", "drop_reason", "dup_of"]
-    assert _by_key(w / "balance", cols) == _by_key(ref["balance"], cols)
-    assert _by_key(w / "cluster", ["key", "cluster_id"]) == _by_key(ref["cluster"], ["key", "cluster_id"])
+    assert _by_key(w["balance"], cols) == _by_key(ref["balance"], cols)
+    assert _by_key(w["cluster"], ["key", "cluster_id"]) == _by_key(ref["cluster"], ["key", "cluster_id"])
 
-    train = json.loads((w / "train" / "stats.json").read_text())
-    assert train["steps"] == 4 and train["workers"] == 2
-    assert sorted(set(train["worker_nodes"])) == sorted(res["nodes"])  # one Ray Train worker on each node
+    train = w["train"].read_json("stats.json")
+    assert train["steps"] == 20 and train["workers"] == 2
+    assert 2 <= train["resumed_from"] < 20  # from a checkpoint written before node B died
+    assert sorted(set(train["worker_nodes"])) != [] and len(set(train["worker_nodes"])) == 2  # one worker per node
+    log = [json.loads(ln) for ln in w["train"].read_bytes("log.jsonl").decode().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 21))  # every step once: the killed run's extra lines dropped

@@ -3,11 +3,11 @@ import dataclasses
 import json
 
 import torch
-from safetensors.torch import load_file
 
-from kd.checkpoint import latest_checkpoint
+from kd.checkpoint import latest_checkpoint, load_weights
 from kd.train import train
 from cidistill.core.config import PhaseConfig
+from cidistill.core.store import Store
 
 
 def _cfg(small_run, steps=6):
@@ -21,12 +21,13 @@ def test_resume_reaches_same_weights(small_run, tmp_path):
     cfg = _cfg(small_run)
     train(cfg, str(tmp_path / "a"), use_ray=False)
     train(cfg, str(tmp_path / "b"), use_ray=False, stop_after=3)   # "killed" after step 3 (checkpoint at 2)
-    assert latest_checkpoint(tmp_path / "b").name == "step-0000002"
-    position = json.loads((latest_checkpoint(tmp_path / "b") / "meta.json").read_text())["data_position"]
+    b_out = Store(str(tmp_path / "b"))
+    assert latest_checkpoint(b_out) == "step-0000002"
+    position = b_out.read_json("step-0000002/meta.json")["data_position"]
     assert [p["epoch"] for p in position] == [0, 0] and all(p["in_block"] == 2 * 8 for p in position)  # mid-epoch
     train(cfg, str(tmp_path / "b"), use_ray=False)                 # resumes from step 2
-    a = load_file(latest_checkpoint(tmp_path / "a") / "model.safetensors")
-    b = load_file(latest_checkpoint(tmp_path / "b") / "model.safetensors")
+    a_out = Store(str(tmp_path / "a"))
+    a, b = load_weights(a_out, latest_checkpoint(a_out)), load_weights(b_out, latest_checkpoint(b_out))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -51,7 +52,7 @@ def test_two_workers_follow_the_one_worker_loss_curve(small_run, ray_session, tm
     one = train(cfg, str(tmp_path / "one"), use_ray=False)
     cfg.train.workers, cfg.train.loader_workers = 2, 1
     two = train(cfg, str(tmp_path / "two"), use_ray=True)
-    assert one["steps"] == two["steps"] == 6 and latest_checkpoint(tmp_path / "two").name == "step-0000006"
+    assert one["steps"] == two["steps"] == 6 and latest_checkpoint(Store(str(tmp_path / "two"))) == "step-0000006"
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):

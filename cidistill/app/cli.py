@@ -16,6 +16,7 @@ from cidistill.core import faults
 from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load_config
 from cidistill.core.errors import StageError
 from cidistill.core.lock import work_lock
+from cidistill.core.store import use_storage_options
 from cidistill.core.runtime import init_ray, quiet_logs, set_env_defaults
 from ray.exceptions import RayError
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args)
         elif args.cmd == "compare":
             cfg = demo_run_config(args) if args.demo else make_config(args)
+            use_storage_options(cfg.storage_options)
             if not args.no_ray:
                 init_ray(cfg.ray_address or None)
             with work_lock(cfg.workdir):

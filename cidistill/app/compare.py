@@ -16,12 +16,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 
 from cidistill.core.config import Config, PhaseConfig
-from cidistill.core.store import Store
+from cidistill.core.store import Store, join
 from kd.evaluate import evaluate, load_for_eval, lookup, paired_test
 from .registry import run_stage
 
@@ -29,7 +28,7 @@ VARIANTS = ("config", "clip", "cid", "instance", "dcclip", "cid_unbalanced")  # 
 CLUSTER_W, INSTANCE_W = 0.5, 1.0
 
 
-def variant_config(cfg: Config, name: str, root: Path) -> Config:
+def variant_config(cfg: Config, name: str, root: str) -> Config:
     """The config of one recipe: same student/batch/steps as `cfg.train`, only the losses (and data) differ."""
     total = sum(p.steps for p in cfg.train.phases)
     stage1 = cfg.train.phases[0].steps if len(cfg.train.phases) > 1 else total // 5
@@ -44,15 +43,15 @@ def variant_config(cfg: Config, name: str, root: Path) -> Config:
         return cfg
     if name not in phases:
         raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
-    dirs = dict(cfg.dirs, train=str(root / name / "train"))
+    dirs = dict(cfg.dirs, train=join(root, name, "train"))
     train = dataclasses.replace(cfg.train, phases=phases[name])
     student = dataclasses.replace(cfg.student, text_init="random") if name == "clip" else cfg.student
     cluster = cfg.cluster
     if name == "cid_unbalanced":
         train = dataclasses.replace(train, use_balanced=False)
         cluster = dataclasses.replace(cfg.cluster, use_balanced=False)
-        dirs["cluster"] = str(root / name / "cluster")
-        dirs["pack"] = str(root / name / "pack")
+        dirs["cluster"] = join(root, name, "cluster")
+        dirs["pack"] = join(root, name, "pack")
     return dataclasses.replace(cfg, dirs=dirs, train=train, cluster=cluster, student=student)
 
 
@@ -67,9 +66,9 @@ def _load_npz(store: Store, name: str) -> dict:
         return dict(np.load(io.BytesIO(f.read())))
 
 
-def run_variant(cfg: Config, name: str, root: Path, use_ray: bool) -> tuple[dict, dict]:
+def run_variant(cfg: Config, name: str, root: str, use_ray: bool) -> tuple[dict, dict]:
     """Train (skip when done) and evaluate one recipe; evaluation cached in ROOT/<name>/."""
-    out = Store(str(root / name))
+    out = Store(join(root, name))
     if out.exists("eval.json"):
         return out.read_json("eval.json"), _load_npz(out, "correct.npz")
     ev = Store(cfg.stage_dir("eval"))
@@ -121,7 +120,7 @@ def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
 
 
 def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True, out_dir: str = "") -> dict:
-    root = Path(out_dir or Path(cfg.workdir) / "compare")
+    root = out_dir or join(cfg.workdir, "compare")
     names = list(variants or VARIANTS)
     if cfg.teacher.pretrained:
         names = ["teacher"] + [n for n in names if n != "teacher"]
@@ -148,5 +147,5 @@ def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True
     store.write_bytes("results.md", md.encode())
     store.write_json("results.json", {"results": results, "paired_vs_clip": tests})
     print(md)
-    print(f"[compare] done: {len(names)} recipes -> {root / 'results.md'}")
+    print(f"[compare] done: {len(names)} recipes -> {join(root, 'results.md')}")
     return {"results": results, "paired_vs_clip": tests}

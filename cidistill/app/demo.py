@@ -7,15 +7,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from cidistill.core.config import STAGES, Config, load_config, merge
 from cidistill.core.lock import work_lock
 from cidistill.core.models import create, demo_teacher_config
 from cidistill.core.runtime import cache_dir, resolve_precision
-from cidistill.core.store import Store
-from kd.checkpoint import latest_checkpoint
+from cidistill.core.store import Store, join, use_storage_options
+from kd.checkpoint import latest_checkpoint, load_weights
 from kd.export import export_local_dir
 from kd.train import train
 from pipeline.pack import Sources, pack_dataset
@@ -54,7 +53,7 @@ TEACHER_STEPS = {False: 350, True: 40}
 
 def demo_config(workdir: str, small: bool, overrides: list[str] | None = None, config_file: str | None = None) -> Config:
     base = merge(DEMO, SMALL) if small else dict(DEMO)
-    base = merge(base, {"workdir": workdir, "data": {"urls": str(Path(workdir) / "urls.parquet")}})
+    base = merge(base, {"workdir": workdir, "data": {"urls": join(workdir, "urls.parquet")}})
     return load_config(config_file, overrides, base=base)
 
 
@@ -90,20 +89,18 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
     if (final / "open_clip_model.safetensors").exists():
         print(f"[teacher] cached: {final}")
         return f"local-dir:{final}"
-    work = Path(cfg.workdir) / "teacher_train"
+    work = Store(join(cfg.workdir, "teacher_train"))
     print(f"[teacher] training the demo LiT teacher ({TEACHER_STEPS[small]} steps, locked MiniLM text tower)")
-    packed = Store(str(work / "pack"))  # the downloaded training pairs (no embeddings yet: this teacher makes them)
+    packed = Store(work.url("pack"))  # the downloaded training pairs (no embeddings yet: this teacher makes them)
     if not packed.exists("train/manifest.parquet"):
         pack_dataset(tcfg, packed, Sources(tcfg, teacher=False, balanced=False, clusters=False), use_ray=use_ray)
-    train(tcfg, str(work), data=packed.uri, use_ray=use_ray, lock_text=True, chinese=False)
+    train(tcfg, work.uri, data=packed.uri, use_ray=use_ray, lock_text=True, chinese=False)
     lm = create(cfg.teacher.model)
-    from safetensors.torch import load_file
-
-    lm.model.load_state_dict(load_file(latest_checkpoint(work) / "model.safetensors"))
+    lm.model.load_state_dict(load_weights(work, latest_checkpoint(work)))
     final.parent.mkdir(parents=True, exist_ok=True)
     export_local_dir(lm, final, "# cidistill demo teacher\n\nLiT: all-MiniLM-L6-v2 (locked) + ModifiedResNet image tower "
                                 "trained with the CLIP loss on the demo's apple+google emoji.\n")
-    shutil.rmtree(work, ignore_errors=True)
+    work.fs.rm(work.root, recursive=True)
     return f"local-dir:{final}"
 
 
@@ -111,6 +108,7 @@ def demo_run_config(args) -> Config:
     """The config of a demo that has downloaded (its teacher trained once and cached)."""
     workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
     cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
+    use_storage_options(cfg.storage_options)
     if args.ray_address:
         cfg.ray_address = args.ray_address
     if not cfg.teacher.pretrained:
@@ -121,10 +119,10 @@ def demo_run_config(args) -> Config:
 def _demo_stages(args, cfg: Config, stages: list[str]) -> dict:
     use_ray = not args.no_ray
     data = build_demo_data(args.small)
-    urls = Path(cfg.data.urls)
+    urls = cfg.data.urls
     print(f"[demo] {data.table.num_rows} emoji pairs (3 artist styles, EN+ZH captions) -> {cfg.workdir}")
     out = {}
-    with LoopbackServer(data.root, port=urls_port(urls) if urls.exists() else 0) as srv:
+    with LoopbackServer(data.root, port=urls_port(urls)) as srv:
         write_urls(data, srv.base_url, urls)
         if "download" in stages:
             out.update(run_stages(cfg, ["download"], force=args.force, use_ray=use_ray))
@@ -141,8 +139,9 @@ def run_demo(args) -> dict:
     cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
     if args.ray_address:
         cfg.ray_address = args.ray_address
+    use_storage_options(cfg.storage_options)
     with work_lock(cfg.workdir):
         out = _demo_stages(args, cfg, args.stages or list(STAGES))
-    print(f"[demo] done: results in {Path(cfg.stage_dir('eval')) / 'results.md'}, "
-          f"card in {Path(cfg.stage_dir('card')) / 'card.html'}, student in {Path(cfg.stage_dir('export')) / 'student'}")
+    print(f"[demo] done: results in {join(cfg.stage_dir('eval'), 'results.md')}, "
+          f"card in {join(cfg.stage_dir('card'), 'card.html')}, student in {join(cfg.stage_dir('export'), 'student')}")
     return out

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cidistill.core.runtime import cache_dir
+from cidistill.core.store import Store
 
 VENDORS = ("apple", "google", "twitter")
 PACKAGES = {
@@ -172,22 +172,20 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def write_urls(demo: DemoData, base_url: str, out: Path) -> Path:
-    """urls.parquet: url, caption and the columns evaluation needs."""
+def write_urls(demo: DemoData, base_url: str, out: str | Path) -> str:
+    """urls.parquet at `out` (a local path or a URI): url, caption and the columns evaluation needs."""
     t = demo.table
     urls = pa.array([f"{base_url}/{p}" for p in t.column("path").to_pylist()])
-    table = t.drop(["path"]).add_column(0, "url", urls)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.rename(out)
-    return out
+    folder, name = str(out).rsplit("/", 1) if "/" in str(out) else (".", str(out))
+    Store(folder).write_table(name, t.drop(["path"]).add_column(0, "url", urls))
+    return str(out)
 
 
-def urls_port(path: Path) -> int:
+def urls_port(out: str) -> int:
     """The port a previous run's urls.parquet points at, so a resumed demo serves the same URLs."""
     try:
-        first = pq.read_table(path, columns=["url"]).column("url")[0].as_py()
+        folder, name = str(out).rsplit("/", 1)
+        first = Store(folder).read_table(name, columns=["url"]).column("url")[0].as_py()
         return int(first.split(":")[2].split("/")[0])
     except Exception:
         return 0

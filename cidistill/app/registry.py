@@ -9,6 +9,7 @@ from cidistill.core.config import STAGES, Config
 from cidistill.core.lock import work_lock
 from cidistill.core.runtime import init_ray
 from cidistill.core.stage import Stage, plan
+from cidistill.core.store import use_storage_options
 from data_cards.render import CardStage
 from kd.stages import EvalStage, ExportStage, TrainStage
 from pipeline.balance import BalanceStage
@@ -35,6 +36,7 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
     """Run `stages` in pipeline order: finished ones whose fingerprint still matches are skipped, the others
     (and what depends on them) are redone, with one line per cause first."""
     stages = sorted(stages, key=STAGES.index)
+    use_storage_options(cfg.storage_options)
     with work_lock(cfg.workdir):
         if use_ray:
             init_ray(cfg.ray_address or None)

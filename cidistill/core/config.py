@@ -186,6 +186,9 @@ class Config:
     dirs: dict[str, str] = field(default_factory=dict)     # stage -> folder, default WORKDIR/<stage>
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # what `cidistill run` runs, in order
     ray_address: str = ""               # join this Ray cluster; empty: RAY_ADDRESS, else a local one
+    # fsspec options per protocol, e.g. {s3: {endpoint_url: "http://minio:9000"}}; keys and secrets are better
+    # left to the environment, ~/.aws or the node's role. Never written to any output; masked when printed.
+    storage_options: dict[str, dict] = field(default_factory=dict)
     seed: int = 0                       # the held-out fraction's hash seed
     data: DataConfig = field(default_factory=DataConfig)            # the URL list and the download
     teacher: TeacherConfig = field(default_factory=TeacherConfig)   # the teacher that embeds every pair
@@ -316,6 +319,20 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+SECRET_WORDS = ("secret", "key", "token", "password", "credential")
+
+
+def masked(storage_options: dict) -> dict:
+    """Storage options as they may be shown or recorded: endpoints kept, secrets never."""
+    return {p: {k: "***" if any(w in k.lower() for w in SECRET_WORDS) else v for k, v in o.items()}
+            for p, o in storage_options.items()}
+
+
+def public_dict(cfg) -> dict:
+    """The config as a mapping that outputs (the data card) may record."""
+    return dict(dataclasses.asdict(cfg), storage_options=masked(cfg.storage_options))
+
+
 def flat_fields(cfg, sections: tuple[str, ...]) -> dict[str, Any]:
     """The config's leaves under each dotted name in `sections` ("balance", "data.holdout"), as
     {"balance.apply_eps": 0.05, ...}; lists and mappings (train.phases) are one JSON value each."""
@@ -433,6 +450,8 @@ def config_yaml(cfg: Config) -> str:
                 lines.append(f"{indent}{f.name}:")
                 emit(value, indent + "  ")
             else:
+                if f.name == "storage_options":
+                    value = masked(value)
                 plain = json.loads(json.dumps(value, default=dataclasses.asdict))
                 dumped = yaml.safe_dump(plain, default_flow_style=True, allow_unicode=True, width=10 ** 6).strip()
                 lines.append(f"{indent}{f.name}: {dumped.removesuffix(chr(10) + '...').strip()}")

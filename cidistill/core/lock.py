@@ -9,7 +9,7 @@ import socket
 import time
 
 from .errors import StageError
-from .store import Store
+from .store import Store, open_checked
 
 LOCK = "_LOCK.json"
 _held: dict[str, int] = {}   # work folder -> nesting depth in this process
@@ -30,7 +30,8 @@ def _alive(pid: int) -> bool:
 
 
 def _claim(store: Store, me: dict) -> dict | None:
-    """Write the lock if nobody holds it; else return the holder. Local folders use O_EXCL (atomic)."""
+    """Write the lock if nobody holds it; else return the holder. Atomic: O_EXCL on a local folder, a
+    create-only PUT on an object store."""
     if store.local:
         try:
             fd = os.open(store.path(LOCK), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -39,9 +40,10 @@ def _claim(store: Store, me: dict) -> dict | None:
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return None
-    if store.exists(LOCK):
+    try:  # an object store: a conditional PUT (If-None-Match), refused when the lock object exists
+        store.fs.pipe_file(store.path(LOCK), json.dumps(me).encode(), mode="create")
+    except FileExistsError:
         return store.read_json(LOCK)
-    store.write_json(LOCK, me)
     return None
 
 
@@ -54,7 +56,7 @@ def work_lock(workdir: str):
         finally:
             _held[workdir] -= 1
         return
-    store = Store(workdir)
+    store = open_checked(workdir)  # the first contact with the store: bad credentials fail here, in one line
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     holder = _claim(store, me)
     if holder is not None:

@@ -122,7 +122,7 @@ def _builtin_config(oc, name: str) -> dict:
 
 def create(name: str, pretrained: str = "", model_config: str = "", device: str = "cpu",
            context_length: int | None = None) -> LoadedModel:
-    """`name` is an open_clip model name or `local-dir:PATH`; `pretrained` an open_clip tag (fetched by
+    """`name` is an open_clip model name or `local-dir:PATH` (PATH local or on a store); `pretrained` an open_clip tag (fetched by
     open_clip itself), a checkpoint file, a `local-dir:` folder, or empty for random init."""
     oc = import_open_clip()
     register_configs(model_config)
@@ -130,7 +130,7 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
     if pretrained.startswith("local-dir:"):
         name, pretrained = pretrained, ""
     if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:"):])
+        folder = local_dir(name)
         with relocated(folder) as where:
             try:
                 model, pre_train, pre_val = oc.create_model_and_transforms(f"local-dir:{where}", device=device)
@@ -159,6 +159,18 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
     if not pp_cfg and hasattr(model.visual, "preprocess_cfg"):
         pp_cfg = dict(model.visual.preprocess_cfg)
     return LoadedModel(model.to(device), pre_train, pre_val, tok, name, dict(model_cfg), dict(pp_cfg))
+
+
+def local_dir(name: str) -> Path:
+    """The folder of `local-dir:PATH`; a PATH on a store (s3://…, the same weights for every node of a
+    cluster that shares no disk) is fetched once into this node's cache."""
+    where = name[len("local-dir:"):]
+    if "://" not in where:
+        return Path(where)
+    from .store import Store
+
+    parent, last = where.rstrip("/").rsplit("/", 1)
+    return Store(parent).local_copy(last)
 
 
 @contextmanager
@@ -195,7 +207,7 @@ def configs_of(name: str, pretrained: str = "", model_config: str = "") -> tuple
         name, pretrained = pretrained, ""
     cfg = asdict(PreprocessCfg())
     if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:"):]) / "open_clip_config.json"
+        path = local_dir(name) / "open_clip_config.json"
         if not path.is_file():
             raise ModelLoadError(f"{name}: no open_clip_config.json in that folder")
         full = json.loads(path.read_text())

@@ -26,7 +26,8 @@ ENV_DEFAULTS = {
 }
 # libraries whose INFO/WARNING lines a user cannot act on (open_clip logs "No pretrained weights loaded" for
 # every student built from scratch, on the root logger); `cidistill -v` shows them
-QUIET_SOURCES = ("open_clip", "transformers", "ray/data", "ray/train", "ray/tune", "torch/distributed")
+QUIET_SOURCES = ("open_clip", "transformers", "ray/data", "ray/train", "ray/tune", "torch/distributed", "botocore",
+                 "aiobotocore", "s3fs")
 
 
 class _Quiet(logging.Filter):
@@ -44,6 +45,8 @@ def quiet_logs() -> None:
             logger.addFilter(_Quiet())
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("botocore", "aiobotocore", "s3fs"):  # "Found credentials in environment variables." per worker
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def cache_dir() -> Path:
@@ -161,6 +164,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"worker_process_setup_hook": "cidistill.core.runtime.worker_setup",
                    "env_vars": {k: os.environ[k] for k in (*ENV_DEFAULTS, "CIDISTILL_VERBOSE") if k in os.environ}}
+    from .store import storage_env
+
+    runtime_env["env_vars"].update(storage_env())
     if address:
         if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster of local nodes (tests, one box)
             kwargs.setdefault("_node_ip_address", "127.0.0.1")

@@ -2,9 +2,13 @@
 helpers, and URI joins that keep the scheme (pathlib would turn `s3://b/run` into `s3:/b/run`)."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -27,11 +31,75 @@ def join(root: str, *parts: str) -> str:
     return out
 
 
+# environment a Ray worker needs to reach the same stores as the driver (endpoints, regions, profiles)
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+               "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT")
+
+
+def use_storage_options(options: dict) -> None:
+    """The config's per-protocol fsspec options, for every store this process opens from now on."""
+    for proto, opts in options.items():
+        fsspec.config.conf.setdefault(proto, {}).update(opts)
+
+
+def storage_env() -> dict[str, str]:
+    """What Ray workers get so that their stores open like the driver's: fsspec's settings (from FSSPEC_*
+    variables and the config's storage_options) and the cloud SDKs' non-secret settings. Keys and secrets
+    are left to each node's own environment, ~/.aws or role, unless the config names them."""
+    env = {k: v for k, v in os.environ.items() if k in STORAGE_ENV}
+    env.update({f"FSSPEC_{proto.upper()}": json.dumps(opts) for proto, opts in fsspec.config.conf.items()
+                if isinstance(opts, dict) and opts})
+    return env
+
+
+def open_checked(root: str, probe: bool = True) -> Store:
+    """The store at `root`, its access tried once (a small object written, read and removed when `probe`):
+    wrong credentials, a missing bucket or an unreachable endpoint fail here, in one line that names the
+    bucket and the cause, never a secret."""
+    try:
+        store = Store(root)
+        if probe and not store.local:
+            name = f"_probe-{uuid.uuid4().hex[:8]}"
+            store.write_bytes(name, b"ok")
+            store.read_bytes(name)
+            store.rm(name)
+        return store
+    except StageError:
+        raise
+    except Exception as e:  # the SDKs raise many kinds: PermissionError, NoCredentialsError, ClientError, ...
+        raise StoreError(access_error(str(root), e)) from None
+
+
+def access_error(root: str, e: BaseException) -> str:
+    scheme, _, rest = str(root).partition("://")
+    where = f"bucket {rest.split('/', 1)[0]!r} of {root}" if rest else root
+    cause = " ".join(str(e).split()) or type(e).__name__
+    for secret in _secrets():
+        cause = cause.replace(secret, "***")
+    return f"cannot use {where}: {type(e).__name__}: {cause[:300]}"
+
+
+def _secrets() -> list[str]:
+    vals = [os.environ.get(k, "") for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    for opts in fsspec.config.conf.values():
+        if isinstance(opts, dict):
+            vals += [str(v) for k, v in opts.items() if any(w in k.lower() for w in ("secret", "token", "password"))]
+    return [v for v in vals if len(v) >= 4]
+
+
+def absolute(root: str) -> str:
+    """A local path made absolute (Ray workers run elsewhere); a URI as it is."""
+    return root if "://" in str(root) else str(Path(root).resolve())
+
+
 class Store:
     """A folder on a local path or any fsspec URI (s3://, gs://, memory://)."""
 
     def __init__(self, root: str):
-        self.fs, self.root = fsspec.core.url_to_fs(str(root))
+        # no cached listings: other processes (Ray workers, other nodes) write into the same folders, and a
+        # stale listing makes an object they wrote look missing
+        self.fs, self.root = fsspec.core.url_to_fs(str(root), **({} if "://" not in str(root) or str(root).startswith(
+            "file://") else {"use_listings_cache": False}))
         self.uri = str(root)
         self.fs.makedirs(self.root, exist_ok=True)
 
@@ -55,8 +123,13 @@ class Store:
         return sorted(p[len(root) + 1:] for p in self.fs.glob(f"{root}/{pattern}"))
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Atomic: write under a temporary name in the same folder, then rename into place."""
+        """Atomic. A local folder: write under a temporary name beside it, then rename into place. An object
+        store: one PUT (an object appears whole or not at all; a rename there would be a copy)."""
         final = self.path(name)
+        if not self.local:
+            faults.point()
+            self.fs.pipe_file(final, data)
+            return
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)  # `--force` may have removed the folder
         try:
@@ -72,8 +145,84 @@ class Store:
                 self.fs.rm(tmp)
             raise
 
+    @contextlib.contextmanager
+    def open_atomic(self, name: str):
+        """A file to stream into, published whole when the block ends: locally under a temporary name then
+        renamed; on an object store the upload itself (the object appears only once it completes)."""
+        final = self.path(name)
+        if not self.local:
+            f = self.fs.open(final, "wb")
+            try:
+                yield f
+            except BaseException:
+                f.discard()  # abort the upload: closing would publish what was written so far
+                f.closed = True  # nothing left to flush, now or when the file object is collected
+                raise
+            f.close()
+            return
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                yield f
+            self.fs.mv(tmp, final)
+        finally:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode())
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def put_folder(self, src: Path, name: str, last: str = "") -> None:
+        """Publish local folder `src` as `name`. A local store: copied under a temporary name, renamed into
+        place (whole or not at all). An object store: file by file, `last` (the file that makes it usable)
+        after every other."""
+        files = sorted(p for p in Path(src).rglob("*") if p.is_file())
+        if self.local:
+            final = Path(self.path(name))
+            tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+            shutil.copytree(src, tmp)
+            faults.point()
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            return
+        self.rm(name)
+        for p in sorted(files, key=lambda p: p.name == last):
+            self.write_bytes(f"{name}/{p.relative_to(src).as_posix()}", p.read_bytes())
+
+    def local_copy(self, name: str) -> Path:
+        """A local path to file or folder `name`: itself on a local store; else a copy in this node's cache,
+        keyed by the objects' names, sizes and versions (a rewritten object is fetched again)."""
+        if self.local:
+            return Path(self.path(name))
+        src = self.path(name)
+        listing = self.fs.find(src, detail=True) or {src: self.fs.info(src)}
+        digest = hashlib.sha256(self.url(name).encode())
+        for k in sorted(listing):
+            v = listing[k]
+            digest.update(f"{k}|{v.get('size')}|{v.get('ETag') or v.get('etag') or v.get('mtime') or ''}".encode())
+        from .runtime import cache_dir
+
+        dest = cache_dir() / "store" / digest.hexdigest()[:20] / name.rstrip("/").rsplit("/", 1)[-1]
+        if not dest.exists():
+            tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            if self.fs.isdir(src):
+                for k in listing:
+                    target = tmp / k[len(src.rstrip("/")) + 1:]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(self.fs.cat_file(k))
+            else:
+                tmp.write_bytes(self.fs.cat_file(src))
+            try:
+                tmp.rename(dest)
+            except OSError:  # another process of this node fetched the same copy first
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        return dest
 
     def read_json(self, name: str) -> Any:
         with self.fs.open(self.path(name), "rb") as f:
