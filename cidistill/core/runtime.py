@@ -39,6 +39,9 @@ def quiet_logs() -> None:
     """Below ERROR, nothing from QUIET_SOURCES reaches the console, unless CIDISTILL_VERBOSE=1 (`-v`)."""
     if os.environ.get("CIDISTILL_VERBOSE") == "1":
         return
+    # Ray Data sets its loggers' levels when it is imported, from this variable first: its INFO lines
+    # ("Dataset … execution finished") and WARNINGs ("Progress bars disabled") would otherwise reach the console
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     for name in ("", "ray.data", "ray.train", "ray.tune", "transformers"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Quiet) for f in logger.filters):
