@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from cidistill.core.config import STAGES, Config, public_dict
 from cidistill.core.images import read_tar_images
 from cidistill.core.schema import H_SPAN, download_shards, emb_matrix, join_on_key, key_hash
-from cidistill.core.store import Store
+from cidistill.core.store import Store, split_uri
 
 PACKAGES = ("cidistill", "torch", "open_clip_torch", "img2dataset", "ray", "faiss-cpu", "pyarrow", "scikit-learn")
 
@@ -78,7 +78,7 @@ def _url_facts(urls: str) -> dict | None:
     fs, p = fsspec.core.url_to_fs(urls)
     if not fs.isfile(p):
         return None
-    folder, name = urls.rsplit("/", 1) if "/" in urls else (".", urls)  # the URI, its scheme kept
+    folder, name = split_uri(urls)
     return {"path": urls, "sha256": _sha256_file(Store(folder), name)}
 
 

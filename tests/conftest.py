@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("CIDISTILL_TEST", "1")
-
-# The object-store tier talks to moto's S3 server on loopback (started by the `s3` fixture). Its endpoint and
-# test credentials are set before anything starts Ray, so that every Ray worker inherits them.
-
 
 def free_port() -> int:
     import socket
@@ -19,6 +14,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The object-store tier talks to moto's S3 server on loopback (started by the `s3` fixture). Its endpoint and
+# test credentials are set before anything starts Ray, so that every Ray worker inherits them.
 S3_PORT = free_port()
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"}

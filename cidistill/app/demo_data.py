@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cidistill.core.runtime import cache_dir
-from cidistill.core.store import Store
+from cidistill.core.store import Store, split_uri
 
 VENDORS = ("apple", "google", "twitter")
 PACKAGES = {
@@ -176,7 +176,7 @@ def write_urls(demo: DemoData, base_url: str, out: str | Path) -> str:
     """urls.parquet at `out` (a local path or a URI): url, caption and the columns evaluation needs."""
     t = demo.table
     urls = pa.array([f"{base_url}/{p}" for p in t.column("path").to_pylist()])
-    folder, name = str(out).rsplit("/", 1) if "/" in str(out) else (".", str(out))
+    folder, name = split_uri(str(out))
     Store(folder).write_table(name, t.drop(["path"]).add_column(0, "url", urls))
     return str(out)
 
@@ -184,7 +184,7 @@ def write_urls(demo: DemoData, base_url: str, out: str | Path) -> str:
 def urls_port(out: str) -> int:
     """The port a previous run's urls.parquet points at, so a resumed demo serves the same URLs."""
     try:
-        folder, name = str(out).rsplit("/", 1)
+        folder, name = split_uri(out)
         first = Store(folder).read_table(name, columns=["url"]).column("url")[0].as_py()
         return int(first.split(":")[2].split("/")[0])
     except Exception:

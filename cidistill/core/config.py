@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import yaml
 
-from .store import join
+from .store import SECRET_WORDS, join
 
 STAGES = ("download", "embed", "balance", "cluster", "pack", "train", "eval", "export", "card")
 # the loss terms a training phase may weigh (kd/losses.py implements each)
@@ -317,9 +317,6 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-SECRET_WORDS = ("secret", "key", "token", "password", "credential")
 
 
 def masked(storage_options: dict) -> dict:

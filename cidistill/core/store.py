@@ -79,11 +79,19 @@ def access_error(root: str, e: BaseException) -> str:
     return f"cannot use {where}: {type(e).__name__}: {cause[:300]}"
 
 
+SECRET_WORDS = ("secret", "key", "token", "password", "credential")  # storage options never shown
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(folder, file name) of a local path or a URI, the scheme kept on the folder."""
+    return tuple(str(uri).rstrip("/").rsplit("/", 1)) if "/" in str(uri) else (".", str(uri))
+
+
 def _secrets() -> list[str]:
     vals = [os.environ.get(k, "") for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
     for opts in fsspec.config.conf.values():
         if isinstance(opts, dict):
-            vals += [str(v) for k, v in opts.items() if any(w in k.lower() for w in ("secret", "token", "password"))]
+            vals += [str(v) for k, v in opts.items() if any(w in k.lower() for w in SECRET_WORDS if w != "key")]
     return [v for v in vals if len(v) >= 4]
 
 
