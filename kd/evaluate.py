@@ -7,8 +7,14 @@ Everything streams from the packed splits (pipeline/pack.py): images are decoded
 their features are kept (N x D floats); retrieval ranks in blocks of rows, never an N x N matrix."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,8 +22,9 @@ import torch.nn.functional as F
 
 from cidistill.core.config import Config
 from cidistill.core.images import decode_rgb
-from cidistill.core.models import LoadedModel, count_params, create, encode_text
+from cidistill.core.models import LoadedModel, count_params, create, encode_text, local_dir
 from cidistill.core.packed import image_member, iter_tar_samples, sample_fields, split_shards
+from cidistill.core.runtime import cache_dir
 from cidistill.core.schema import has_holdout
 from cidistill.core.store import Store
 from .data import normalise
@@ -46,6 +53,7 @@ def image_size(lm: LoadedModel) -> int:
     return s if isinstance(s, int) else s[0]
 
 
+EVAL_VERSION = 1  # part of the teacher's cache key: raise it when a metric's computation changes
 EVAL_META = ("base", "base_name", "base_name_zh", "subgroup")  # the zero-shot classes and the probe's label
 
 
@@ -263,3 +271,50 @@ def results_markdown(results: dict[str, dict]) -> str:
                          else f"{100 * v:.1f}%")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def teacher_evaluation(cfg: Config, lm: LoadedModel) -> tuple[dict, dict]:
+    """The teacher's scores depend only on its weights, the packed splits and the eval settings: computed once
+    per combination and kept in this node's cache, since a student's retraining, `compare`'s variants and a
+    resumed run all evaluate the same teacher on the same pairs. Its image throughput is measured again each
+    time, beside the student's, so that their ratio is taken under the same load."""
+    folder = cache_dir() / "teacher_eval" / teacher_eval_key(cfg)
+    if (folder / "results.json").is_file():
+        res = json.loads((folder / "results.json").read_text())
+        with np.load(folder / "correct.npz") as z:
+            per = {k: z[k] for k in z.files}
+        res["image_throughput"] = throughput(lm)
+        return res, per
+    res, per = evaluate(cfg, lm)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    np.savez(tmp / "correct.npz", **per)
+    (tmp / "results.json").write_text(json.dumps(res))  # written last: a folder without it is never read
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process cached the same evaluation first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res, per
+
+
+def teacher_eval_key(cfg: Config) -> str:
+    """Weights (an open_clip tag, or the files' names, sizes and times), the eval settings, and the packed
+    splits by content: each split's manifest (every pair's key, captions, shard and row) and its shards' sizes."""
+    t = cfg.teacher
+    h = hashlib.sha256(json.dumps({"version": EVAL_VERSION, "model": t.model, "pretrained": t.pretrained,
+                                   "model_config": t.model_config, "eval": dataclasses.asdict(cfg.eval),
+                                   "held_out": has_holdout(cfg)}, sort_keys=True, default=str).encode())
+    weights = t.pretrained
+    if weights.startswith("local-dir:"):
+        weights = str(local_dir(weights))
+    for p in sorted(Path(weights).rglob("*")) if os.path.isdir(weights) else [Path(weights)] if os.path.isfile(weights) else []:
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    pack = Store(cfg.stage_dir("pack"))
+    for split in ("eval", "train"):
+        if pack.exists(f"{split}/manifest.parquet"):
+            h.update(pack.read_bytes(f"{split}/manifest.parquet"))
+        for name in pack.glob(f"{split}/shard-*.tar"):
+            h.update(f"{name}|{pack.fs.size(pack.path(name))}".encode())
+    return h.hexdigest()[:20]

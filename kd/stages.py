@@ -13,7 +13,7 @@ from cidistill.core.schema import HOLDOUT_FIELDS, has_holdout
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store, join
 from .checkpoint import latest_checkpoint
-from .evaluate import evaluate, load_for_eval, results_markdown
+from .evaluate import evaluate, load_for_eval, results_markdown, teacher_evaluation
 from .export import export_local_dir, load_trained_student, model_card
 from .train import train
 
@@ -55,8 +55,9 @@ class EvalStage(Stage):
 
     def run_unit(self, unit: str) -> dict:
         results, per = {}, {}
-        for spec in ("teacher", "student") if self.cfg.teacher.pretrained else ("student",):
-            results[spec], per[spec] = evaluate(self.cfg, load_for_eval(self.cfg, spec))
+        if self.cfg.teacher.pretrained:
+            results["teacher"], per["teacher"] = teacher_evaluation(self.cfg, load_for_eval(self.cfg, "teacher"))
+        results["student"], per["student"] = evaluate(self.cfg, load_for_eval(self.cfg, "student"))
         if "teacher" in results:
             t, s = results["teacher"], results["student"]
             results["student_vs_teacher"] = {

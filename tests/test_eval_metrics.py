@@ -62,3 +62,37 @@ def test_mean_per_class_weighs_a_repeated_class_once():
     correct = np.array([True, True, True, True, False, False])
     assert correct.mean() == 4 / 6 and mean_per_class(correct, labels) == 1 / 3
     assert mean_per_class(np.ones(6, bool), labels) == 1.0
+
+
+def test_teacher_scores_are_computed_once_per_teacher_data_and_settings(small_run, tmp_path, monkeypatch):
+    """The eval stage's teacher scores come from the node's cache the second time: equal to a fresh
+    evaluation (and to what the small demo's eval stage wrote), the image throughput measured again; other
+    eval settings or other packed pairs are another entry."""
+    import dataclasses
+    import json
+    import shutil
+
+    import kd.evaluate as ev
+
+    monkeypatch.setenv("CIDISTILL_CACHE", str(tmp_path / "cache"))
+    real, calls = ev.evaluate, []
+    monkeypatch.setattr(ev, "evaluate", lambda cfg, lm, tasks=None: calls.append(cfg.workdir) or real(cfg, lm, tasks))
+    lm = ev.load_for_eval(small_run, "teacher")
+    first, per1 = ev.teacher_evaluation(small_run, lm)
+    second, per2 = ev.teacher_evaluation(small_run, lm)
+    assert len(calls) == 1 and (tmp_path / "cache" / "teacher_eval").is_dir()
+    wrote = json.loads(open(f"{small_run.stage_dir('eval')}/results.json").read())["teacher"]
+    for got in (first, second):
+        assert {k: v for k, v in got.items() if k != "image_throughput"} == \
+               {k: v for k, v in wrote.items() if k != "image_throughput"}
+        assert got["image_throughput"] > 0
+    assert per1.keys() == per2.keys() and all(np.array_equal(per1[k], per2[k]) for k in per1)
+
+    key = ev.teacher_eval_key(small_run)
+    assert ev.teacher_eval_key(dataclasses.replace(small_run, eval=dataclasses.replace(small_run.eval, tasks=["retrieval"]))) != key
+    other = tmp_path / "w"   # the same pack folder with one held-out pair fewer: other data, another entry
+    shutil.copytree(small_run.stage_dir("pack"), other / "pack")
+    import pyarrow.parquet as pq
+    m = pq.read_table(other / "pack" / "eval" / "manifest.parquet")
+    pq.write_table(m.slice(1), other / "pack" / "eval" / "manifest.parquet")
+    assert ev.teacher_eval_key(dataclasses.replace(small_run, workdir=str(other), dirs={})) != key
