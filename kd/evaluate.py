@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cidistill.core.config import Config
 from cidistill.core.images import decode_rgb
-from cidistill.core.models import LoadedModel, count_params, create, encode_text, local_dir
+from cidistill.core.models import LoadedModel, channels_last, count_params, create, encode_text, local_dir
 from cidistill.core.packed import image_member, iter_tar_samples, sample_fields, split_shards
 from cidistill.core.runtime import cache_dir
 from cidistill.core.schema import has_holdout
@@ -180,6 +180,7 @@ def throughput(lm: LoadedModel, batch: int = 128, reps: int = 5) -> float:
     """Images/s of the image tower on random input: the fastest of `reps` timed batches after a warm-up, so
     that another process's burst on a shared box does not decide a ratio."""
     s = image_size(lm)
+    channels_last(lm.model)
     x = torch.randn(batch, 3, s, s)
     lm.model.encode_image(x)
     best = float("inf")
@@ -228,7 +229,7 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None) -> tuple[dict, dict]:
     pack stage's `eval` split (the held-out pairs, or every pair when there is no held-out split) and, for
     the probe and the zero-shot class list, its `train` split."""
     tasks = tasks or cfg.eval.tasks
-    lm.model.eval()
+    channels_last(lm.model).eval()
     root, held = cfg.stage_dir("pack"), has_holdout(cfg)
     test = split_view(lm, root, "eval", cfg.eval.batch_size)
     need_train = held and ("linear_probe" in tasks or "zeroshot" in tasks)

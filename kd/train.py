@@ -23,7 +23,7 @@ from cidistill.core.errors import StageError
 from cidistill.core.runtime import cache_dir, resolve_precision
 from cidistill.core.progress import Progress
 from cidistill.core.packed import iter_tar_samples, sample_fields
-from cidistill.core.models import by_length, count_params, create, encode_text, trim_vocab
+from cidistill.core.models import by_length, channels_last, count_params, create, encode_text, trim_vocab
 from cidistill.core.store import Store, absolute
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, read_log, save_checkpoint, write_log
 from .data import manifest_texts
@@ -181,6 +181,7 @@ def build_student(cfg: Config, job: dict, out: Store, spec: StreamSpec, publish:
     make = BatchMaker(size if isinstance(size, int) else size[0], lm.preprocess_cfg.get("mean", (0.481, 0.458, 0.408)),
                       lm.preprocess_cfg.get("std", (0.269, 0.261, 0.276)), lm.tokenizer, old2new, use_zh,
                       tc.augment, tc.style_augment, tc.seed)
+    channels_last(lm.model)
     return lm, model_config, make
 
 

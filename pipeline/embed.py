@@ -17,7 +17,7 @@ from cidistill.core.config import Config, TeacherConfig
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
-from cidistill.core.models import configs_of, create, encode_text, val_preprocess_cfg
+from cidistill.core.models import channels_last, configs_of, create, encode_text, val_preprocess_cfg
 from cidistill.core.schema import download_shards, embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store
@@ -103,7 +103,7 @@ class TeacherEmbedder:
         torch.set_num_threads(max(1, int(tc.threads or tc.cpus_per_actor)))
         self.device = "cuda" if tc.gpus_per_actor and torch.cuda.is_available() else "cpu"
         self.lm = create(tc.model, tc.pretrained, tc.model_config, device=self.device)
-        self.lm.model.eval()
+        channels_last(self.lm.model).eval()
         self.pp = pp or dict(self.lm.preprocess_cfg)
         _, mean, std, _, want = val_transform(self.pp)
         if want != _steps(self.lm.preprocess_val):  # decode tasks built theirs from configs: must be the model's
