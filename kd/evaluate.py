@@ -7,12 +7,12 @@ Everything streams from the packed splits (pipeline/pack.py): images are decoded
 their features are kept (N x D floats); retrieval ranks in blocks of rows, never an N x N matrix."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,13 +305,9 @@ def teacher_eval_key(cfg: Config) -> str:
     h = hashlib.sha256(json.dumps({"version": EVAL_VERSION, "model": t.model, "pretrained": t.pretrained,
                                    "model_config": t.model_config, "eval": dataclasses.asdict(cfg.eval),
                                    "held_out": has_holdout(cfg)}, sort_keys=True, default=str).encode())
-    weights = t.pretrained
-    if weights.startswith("local-dir:"):
-        weights = str(local_dir(weights))
-    for p in sorted(Path(weights).rglob("*")) if os.path.isdir(weights) else [Path(weights)] if os.path.isfile(weights) else []:
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for p in _weight_files(t.pretrained):
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
     pack = Store(cfg.stage_dir("pack"))
     for split in ("eval", "train"):
         if pack.exists(f"{split}/manifest.parquet"):
@@ -319,3 +315,13 @@ def teacher_eval_key(cfg: Config) -> str:
         for name in pack.glob(f"{split}/shard-*.tar"):
             h.update(f"{name}|{pack.fs.size(pack.path(name))}".encode())
     return h.hexdigest()[:20]
+
+
+def _weight_files(pretrained: str) -> list[Path]:
+    """The local files behind `teacher.pretrained` (a checkpoint file or a `local-dir:` folder); none for a tag."""
+    if not pretrained:
+        return []
+    path = local_dir(pretrained) if pretrained.startswith("local-dir:") else Path(pretrained)
+    if path.is_dir():
+        return [p for p in sorted(path.rglob("*")) if p.is_file()]
+    return [path] if path.is_file() else []
