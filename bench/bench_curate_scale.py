@@ -49,6 +49,7 @@ def layout(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def planted(folder: Path, n: int, shards: int, seed: int = 0) -> None:
     from cidistill.core.schema import embed_schema
+    from cidistill.core.store import Store
 
     rng = np.random.default_rng(seed)
     perm = rng.permutation(n)
@@ -58,6 +59,7 @@ def planted(folder: Path, n: int, shards: int, seed: int = 0) -> None:
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     per = -(-n // shards)
     folder.mkdir(parents=True)
+    out = Store(str(folder))
     for s in range(shards):
         rows = np.arange(s * per, min(n, (s + 1) * per))
         slots = perm[rows]
@@ -73,7 +75,7 @@ def planted(folder: Path, n: int, shards: int, seed: int = 0) -> None:
         t = pa.table({"key": [f"{s:05d}{i:06d}" for i in range(len(rows))], "image_emb": col, "text_emb": col,
                       "text_emb_zh": pa.nulls(len(rows), embed_schema(D).field("text_emb_zh").type),
                       "image_hash": hashes}, schema=embed_schema(D))
-        pq.write_table(t, folder / f"{s:05d}.parquet")
+        out.write_table(f"{s:05d}.parquet", t)  # the embed stage's writer: its encodings, its compression
     (folder / "_DONE").write_text(json.dumps({"fingerprint": f"planted-{n}"}))
 
 
@@ -127,31 +129,40 @@ def child(mode: str, work: Path, cluster_k: int, balance_k: int, max_cluster: in
 
 
 def in_driver(cfg) -> tuple[float, float]:
-    """The stages as they were: every embedding of every shard in this process, then the rules, then
-    k-means on the concatenated kept rows and their assignment."""
-    from cidistill.core.schema import emb_matrix
+    """The stages as they were before they went out of core (two separate stages, each reading its inputs
+    from disk and writing its per-shard outputs): balance reads every embedding of every shard into this
+    process and decides on the in-memory arrays; cluster reads every kept row back, fits k-means on the
+    concatenation and assigns it. Today's kernels and readers, so only the layout differs."""
+    from cidistill.core.schema import CLUSTER_SCHEMA, emb_matrix
     from cidistill.core.store import Store
     from pipeline.balance_rules import balance_decisions
-    from pipeline.cluster import assign, spherical_kmeans
+    from pipeline.cluster import assign, kept_embeddings, spherical_kmeans
 
     t = time.perf_counter()
-    emb = Store(cfg.stage_dir("embed"))
-    keys, xs, hashes, nocap = [], [], [], []
-    for name in emb.glob("[0-9]*.parquet"):
-        tb = emb.read_table(name, columns=["key", "image_emb", "image_hash", "text_emb"])
+    emb, bal, clu = Store(cfg.stage_dir("embed")), Store(cfg.stage_dir("balance")), Store(cfg.stage_dir("cluster"))
+    shards = [n[:-len(".parquet")] for n in emb.glob("[0-9]*.parquet")]
+    keys, xs, hashes, nocap, sizes = [], [], [], [], []
+    for s in shards:
+        tb = emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash", "text_emb"])
         keys += tb.column("key").to_pylist()
         xs.append(emb_matrix(tb.column("image_emb")))
         hashes += tb.column("image_hash").to_pylist()
         nocap.append(tb.column("text_emb").is_null().to_numpy(zero_copy_only=False))
+        sizes.append(tb.num_rows)
     x = np.concatenate(xs)
     del xs
     table, _ = balance_decisions(np.array(keys, dtype=object), x, np.array(hashes, dtype=object), cfg.balance,
                                  no_caption=np.concatenate(nocap))
+    del x
+    for s, a, n in zip(shards, np.cumsum([0] + sizes), sizes):
+        bal.write_table(f"{s}.parquet", table.slice(a, n).sort_by("key"))
     t_bal = time.perf_counter() - t
     t = time.perf_counter()
-    kept = x[np.asarray(table.column("kept").to_pylist())]
-    cents, _ = spherical_kmeans(kept, cfg.cluster.k, seed=cfg.cluster.seed)
-    assign(kept, cents)
+    parts = [kept_embeddings(cfg, s, False) for s in shards]
+    cents, _ = spherical_kmeans(np.concatenate([p[1] for p in parts]), cfg.cluster.k, seed=cfg.cluster.seed)
+    for s, (k, xk) in zip(shards, parts):
+        ids, sim = assign(xk, cents)
+        clu.write_table(f"{s}.parquet", pa.table({"key": k, "cluster_id": ids, "cluster_sim": sim}, schema=CLUSTER_SCHEMA))
     return t_bal, time.perf_counter() - t
 
 
@@ -203,7 +214,9 @@ def main():
             print(f"N={n}: wrote {shards} planted embed shards in {time.perf_counter() - t:.0f}s", flush=True)
             common = ["--cluster-k", ks[0], "--balance-k", ks[1], "--max-cluster", ks[2], "--work", str(tmp)]
             if n == a.sizes[0] and not a.no_anchor:
-                r, rss = measure(["--child", "driver", *common])
+                (tmp / "anchor").mkdir()
+                (tmp / "anchor" / "embed").symlink_to(tmp / "embed")  # its own stage folders, the same inputs
+                r, rss = measure(["--child", "driver", *common[:-1], str(tmp / "anchor")])
                 print(f"N={n} in-driver (anchor): balance {r['balance_s']}s + cluster {r['cluster_s']}s, "
                       f"peak RSS {rss:.2f} GB", flush=True)
                 res["anchor"] = dict(r, rss_gb=rss)

@@ -10,6 +10,7 @@ worker's loader processes take contiguous lanes of those, decode, augment and to
 item per step in turn. Memory: one block of encoded pairs per lane, plus the prefetched batches."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -205,4 +206,10 @@ def worker_batches(spec: StreamSpec, make: BatchMaker, rank: int, world: int, st
 
 
 def _one_thread(_):
-    torch.set_num_threads(1)  # the trainer's threads do the compute; a loader process decodes
+    """A loader process decodes on one thread, at a lower priority: it works ahead into the prefetch queue
+    whenever a core is free, and never takes one from the trainer's compute threads."""
+    torch.set_num_threads(1)
+    try:
+        os.nice(10)
+    except OSError:
+        pass

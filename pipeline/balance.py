@@ -29,13 +29,13 @@ from cidistill.core.config import Config
 from cidistill.core.errors import StageError
 from cidistill.core.schema import (BALANCE_SCHEMA, HOLDOUT_FIELDS, emb_matrix, has_holdout, holdout_mask,
                                    join_on_key, shard_stats_name)
-from cidistill.core.stage import Stage, run_tasks, sum_counters
+from cidistill.core.stage import Stage, run_tasks, sum_counters, task_slots
 from cidistill.core.store import Store, join
 from .balance_rules import (KMEANS_POINTS_PER_CENTROID, balance_k, bad_embedding, decide_cluster, rule_matrix,
                             summarise)
 from .cluster import assign, objective, spherical_kmeans
-from .parts import (H_SPAN, cut_ranges, f16_blob, f16_rows, hash_sample, in_range, key_hash, load_npy, load_sample,
-                    raise_failed, read_parts, sample_cuts, save_npy, write_part)
+from .parts import (H_SPAN, cut_ranges, f16_blob, f16_rows, full_waves, hash_sample, in_range, key_hash, load_npy,
+                    load_sample, raise_failed, read_parts, sample_cuts, save_npy, write_part)
 
 WORK = "_work"
 ASIDE = 10_000          # held-aside rows on which the k-means objective is reported
@@ -91,11 +91,13 @@ class BalanceStage(Stage):
         # (the small demo's balance took 7.6 s as Ray tasks for 300 rows)
         total = sum(self.emb.num_rows(f"{sh}.parquet") for sh in shards)
         self.on_ray = self.use_ray and total > self.bc.rows_per_task
+        self.slots = task_slots(self.on_ray)
         cut, aside_hi = self.fixed("sample_cuts.json", lambda: self.sample_cuts(total))
         scans = self.step("scan", shards, lambda s: self.scan(s, cut, aside_hi))
         check_key_ranges(scans)
         counts = sum_counters(scans.values())
-        ranges = self.fixed("exact_ranges.json", lambda: cut_ranges(counts["hashed"], self.bc.rows_per_task))
+        ranges = self.fixed("exact_ranges.json", lambda: cut_ranges(counts["hashed"], self.bc.rows_per_task,
+                                                                    slots=self.slots))
         exact = self.step("exact", [str(j) for j in range(len(ranges))], lambda j: self.exact(ranges[int(j)], j, aside_hi))
         live = counts["live"] - sum(e["exact_dup"] for e in exact.values())
         self.exact_names = [f"exact/{j}.parquet" for j in range(len(ranges))]
@@ -104,7 +106,7 @@ class BalanceStage(Stage):
             cents = self.centroids(shards, live, {k for e in exact.values() for k in e["sampled_dups"]})
             assigned = self.step("assign", shards, self.assign)
             sizes = np.sum([assigned[s]["sizes"] for s in shards], axis=0)
-            groups = self.fixed("groups.json", lambda: cluster_groups(sizes, self.bc.rows_per_task))
+            groups = self.fixed("groups.json", lambda: cluster_groups(sizes, self.bc.rows_per_task, self.slots))
             rules = self.step("rules", [str(g) for g in range(len(groups))], lambda g: self.rules(groups[int(g)], g, cents))
         extra = {int(c): n for r in rules.values() for c, n in r["parts"].items()}
         k = len(cents) if live else 0
@@ -129,7 +131,9 @@ class BalanceStage(Stage):
         return rule_matrix(x[:, :d], x[:, d:] if self.joint else None, self.bc)
 
     def scan(self, s: str, cut: int, aside_hi: int) -> dict:
-        t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash", "text_emb"])
+        # the caption vectors are read only when used, or when the footer cannot rule out a missing one
+        text = self.joint or not self.emb.null_free(f"{s}.parquet", "text_emb")
+        t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash"] + (["text_emb"] if text else []))
         keys = t.column("key").to_pylist()
         if len(set(keys)) != len(keys):
             dup = [k for k, c in Counter(keys).items() if c > 1]
@@ -144,7 +148,8 @@ class BalanceStage(Stage):
             reason[holdout_mask(self.cfg, t).to_numpy(zero_copy_only=False)] = "held_out"
         image = emb_matrix(t.column("image_emb"))
         reason[bad_embedding(image) & (reason == None)] = "bad_embedding"  # noqa: E711
-        reason[t.column("text_emb").is_null().to_numpy(zero_copy_only=False) & (reason == None)] = "no_caption"  # noqa: E711
+        if text:
+            reason[t.column("text_emb").is_null().to_numpy(zero_copy_only=False) & (reason == None)] = "no_caption"  # noqa: E711
         live = reason == None  # noqa: E711
         vec16 = image[live].astype(np.float16)                                   # exact: the values were float16
         if self.joint:
@@ -304,16 +309,17 @@ class BalanceStage(Stage):
                 ", ".join(f"{k} {v}" for k, v in r.items() if v) + f"; {stats.get('clusters', 0)} clusters")
 
 
-def cluster_groups(sizes: np.ndarray, rows: int) -> list[list[int]]:
-    """Contiguous cluster ranges [c0, c1) of about `rows` rows each (a bigger cluster is a group alone)."""
-    groups, c0, n = [], 0, 0
-    for c, size in enumerate(np.asarray(sizes).tolist()):
-        if n and n + size > rows:
-            groups.append([c0, c])
-            c0, n = c, 0
-        n += size
-    groups.append([c0, len(sizes)])
-    return groups
+def cluster_groups(sizes: np.ndarray, rows: int, slots: int = 1) -> list[list[int]]:
+    """Contiguous cluster ranges [c0, c1) of about `rows` rows each (at most `rows` plus one cluster), as many
+    as a multiple of `slots` when the clusters allow: a group takes the clusters that start within its
+    equal share of the rows."""
+    sizes = np.asarray(sizes, np.int64)
+    total = int(sizes.sum())
+    n = full_waves(-(-total // max(1, rows)), slots)
+    starts = np.cumsum(sizes) - sizes
+    bounds = np.searchsorted(starts, [total * j / n for j in range(1, n)], side="left").tolist()
+    edges = sorted({0, len(sizes), *bounds})
+    return [[a, b] for a, b in zip(edges, edges[1:])]
 
 
 def check_key_ranges(scans: dict[str, dict]) -> None:

@@ -105,7 +105,8 @@ def kept_embeddings(cfg: Config, shard: str, joint: bool) -> tuple[list[str], np
     the duplicates too (never held-out or bad embeddings)."""
     import pyarrow.compute as pc
 
-    e = Store(cfg.stage_dir("embed")).read_table(f"{shard}.parquet", columns=["key", "image_emb", "text_emb"])
+    cols = ["key", "image_emb"] + (["text_emb"] if joint else [])  # a list column costs its decode: only what is used
+    e = Store(cfg.stage_dir("embed")).read_table(f"{shard}.parquet", columns=cols)
     b = Store(cfg.stage_dir("balance")).read_table(f"{shard}.parquet", columns=["key", "kept", "drop_reason"])
     t = join_on_key(e, b)
     use = t.column("kept")

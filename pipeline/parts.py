@@ -14,13 +14,14 @@ import pyarrow.parquet as pq
 from cidistill.core.errors import StageError
 from cidistill.core.schema import H_SPAN, key_hash  # noqa: F401 (re-exported for the stages)
 from cidistill.core.stage import TaskResult
-from cidistill.core.store import Store
+from cidistill.core.store import Store, dictionary_columns
 
 def write_part(store: Store, name: str, table: pa.Table, sort_by: list[tuple[str, str]],
                row_group_size: int = 1024, compression: str = "zstd") -> None:
     """One part: `table` sorted by `sort_by`, written atomically in row groups of `row_group_size`."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table.sort_by(sort_by), sink, row_group_size=row_group_size, compression=compression)
+    pq.write_table(table.sort_by(sort_by), sink, row_group_size=row_group_size, compression=compression,
+                   use_dictionary=dictionary_columns(table.schema))
     store.write_bytes(name, sink.getvalue().to_pybytes())
 
 
@@ -40,10 +41,16 @@ def read_parts(store: Store, names: list[str], flt: pc.Expression, columns: list
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def cut_ranges(total: int, per: int, span: int = H_SPAN) -> list[tuple[int, int]]:
-    """[0, span) cut into equal ranges holding about `per` of `total` uniformly spread rows each."""
-    n = max(1, round(total / max(1, per)))
+def cut_ranges(total: int, per: int, span: int = H_SPAN, slots: int = 1) -> list[tuple[int, int]]:
+    """[0, span) cut into equal ranges holding at most about `per` of `total` uniformly spread rows each, as
+    many as a multiple of `slots` (the tasks that run at once: the last wave then fills every core)."""
+    n = full_waves(-(-total // max(1, per)), slots)
     return [(j * span // n, (j + 1) * span // n) for j in range(n)]
+
+
+def full_waves(n: int, slots: int) -> int:
+    """n tasks rounded up to a multiple of `slots`."""
+    return -(-max(1, n) // max(1, slots)) * max(1, slots)
 
 
 def raise_failed(stage: str, results: list[TaskResult]) -> None:

@@ -1,7 +1,6 @@
 """Bad inputs: each is a clear error or a counted skip with its reason, never a crash of the whole job."""
 import functools
 import http.server
-import json
 import struct
 import subprocess
 import threading

@@ -172,3 +172,18 @@ def test_cluster_fits_on_a_seeded_sample_and_assigns_every_kept_pair(tmp_path):
     x = np.concatenate([kept_embeddings(cfg, f"{s:05d}", False)[1] for s in range(4)])
     cents, _ = spherical_kmeans(x, 5, seed=cfg.cluster.seed)
     assert np.array_equal(np.load(tmp_path / "c2" / "centroids.npy"), cents)
+
+
+def test_null_free_reads_the_footer_and_says_no_when_it_cannot_tell(tmp_path):
+    """The scan skips decoding the caption vectors of a shard only when the footer proves none is missing."""
+    from cidistill.core.store import Store
+
+    emb = pa.array([[0.5, 0.5], None], pa.list_(pa.float16(), 2))
+    pq.write_table(pa.table({"e": emb}), tmp_path / "some_null.parquet")
+    pq.write_table(pa.table({"e": emb[:1]}), tmp_path / "none_null.parquet")
+    pq.write_table(pa.table({"e": emb[:1]}), tmp_path / "no_stats.parquet", write_statistics=False)
+    s = Store(str(tmp_path))
+    assert not s.null_free("some_null.parquet", "e")
+    assert s.null_free("none_null.parquet", "e")
+    assert not s.null_free("no_stats.parquet", "e")        # no counts: read the column
+    assert not s.null_free("none_null.parquet", "missing")

@@ -1,7 +1,6 @@
 """Download stage: real img2dataset over loopback HTTP, on Ray; failures counted by reason; resume."""
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow as pa

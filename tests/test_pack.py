@@ -106,3 +106,20 @@ def test_each_lane_epoch_reads_its_shards_once_and_no_block_repeats_a_pair(small
             assert sorted(got) == want, (lane, epoch)
     every = {name for lane in range(spec.streams) for name, _ in lane_shards(spec, lane, 0)}
     assert every == {name for name, _ in spec.shards}  # the lanes of one epoch split the shards between them
+
+
+def test_npy_members_read_as_np_load_reads_them():
+    """The loader's cached-header reader of .npy members gives np.load's arrays (other layouts fall back)."""
+    import io
+
+    from cidistill.core.packed import npy_array, npy_bytes
+
+    for a in (np.linspace(-1, 1, 384).astype(np.float16), np.arange(6).reshape(2, 3),
+              np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.zeros(0, np.float32)):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        got = npy_array(buf.getvalue())
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+    got = npy_array(npy_bytes(np.ones(4)))
+    got[0] = 2  # a copy the caller may write to
+    assert got.dtype == np.float16 and got.tolist() == [2, 1, 1, 1]

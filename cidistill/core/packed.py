@@ -12,6 +12,8 @@ Beside each `shard-NNNNN.tar` its index `shard-NNNNN.parquet` (key, row, caption
 whole split, `manifest.parquet` (shard, key, row, caption, caption_zh)."""
 from __future__ import annotations
 
+import ast
+import functools
 import io
 import json
 import tarfile
@@ -36,7 +38,28 @@ def npy_bytes(v: np.ndarray) -> bytes:
 
 
 def npy_array(b: bytes) -> np.ndarray:
+    """An .npy member; a 1-d version-1 array read through its header's cached parse (the loader reads three
+    per sample, and np.load parses every header with ast.literal_eval)."""
+    if b[:8] == b"\x93NUMPY\x01\x00":
+        end = 10 + int.from_bytes(b[8:10], "little")
+        parsed = _npy_header(b[10:end])
+        if parsed is not None:
+            dtype, n = parsed
+            return np.frombuffer(b, dtype, count=n, offset=end).copy()
     return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, int] | None:
+    """(dtype, length) of a 1-d C-order header; None for anything else (np.load then reads it)."""
+    try:
+        d = ast.literal_eval(header.decode("latin1"))
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(d, dict) or d.get("fortran_order") or len(d.get("shape", ())) != 1:
+        return None
+    dtype = np.dtype(d["descr"])
+    return None if dtype.hasobject else (dtype, int(d["shape"][0]))
 
 
 def tar_bytes(samples: list[dict[str, bytes]]) -> bytes:

@@ -60,6 +60,15 @@ class TaskResult:
     exc: BaseException | None = None   # the task's exception (an OSError is re-raised as itself: disk full)
 
 
+def task_slots(use_ray: bool) -> int:
+    """How many one-CPU tasks run at once: the Ray cluster's CPUs, or 1 in this process."""
+    if not use_ray:
+        return 1
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
+
+
 def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, desc: str = "",
               num_cpus: float = 1, **ray_options) -> list[TaskResult]:
     """Run fn(item) for every item: one Ray task each (retried on worker death and on exceptions),

@@ -100,6 +100,18 @@ def absolute(root: str) -> str:
     return root if "://" in str(root) else str(Path(root).resolve())
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns parquet should dictionary-encode: all but vectors (floating point, or raw fixed-size
+    bytes). An embedding's float16 values fill a dictionary without shrinking the file, and decode 7x slower
+    through it (0.235 vs 0.032 s for 10,000 x 512)."""
+    def vector(t: pa.DataType) -> bool:
+        while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            t = t.value_type
+        return pa.types.is_floating(t) or pa.types.is_fixed_size_binary(t)
+
+    return [n for f in schema if not vector(f.type) for n in (f.name, f"{f.name}.list.element")]
+
+
 class Store:
     """A folder on a local path or any fsspec URI (s3://, gs://, memory://)."""
 
@@ -238,7 +250,7 @@ class Store:
 
     def write_table(self, name: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary_columns(table.schema))
         self.write_bytes(name, sink.getvalue().to_pybytes())
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
@@ -255,6 +267,18 @@ class Store:
                 return pq.ParquetFile(f).metadata.num_rows
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{self.url(name)}: not a readable parquet file ({e})") from e
+
+    def null_free(self, name: str, column: str) -> bool:
+        """True when the footer's statistics prove `column` holds no null (every row group counted, none
+        found); False when it has some or a writer left no counts."""
+        try:
+            with self.fs.open(self.path(name), "rb") as f:
+                md = pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{self.url(name)}: not a readable parquet file ({e})") from e
+        leaves = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column]
+        stats = [md.row_group(g).column(i).statistics for g in range(md.num_row_groups) for i in leaves]
+        return bool(leaves) and all(st is not None and st.has_null_count and st.null_count == 0 for st in stats)
 
     def rm(self, name: str) -> None:
         if self.exists(name):
