@@ -30,7 +30,7 @@ from cidistill.core.errors import StageError
 from cidistill.core.schema import (BALANCE_SCHEMA, HOLDOUT_FIELDS, emb_matrix, has_holdout, holdout_mask,
                                    join_on_key, shard_stats_name)
 from cidistill.core.stage import Stage, run_tasks, sum_counters, task_slots
-from cidistill.core.store import Store, join
+from cidistill.core.store import Store, join, null_free
 from .balance_rules import (KMEANS_POINTS_PER_CENTROID, balance_k, bad_embedding, decide_cluster, rule_matrix,
                             summarise)
 from .cluster import assign, objective, spherical_kmeans
@@ -131,9 +131,10 @@ class BalanceStage(Stage):
         return rule_matrix(x[:, :d], x[:, d:] if self.joint else None, self.bc)
 
     def scan(self, s: str, cut: int, aside_hi: int) -> dict:
-        # the caption vectors are read only when used, or when the footer cannot rule out a missing one
-        text = self.joint or not self.emb.null_free(f"{s}.parquet", "text_emb")
-        t = self.emb.read_table(f"{s}.parquet", columns=["key", "image_emb", "image_hash"] + (["text_emb"] if text else []))
+        with self.emb.parquet(f"{s}.parquet") as pf:
+            # the caption vectors are read only when used, or when the footer cannot rule out a missing one
+            text = self.joint or not null_free(pf.metadata, "text_emb")
+            t = pf.read(columns=["key", "image_emb", "image_hash"] + (["text_emb"] if text else []))
         keys = t.column("key").to_pylist()
         if len(set(keys)) != len(keys):
             dup = [k for k, c in Counter(keys).items() if c > 1]

@@ -176,14 +176,19 @@ def test_cluster_fits_on_a_seeded_sample_and_assigns_every_kept_pair(tmp_path):
 
 def test_null_free_reads_the_footer_and_says_no_when_it_cannot_tell(tmp_path):
     """The scan skips decoding the caption vectors of a shard only when the footer proves none is missing."""
-    from cidistill.core.store import Store
+    from cidistill.core.store import Store, null_free
 
     emb = pa.array([[0.5, 0.5], None], pa.list_(pa.float16(), 2))
     pq.write_table(pa.table({"e": emb}), tmp_path / "some_null.parquet")
     pq.write_table(pa.table({"e": emb[:1]}), tmp_path / "none_null.parquet")
     pq.write_table(pa.table({"e": emb[:1]}), tmp_path / "no_stats.parquet", write_statistics=False)
     s = Store(str(tmp_path))
-    assert not s.null_free("some_null.parquet", "e")
-    assert s.null_free("none_null.parquet", "e")
-    assert not s.null_free("no_stats.parquet", "e")        # no counts: read the column
-    assert not s.null_free("none_null.parquet", "missing")
+
+    def footer_says(name: str, column: str) -> bool:
+        with s.parquet(name) as pf:
+            return null_free(pf.metadata, column)
+
+    assert not footer_says("some_null.parquet", "e")
+    assert footer_says("none_null.parquet", "e")
+    assert not footer_says("no_stats.parquet", "e")        # no counts: read the column
+    assert not footer_says("none_null.parquet", "missing")

@@ -112,6 +112,14 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return [n for f in schema if not vector(f.type) for n in (f.name, f"{f.name}.list.element")]
 
 
+def null_free(md: pq.FileMetaData, column: str) -> bool:
+    """True when a footer's statistics prove `column` holds no null (every row group counted, none found);
+    False when it has some or the writer left no counts."""
+    leaves = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column]
+    stats = [md.row_group(g).column(i).statistics for g in range(md.num_row_groups) for i in leaves]
+    return bool(leaves) and all(st is not None and st.has_null_count and st.null_count == 0 for st in stats)
+
+
 class Store:
     """A folder on a local path or any fsspec URI (s3://, gs://, memory://)."""
 
@@ -262,23 +270,17 @@ class Store:
 
     def num_rows(self, name: str) -> int:
         """A parquet file's row count, from its footer alone."""
-        try:
-            with self.fs.open(self.path(name), "rb") as f:
-                return pq.ParquetFile(f).metadata.num_rows
-        except (pa.ArrowInvalid, OSError) as e:
-            raise StoreError(f"{self.url(name)}: not a readable parquet file ({e})") from e
+        with self.parquet(name) as pf:
+            return pf.metadata.num_rows
 
-    def null_free(self, name: str, column: str) -> bool:
-        """True when the footer's statistics prove `column` holds no null (every row group counted, none
-        found); False when it has some or a writer left no counts."""
+    @contextlib.contextmanager
+    def parquet(self, name: str):
+        """A parquet file of this folder opened once (its footer read): read its metadata, then its columns."""
         try:
             with self.fs.open(self.path(name), "rb") as f:
-                md = pq.ParquetFile(f).metadata
+                yield pq.ParquetFile(f)
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{self.url(name)}: not a readable parquet file ({e})") from e
-        leaves = [i for i in range(md.num_columns) if md.schema.column(i).path.split(".")[0] == column]
-        stats = [md.row_group(g).column(i).statistics for g in range(md.num_row_groups) for i in leaves]
-        return bool(leaves) and all(st is not None and st.has_null_count and st.null_count == 0 for st in stats)
 
     def rm(self, name: str) -> None:
         if self.exists(name):
