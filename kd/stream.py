@@ -206,10 +206,15 @@ def worker_batches(spec: StreamSpec, make: BatchMaker, rank: int, world: int, st
 
 
 def _one_thread(_):
-    """A loader process decodes on one thread, at a lower priority: it works ahead into the prefetch queue
-    whenever a core is free, and never takes one from the trainer's compute threads."""
+    """A loader process decodes on one thread in the idle scheduling class: it works ahead into the prefetch
+    queue whenever a core is free and never takes one from the trainer's compute threads (at a mere lower
+    nice value its time slices still stall a step's threads at their next barrier). Should the step use every
+    core all the time, the loader starves, the step waits on the queue, and then the cores are free for it."""
     torch.set_num_threads(1)
     try:
-        os.nice(10)
-    except OSError:
-        pass
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux
+        try:
+            os.nice(19)
+        except OSError:
+            pass

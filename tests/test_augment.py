@@ -1,8 +1,9 @@
 """Augmentations are functions of (seed, step) and of a row's place in the global batch, so any number of
 workers sees the same images; style jitter stays an image and keeps what names an emoji (no hue shift)."""
 import torch
+import torch.nn.functional as F
 
-from kd.data import augment
+from kd.data import affine_grid, augment, soft_copy
 
 
 def _images(n=8, size=32):
@@ -34,3 +35,17 @@ def test_same_seed_same_images_different_seed_different():
     a = augment(x, torch.Generator().manual_seed(3), style=True)
     assert torch.equal(a, augment(x, torch.Generator().manual_seed(3), style=True))
     assert not torch.allclose(a, augment(x, torch.Generator().manual_seed(4), style=True))
+
+
+def test_the_warp_and_the_blur_sample_what_torchs_kernels_sample():
+    """The broadcast grid and the in-place 2x upsampling are cheaper forms of F.affine_grid and
+    F.interpolate (bilinear, align_corners=False): the same points and weights, to float rounding."""
+    g = torch.Generator().manual_seed(2)
+    theta = torch.randn(5, 2, 3, generator=g)
+    for h, w in ((64, 64), (16, 24)):
+        ref = F.affine_grid(theta, [5, 3, h, w], align_corners=False)
+        assert torch.allclose(affine_grid(theta, h, w), ref, atol=2e-6)
+    for h, w in ((64, 64), (16, 24), (15, 15)):
+        x = torch.rand(4, 3, h, w, generator=g)
+        ref = F.interpolate(F.avg_pool2d(x, 2), size=(h, w), mode="bilinear", align_corners=False)
+        assert torch.allclose(soft_copy(x), ref, atol=1e-6)
