@@ -212,15 +212,15 @@ def main():
             t = time.perf_counter()
             planted(tmp / "embed", n, shards)
             print(f"N={n}: wrote {shards} planted embed shards in {time.perf_counter() - t:.0f}s", flush=True)
-            common = ["--cluster-k", ks[0], "--balance-k", ks[1], "--max-cluster", ks[2], "--work", str(tmp)]
+            common = ["--cluster-k", ks[0], "--balance-k", ks[1], "--max-cluster", ks[2]]
             if n == a.sizes[0] and not a.no_anchor:
                 (tmp / "anchor").mkdir()
                 (tmp / "anchor" / "embed").symlink_to(tmp / "embed")  # its own stage folders, the same inputs
-                r, rss = measure(["--child", "driver", *common[:-1], str(tmp / "anchor")])
+                r, rss = measure(["--child", "driver", *common, "--work", str(tmp / "anchor")])
                 print(f"N={n} in-driver (anchor): balance {r['balance_s']}s + cluster {r['cluster_s']}s, "
                       f"peak RSS {rss:.2f} GB", flush=True)
                 res["anchor"] = dict(r, rss_gb=rss)
-            r, rss = measure(["--child", "ooc", *common])
+            r, rss = measure(["--child", "ooc", *common, "--work", str(tmp)])
             q = removal_quality(tmp, n, shards)
             st = json.loads((tmp / "balance" / "stats.json").read_text())
             res[n] = dict(r, rss_gb=rss, quality=q)

@@ -14,15 +14,12 @@ import pyarrow.parquet as pq
 from cidistill.core.errors import StageError
 from cidistill.core.schema import H_SPAN, key_hash  # noqa: F401 (re-exported for the stages)
 from cidistill.core.stage import TaskResult
-from cidistill.core.store import Store, dictionary_columns
+from cidistill.core.store import Store
 
 def write_part(store: Store, name: str, table: pa.Table, sort_by: list[tuple[str, str]],
                row_group_size: int = 1024, compression: str = "zstd") -> None:
     """One part: `table` sorted by `sort_by`, written atomically in row groups of `row_group_size`."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table.sort_by(sort_by), sink, row_group_size=row_group_size, compression=compression,
-                   use_dictionary=dictionary_columns(table.schema))
-    store.write_bytes(name, sink.getvalue().to_pybytes())
+    store.write_table(name, table.sort_by(sort_by), row_group_size=row_group_size, compression=compression)
 
 
 def in_range(column: str, lo: int, hi: int | None, typ: pa.DataType) -> pc.Expression:

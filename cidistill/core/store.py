@@ -256,9 +256,11 @@ class Store:
         with self.fs.open(self.path(name), "rb") as f:
             return json.load(f)
 
-    def write_table(self, name: str, table: pa.Table) -> None:
+    def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None,
+                    compression: str = "zstd") -> None:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary_columns(table.schema))
+        pq.write_table(table, sink, row_group_size=row_group_size, compression=compression,
+                       use_dictionary=dictionary_columns(table.schema))
         self.write_bytes(name, sink.getvalue().to_pybytes())
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
