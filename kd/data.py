@@ -25,9 +25,10 @@ def normalise(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def standardise(x01: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel, in place (every caller hands over a batch of its own)."""
     m = torch.tensor(mean, dtype=x01.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x01.dtype).view(1, 3, 1, 1)
-    return (x01 - m) / s
+    return x01.sub_(m).div_(s)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, scale=(0.8, 1.0), shift: float = 0.1, offset: int = 0,

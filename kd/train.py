@@ -28,7 +28,7 @@ from cidistill.core.store import Store, absolute
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, read_log, save_checkpoint, write_log
 from .data import manifest_texts
 from .losses import DistillHeads, compute_losses
-from .stream import BatchMaker, StreamSpec, data_position, worker_batches
+from .stream import BackendTokenizer, BatchMaker, StreamSpec, data_position, worker_batches
 from .text_tower import student_with_teacher_text
 
 TEACHER_LOSSES = ("instance", "feature_distill", "cluster")
@@ -179,7 +179,7 @@ def build_student(cfg: Config, job: dict, out: Store, spec: StreamSpec, publish:
         old2new = trim_vocab(lm.model, used_token_ids(lm.tokenizer, manifest_texts(spec.root, spec.split, use_zh)))
     size = lm.model_cfg["vision_cfg"]["image_size"]
     make = BatchMaker(size if isinstance(size, int) else size[0], lm.preprocess_cfg.get("mean", (0.481, 0.458, 0.408)),
-                      lm.preprocess_cfg.get("std", (0.269, 0.261, 0.276)), lm.tokenizer, old2new, use_zh,
+                      lm.preprocess_cfg.get("std", (0.269, 0.261, 0.276)), BackendTokenizer.of(lm.tokenizer), old2new, use_zh,
                       tc.augment, tc.style_augment, tc.seed)
     channels_last(lm.model)
     return lm, model_config, make

@@ -64,3 +64,22 @@ def test_teacher_without_an_hf_text_tower_is_a_clear_error(teacher, tmp_path):
         build_student_text_tower(clip_like, {}, CORPUS, 3, tmp_path / "t")
     with pytest.raises(ModelLoadError, match="has 6 layers"):
         build_student_text_tower(teacher.model_cfg, teacher.model.state_dict(), CORPUS, 7, tmp_path / "t7")
+
+
+def test_loader_tokenizer_gives_the_open_clip_wrappers_ids(teacher, tmp_path):
+    """The loader's tokenizer (the Rust tokenizer called directly, ftfy skipped for plain ASCII) gives exactly
+    the ids of open_clip's wrapper, for the cut student's and the teacher's vocabularies, on captions that
+    need cleaning (HTML entities, mojibake, control characters, full-width forms, tabs) and ones too long."""
+    import random
+
+    from kd.stream import BackendTokenizer
+
+    pieces = list("abcXYZ09 ;#<>\t\n\r") + ["&amp;", "&lt;b&gt;", "é", "中文", "😀", "\x00", "\x1b[31m", "’", "“",
+                                            "ﬁ", "Ａ", "Ã©", "&#39;", "\u00a0", "grinning face, ", "红心"]
+    rnd = random.Random(0)
+    texts = CORPUS + ["", " ", "word " * 100] + ["".join(rnd.choice(pieces) for _ in range(rnd.randrange(40)))
+                                                  for _ in range(1000)]
+    for tok in (student_from(teacher, 3, tmp_path / "tower3").tokenizer, teacher.tokenizer):
+        fast = BackendTokenizer.of(tok)
+        assert isinstance(fast, BackendTokenizer)
+        assert torch.equal(fast(texts), tok(texts))
