@@ -15,3 +15,30 @@ def test_open_clip_imports_in_ray_worker(ray_session):
         return open_clip.__version__
 
     assert ray.get(probe.remote())
+
+
+def test_the_cli_sets_openmps_spin_count_before_torch_loads():
+    """OpenMP reads GOMP_SPINCOUNT once, when torch's libgomp loads: the CLI must set it before any import of
+    torch (a user's own value is kept)."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import builtins, os, sys
+seen = []
+real = builtins.__import__
+def spy(name, *a, **k):
+    if name == "torch" and "torch" not in sys.modules and not seen:
+        seen.append(os.environ.get("GOMP_SPINCOUNT"))
+    return real(name, *a, **k)
+builtins.__import__ = spy
+import cidistill.app.cli
+print(seen[0] if seen else "torch not imported")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "30000"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, GOMP_SPINCOUNT="5"), capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "5"
