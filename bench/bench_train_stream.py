@@ -1,9 +1,9 @@
 """The streaming trainer and evaluation on the packed dataset, from a finished demo work folder:
 
 (a) training samples/s streaming from the packed shards (loader processes decoding, augmenting, tokenising)
-    divided by the same student's samples/s on the same batches already in memory (the anchor): same process,
-    same batch, same threads, the two modes alternating (two rounds each, three untimed steps first: a long
-    run pays the loaders' start once). Goal >= 0.95: loading is hidden.
+    divided by the same student's samples/s on batches already in memory (the anchor): same process, same
+    batch, same threads, the two modes interleaved in short blocks (the loaders paused during the in-memory
+    ones), five untimed steps first: a long run pays the loaders' start once. Goal >= 0.95: loading is hidden.
 (b) peak RSS of the whole process tree (the `cidistill run` process and every child: loader processes) of the
     train stage on a pack of N pairs and on one of 4N (the demo's shards replicated under new keys).
 (c) the same for the eval stage (the student on the replicated eval split, probe on the replicated train split).
@@ -12,7 +12,6 @@
 """
 import argparse
 import dataclasses
-import itertools
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cidistill.core.runtime import set_env_defaults  # noqa: E402
+
+set_env_defaults()  # as the CLI does, before torch loads (OpenMP's spin count: cidistill/core/runtime.py)
 
 from cidistill.core.config import Config, load_config, to_dict  # noqa: E402
 from cidistill.core.packed import SPLITS, iter_tar_samples, shard_file, split_shards, tar_bytes  # noqa: E402
@@ -95,10 +98,14 @@ def stage_config(cfg: Config, tmp: Path, tag: str, pack: Path, stage: str, steps
     return path
 
 
-def loading_hidden(cfg: Config, pack: Path, steps: int, rounds: int = 2, warmup: int = 3) -> dict:
-    """(a): one student trained on streamed batches and on the same batches held in memory, the two modes
-    alternating for `rounds` rounds of `steps` timed steps each (after `warmup` untimed ones: the loaders'
-    start and the first prefetch); returns samples/s per mode, all rounds together, and per round."""
+def loading_hidden(cfg: Config, pack: Path, steps: int, block: int = 5, warmup: int = 5) -> dict:
+    """(a): one student trained on streamed batches and on batches held in memory, the two modes interleaved
+    in blocks of `block` steps (ABBA order) for `steps` timed steps each, so that this box's drift in speed
+    (+-15 % within a minute) falls on both alike. The in-memory blocks re-use `block` batches taken from the
+    stream, and the loader processes are paused (SIGSTOP) meanwhile: they neither prefetch ahead of the
+    streamed blocks nor take CPU from the in-memory ones. Returns samples/s per mode and the per-pair ratios."""
+    import signal
+
     import torch
 
     from kd import train as T
@@ -106,37 +113,39 @@ def loading_hidden(cfg: Config, pack: Path, steps: int, rounds: int = 2, warmup:
 
     cfg = dataclasses.replace(cfg, dirs=dict(cfg.dirs, pack=str(pack)))
     job = {"config": to_dict(cfg), "out": tempfile.mkdtemp(), "data": str(pack)}
-    phase = cfg.train.phases[-1]
+    phase, lr = cfg.train.phases[-1], cfg.train.lr
     torch.manual_seed(0)
     w = T.setup(job)
+    stream = worker_batches(w.spec, w.make, 0, 1, 0, cfg.train.loader_workers)
+    for step in range(warmup):  # the loaders' start and first prefetch
+        T.train_step(w, step, phase, lr, next(stream))
+    held = [next(stream) for _ in range(block)]  # trained on again and again: the same cost each time
+    loaders = psutil.Process().children()
     seconds = {"memory": [], "stream": []}
-    for _ in range(rounds):
-        for mode in ("memory", "stream"):
-            batches = worker_batches(w.spec, w.make, 0, 1, 0, cfg.train.loader_workers)
-            if mode == "memory":
-                held = list(itertools.islice(batches, warmup + steps))
-                batches.close()
-                source = iter(held)
-            else:
-                source = batches
-            for step in range(warmup):
-                T.train_step(w, step, phase, cfg.train.lr, next(source))
-            t = time.perf_counter()
-            for step in range(warmup, warmup + steps):
-                T.train_step(w, step, phase, cfg.train.lr, next(source))
-            seconds[mode].append(time.perf_counter() - t)
-            if mode == "stream":
-                batches.close()
-    per = steps * cfg.train.batch_size
-    return {m: per * rounds / sum(v) for m, v in seconds.items()} | \
-        {f"{m}_rounds": [round(per / x, 1) for x in v] for m, v in seconds.items()}
+    try:
+        for pair in range(-(-steps // block)):
+            for mode in ("memory", "stream") if pair % 2 == 0 else ("stream", "memory"):
+                for p in loaders:
+                    p.send_signal(signal.SIGSTOP if mode == "memory" else signal.SIGCONT)
+                t = time.perf_counter()
+                for batch in held if mode == "memory" else (next(stream) for _ in range(block)):
+                    T.train_step(w, batch["step"], phase, lr, batch)
+                seconds[mode].append(time.perf_counter() - t)
+    finally:
+        for p in loaders:
+            p.send_signal(signal.SIGCONT)
+    stream.close()
+    per = block * cfg.train.batch_size
+    ratios = sorted(m / s for m, s in zip(seconds["memory"], seconds["stream"]))
+    return {m: per * len(v) / sum(v) for m, v in seconds.items()} | \
+        {"pairs": len(ratios), "pair_ratio_quartiles": [round(ratios[int(q * (len(ratios) - 1))], 3) for q in (0.25, 0.5, 0.75)]}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="runs/demo", help="a finished demo run (its pack, cluster and teacher)")
     ap.add_argument("--copies", type=int, default=2, help="N = copies x the demo's packed pairs")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=20, help="(b), (c): training steps; (a): timed steps per mode x 3")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_stream.txt"))
     ap.add_argument("--parts", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
     a = ap.parse_args()
@@ -150,10 +159,10 @@ def main():
         n1 = replicate(cfg.stage_dir("pack"), tmp / "pack-N", a.copies)
         n4 = replicate(cfg.stage_dir("pack"), tmp / "pack-4N", 4 * a.copies)
         lines.append(f"packs: N = {n1} training pairs, 4N = {n4}")
-        rates = loading_hidden(cfg, tmp / "pack-N", a.steps) if "a" in a.parts else None
+        rates = loading_hidden(cfg, tmp / "pack-N", 3 * a.steps) if "a" in a.parts else None
         lines += [] if rates is None else [f"(a) samples/s: streamed {rates['stream']:.1f}, in memory {rates['memory']:.1f} -> "
-                     f"ratio {rates['stream'] / rates['memory']:.3f} (goal >= 0.95); per round (alternating): "
-                     f"streamed {rates['stream_rounds']}, in memory {rates['memory_rounds']}"]
+                     f"ratio {rates['stream'] / rates['memory']:.3f} (goal >= 0.95); {rates['pairs']} pairs of 5-step blocks, "
+                     f"ratio quartiles {rates['pair_ratio_quartiles']}"]
         if "c" in a.parts and "b" not in a.parts:  # (c) evaluates the student that (b) trains on N
             subprocess.run([sys.executable, "-m", "cidistill", "run", str(stage_config(cfg, tmp, "N", tmp / "pack-N",
                             "train", a.steps)), "--no-ray"], cwd=ROOT, check=True, capture_output=True)
