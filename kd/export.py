@@ -39,7 +39,7 @@ def export_local_dir(lm: LoadedModel, out: str | Path, readme: str = "", onnx: b
         if text.get("hf_model_name") and (hf_model / "config.json").exists():
             # the HF tower's architecture travels with the folder; open_clip reads it from hf_model_name,
             # which must be a path: the folder's final one (cidistill loads a moved folder as it is; plain
-            # open_clip needs this one line edited)
+            # open_clip is given the new path, as the model card shows)
             shutil.copyfile(hf_model / "config.json", tmp / "config.json")
             text["hf_model_name"] = out
         cfg = {"model_cfg": model_cfg, "preprocess_cfg": _jsonable(lm.preprocess_cfg)}
@@ -111,7 +111,15 @@ def model_card(title: str, lm: LoadedModel, facts: dict) -> str:
     lines = [f"# {title}", "", "An open_clip model exported by cidistill. Load it with open_clip alone:", "",
              "```python", "import open_clip",
              "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:PATH')",
-             "tokenizer = open_clip.get_tokenizer('local-dir:PATH')", "```", "",
-             f"- parameters: {count_params(lm.model):,}"]
+             "tokenizer = open_clip.get_tokenizer('local-dir:PATH')", "```", ""]
+    if lm.model_cfg.get("text_cfg", {}).get("hf_model_name"):
+        lines += ["The text tower is a Hugging Face model whose `config.json` is in this folder, but open_clip reads",
+                  "it from `text_cfg.hf_model_name`, the path the folder was exported to. A copy elsewhere loads",
+                  "with its own path given (or with `cidistill.core.models.create('local-dir:PATH')` as it is):", "",
+                  "```python", "import json, open_clip", "path = 'PATH'",
+                  "text_cfg = json.load(open(f'{path}/open_clip_config.json'))['model_cfg']['text_cfg']",
+                  "model, _, preprocess = open_clip.create_model_and_transforms(",
+                  "    f'local-dir:{path}', text_cfg=dict(text_cfg, hf_model_name=path))", "```", ""]
+    lines += [f"- parameters: {count_params(lm.model):,}"]
     lines += [f"- {k}: {v}" for k, v in facts.items()]
     return "\n".join(lines) + "\n"

@@ -122,28 +122,21 @@ def test_balance_and_cluster_outputs_cover_every_sample(small_run):
     assert cent.shape[0] == small_run.cluster.k
 
 
-def test_exported_student_loads_with_open_clip_alone(small_run, tmp_path):
-    """A fresh process that imports only open_clip reproduces the trainer's embeddings."""
-    import torch
-
-    from kd.export import load_trained_student
-
-    lm = load_trained_student(small_run)
-    lm.model.eval()
-    images = torch.rand(3, 3, 64, 64)
-    texts = ["grinning face", "笑脸", "red heart"]
-    with torch.no_grad():
-        want_i = lm.model.encode_image(images).numpy()
-        want_t = lm.model.encode_text(lm.tokenizer(texts)).numpy()
-    np.save(tmp_path / "images.npy", images.numpy())
-    folder = Path(small_run.stage_dir("export")) / "student"
+def _embed_with_open_clip_alone(folder: Path, tmp_path: Path, texts: list[str], moved: bool = False):
+    """Image and text embeddings of the export in `folder`, computed by a fresh process that imports only
+    open_clip; a moved folder is loaded as its model card says (text_cfg's `hf_model_name` given as an argument)."""
     code = f"""
 import sys, json, numpy as np, torch
 from cidistill.core.runtime import fix_torchvision; fix_torchvision()   # CPU torch + CUDA torchvision on this box only
 import open_clip
 assert not {{'kd', 'pipeline', 'cidistill.app', 'cidistill.core.models'}} & set(sys.modules)
-m, _, pre = open_clip.create_model_and_transforms('local-dir:{folder}')
-tok = open_clip.get_tokenizer('local-dir:{folder}')
+path = '{folder}'
+kw = {{}}
+if {moved}:
+    text_cfg = json.load(open(path + '/open_clip_config.json'))['model_cfg']['text_cfg']
+    kw = {{'text_cfg': dict(text_cfg, hf_model_name=path)}}
+m, _, pre = open_clip.create_model_and_transforms('local-dir:' + path, **kw)
+tok = open_clip.get_tokenizer('local-dir:' + path)
 m.eval()
 with torch.no_grad():
     i = m.encode_image(torch.from_numpy(np.load('{tmp_path / "images.npy"}'))).numpy()
@@ -151,32 +144,56 @@ with torch.no_grad():
 np.save('{tmp_path / "got_i.npy"}', i); np.save('{tmp_path / "got_t.npy"}', t)
 """
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert np.abs(np.load(tmp_path / "got_i.npy") - want_i).max() < 1e-4
-    assert np.abs(np.load(tmp_path / "got_t.npy") - want_t).max() < 1e-4
+    return np.load(tmp_path / "got_i.npy"), np.load(tmp_path / "got_t.npy")
+
+
+def _trainer_embeddings(small_run, tmp_path: Path, texts: list[str]):
+    import torch
+
+    from kd.export import load_trained_student
+
+    lm = load_trained_student(small_run)
+    lm.model.eval()
+    images = torch.rand(3, 3, 64, 64)
+    np.save(tmp_path / "images.npy", images.numpy())
+    with torch.no_grad():
+        return lm, lm.model.encode_image(images).numpy(), lm.model.encode_text(lm.tokenizer(texts)).numpy()
+
+
+def test_exported_student_loads_with_open_clip_alone(small_run, tmp_path):
+    """A fresh process that imports only open_clip reproduces the trainer's embeddings."""
+    texts = ["grinning face", "笑脸", "red heart"]
+    _, want_i, want_t = _trainer_embeddings(small_run, tmp_path, texts)
+    got_i, got_t = _embed_with_open_clip_alone(Path(small_run.stage_dir("export")) / "student", tmp_path, texts)
+    assert np.abs(got_i - want_i).max() < 1e-4
+    assert np.abs(got_t - want_t).max() < 1e-4
 
 
 def test_exported_student_loads_after_being_moved(small_run, tmp_path):
-    """An export copied elsewhere, its original folder deleted, still loads (cidistill's loader reads the Hugging
-    Face tower's config from the folder it lies in) and gives the trainer's embeddings."""
+    """An export copied elsewhere, its original folder deleted, still loads and gives the trainer's embeddings:
+    with cidistill's loader as it is (it reads the Hugging Face tower's config from the folder it lies in), and
+    with open_clip alone given the new path as its model card shows."""
     import shutil
 
     import torch
 
     from cidistill.core.models import create
-    from kd.export import export_local_dir, load_trained_student
+    from kd.export import export_local_dir, model_card
 
-    lm = load_trained_student(small_run)
-    lm.model.eval()
-    export_local_dir(lm, tmp_path / "orig")
+    texts = ["grinning face", "笑脸"]
+    lm, want_i, want_t = _trainer_embeddings(small_run, tmp_path, texts)
+    export_local_dir(lm, tmp_path / "orig", readme=model_card("student", lm, {}))
     shutil.copytree(tmp_path / "orig", tmp_path / "elsewhere" / "moved")
     shutil.rmtree(tmp_path / "orig")
-    moved = create(f"local-dir:{tmp_path / 'elsewhere' / 'moved'}")
+    folder = tmp_path / "elsewhere" / "moved"
+    assert "hf_model_name=path" in (folder / "README.md").read_text()
+    moved = create(f"local-dir:{folder}")
     moved.model.eval()
-    texts = ["grinning face", "笑脸"]
     with torch.no_grad():
-        want = lm.model.encode_text(lm.tokenizer(texts))
-        got = moved.model.encode_text(moved.tokenizer(texts))
-    assert torch.allclose(got, want, atol=1e-5)
+        got = moved.model.encode_text(moved.tokenizer(texts)).numpy()
+    assert np.abs(got - want_t).max() < 1e-5
+    got_i, got_t = _embed_with_open_clip_alone(folder, tmp_path, texts, moved=True)
+    assert np.abs(got_i - want_i).max() < 1e-4 and np.abs(got_t - want_t).max() < 1e-4
 
 
 def test_onnx_encoders_match_torch(small_run, tmp_path):
