@@ -185,3 +185,14 @@ def test_tar_reader_reads_what_tarfile_reads_and_names_a_corrupt_shard(tmp_path)
             store.write_bytes("x.tar", data[:cut])
             with pytest.raises(StageError, match="x.tar: .*trunc"):
                 list(iter_tar_samples(store, "x.tar"))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("k" * 120 + ".txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"a"))
+    data = bytearray(buf.getvalue())
+    assert data[156:157] == b"x"  # a pax header first, its records in the next block (not checksummed)
+    data[512:514] = b"zz"
+    store.write_bytes("x.tar", bytes(data))
+    with pytest.raises(StageError, match="x.tar: malformed pax header"):
+        list(iter_tar_samples(store, "x.tar"))

@@ -122,7 +122,7 @@ def tar_members(f, name: str) -> Iterator[tuple[str, int]]:
         if kind in (b"L", b"x"):
             data = _read_exact(f, size, name)
             f.seek(-size % 512, 1)
-            long_name = data.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else _pax_path(data) or long_name
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else _pax_path(data, name) or long_name
             continue
         path = long_name or _ustar_path(hdr)
         long_name = None
@@ -160,12 +160,18 @@ def _ustar_path(hdr: bytes) -> str:
     return f"{prefix.decode('utf-8', 'replace')}/{path}" if prefix else path
 
 
-def _pax_path(data: bytes) -> str | None:
+def _pax_path(data: bytes, name: str) -> str | None:
     """The `path` record of a pax extended header ("LEN path=VALUE\n" records)."""
     pos, path = 0, None
     while pos < len(data) and data[pos:pos + 1] != b"\0":
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        try:
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+        except ValueError:
+            raise StageError(f"{name}: malformed pax header in the tar (the shard is corrupt)") from None
+        if length <= space - pos:
+            raise StageError(f"{name}: malformed pax header in the tar (the shard is corrupt)")
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
         if key == b"path":
             path = value.decode("utf-8", "replace")
         pos += length
