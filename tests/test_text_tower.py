@@ -67,7 +67,7 @@ def test_teacher_without_an_hf_text_tower_is_a_clear_error(teacher, tmp_path):
 
 
 def test_loader_tokenizer_gives_the_open_clip_wrappers_ids(teacher, tmp_path):
-    """The loader's tokenizer (the Rust tokenizer called directly, ftfy skipped for plain ASCII) gives exactly
+    """The loader's tokenizer (the Rust tokenizer called directly, ftfy skipped for plain text) gives exactly
     the ids of open_clip's wrapper, for the cut student's and the teacher's vocabularies, on captions that
     need cleaning (HTML entities, mojibake, control characters, full-width forms, tabs) and ones too long."""
     import random
@@ -75,10 +75,13 @@ def test_loader_tokenizer_gives_the_open_clip_wrappers_ids(teacher, tmp_path):
     from kd.stream import BackendTokenizer
 
     pieces = list("abcXYZ09 ;#<>\t\n\r") + ["&amp;", "&lt;b&gt;", "é", "中文", "😀", "\x00", "\x1b[31m", "’", "“",
-                                            "ﬁ", "Ａ", "Ã©", "&#39;", "\u00a0", "grinning face, ", "红心"]
+                                            "ﬁ", "Ａ", "Ã©", "&#39;", "\u00a0", "grinning face, ", "红心", "，", "。",
+                                            "、", "＆amp;", "（", "）", "：", "“", "ｗ", "ｲ"]
     rnd = random.Random(0)
     texts = CORPUS + ["", " ", "word " * 100] + ["".join(rnd.choice(pieces) for _ in range(rnd.randrange(40)))
                                                   for _ in range(1000)]
+    plain = pieces[-12:] + ["a", "Z", " ", "<", ";", "$", "\\", "瀑"]  # the fast path's characters, mostly
+    texts += ["".join(rnd.choice(plain) for _ in range(rnd.randrange(30))) for _ in range(2000)]
     for tok in (student_from(teacher, 3, tmp_path / "tower3").tokenizer, teacher.tokenizer):
         fast = BackendTokenizer.of(tok)
         assert isinstance(fast, BackendTokenizer)
