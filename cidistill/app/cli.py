@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from cidistill.core.runtime import set_env_defaults
+from cidistill.core.runtime import init_ray, quiet_logs, set_env_defaults
 
 set_env_defaults()  # before anything imports torch: OpenMP reads its settings when it loads
 
@@ -21,7 +21,6 @@ from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load
 from cidistill.core.errors import StageError
 from cidistill.core.lock import work_lock
 from cidistill.core.store import use_storage_options
-from cidistill.core.runtime import init_ray, quiet_logs
 from ray.exceptions import RayError
 
 from .compare import compare
