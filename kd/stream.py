@@ -211,9 +211,10 @@ class LaneGroup(torch.utils.data.IterableDataset):
     """Items of lanes first..first+count-1 (concatenated in lane order), one per step from `start_step`.
     As a DataLoader dataset each loader process takes its own contiguous share of the lanes."""
 
-    def __init__(self, spec: StreamSpec, make: BatchMaker, first: int, count: int, start_step: int, per_loader: int = 0):
+    def __init__(self, spec: StreamSpec, make: BatchMaker, first: int, count: int, start_step: int, per_loader: int = 0,
+                 ring_slots: int = 0):
         self.spec, self.make, self.first, self.count, self.start_step = spec, make, first, count, start_step
-        self.per_loader = per_loader or count
+        self.per_loader, self.ring_slots = per_loader or count, ring_slots
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -221,14 +222,45 @@ class LaneGroup(torch.utils.data.IterableDataset):
         count = self.per_loader if info else self.count
         b = self.spec.lane_batch
         lanes = [lane_samples(self.spec, lane, self.start_step * b) for lane in range(first, first + count)]
-        step = self.start_step
+        step, ring = self.start_step, SlotRing(self.ring_slots) if info and self.ring_slots else None
         while True:
             samples = [s for it in lanes for s in (next(it) for _ in range(b))]
-            yield self.make(samples, step, offset=first * b, total=self.spec.batch_size)
+            item = self.make(samples, step, offset=first * b, total=self.spec.batch_size)
+            yield ring.put(item) if ring else item
             step += 1
 
 
+class SlotRing:
+    """A loader process's items in a fixed set of shared-memory tensors, handed to the trainer once and then
+    refilled: each new shared tensor is a fresh mapping in the trainer whose pages fault on first read (in a
+    VM ~10 ms a step at the demo's batch, half the receive cost), a reused one is already mapped. The trainer
+    copies a slot out (`merge_items`) before the loader can come round to it again (`slots` > prefetch + 1)."""
+
+    def __init__(self, slots: int):
+        self.slots, self.held, self.count = slots, [], 0
+
+    def put(self, item: dict) -> dict:
+        k, self.count = self.count % self.slots, self.count + 1
+        tensors = {n: v for n, v in item.items() if isinstance(v, torch.Tensor)}
+        rest = {n: v for n, v in item.items() if n not in tensors}
+        if k == len(self.held):
+            self.held.append({n: v.share_memory_() for n, v in tensors.items()})
+            return {**rest, "slot": k, "shared": self.held[k]}
+        for n, v in tensors.items():
+            self.held[k][n].copy_(v)
+        return {**rest, "slot": k}
+
+
+def take_slot(item: dict, held: dict) -> dict:
+    """A received item with its slot's tensors (the trainer's side of SlotRing)."""
+    slot = item.pop("slot")
+    if "shared" in item:
+        held[slot] = item.pop("shared")
+    return {**item, **held[slot]}
+
+
 def merge_items(items: list[dict]) -> dict:
+    """One step's items in lane order; tensors are copied (torch.cat), so that the loaders' slots are free again."""
     out = {}
     for k, v in items[0].items():
         if k == "step":
@@ -247,16 +279,17 @@ def worker_batches(spec: StreamSpec, make: BatchMaker, rank: int, world: int, st
     """This worker's batches from `start_step` on: its lanes' items merged, prefetched by loader processes."""
     per_rank = spec.streams // world
     loader_workers = max((d for d in range(1, loader_workers + 1) if per_rank % d == 0), default=0)
+    prefetch = 4
     group = LaneGroup(spec, make, rank * per_rank, per_rank, start_step,
-                      per_loader=per_rank // loader_workers if loader_workers else 0)
+                      per_loader=per_rank // loader_workers if loader_workers else 0, ring_slots=prefetch + 2)
     if not loader_workers:
         yield from iter(group)
         return
-    loader = torch.utils.data.DataLoader(group, batch_size=None, num_workers=loader_workers, prefetch_factor=4,
+    loader = torch.utils.data.DataLoader(group, batch_size=None, num_workers=loader_workers, prefetch_factor=prefetch,
                                          worker_init_fn=_one_thread)
-    it = iter(loader)
+    it, held = iter(loader), [{} for _ in range(loader_workers)]
     while True:
-        yield merge_items([next(it) for _ in range(loader_workers)])
+        yield merge_items([take_slot(next(it), held[w]) for w in range(loader_workers)])
 
 
 def _one_thread(_):

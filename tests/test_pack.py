@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from cidistill.core.packed import iter_tar_samples, sample_fields, split_shards
 from cidistill.core.schema import emb_matrix, holdout_mask
@@ -106,6 +107,25 @@ def test_each_lane_epoch_reads_its_shards_once_and_no_block_repeats_a_pair(small
             assert sorted(got) == want, (lane, epoch)
     every = {name for lane in range(spec.streams) for name, _ in lane_shards(spec, lane, 0)}
     assert every == {name for name, _ in spec.shards}  # the lanes of one epoch split the shards between them
+
+
+def _char_tokens(texts):
+    return torch.tensor([[ord(c) for c in t[:8].ljust(8)] for t in texts])
+
+
+def test_loader_processes_hand_over_exactly_the_in_process_batches(small_run):
+    """Two loader processes whose shared-memory slots are refilled over and over (18 steps, 6 slots) give the
+    batches the trainer's own process makes, and a batch already taken is never written to again."""
+    from kd.stream import BatchMaker, worker_batches
+
+    spec = _spec(small_run)
+    make = BatchMaker(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), _char_tokens, None, True, True, True, 5)
+    got, want = (list(itertools.islice(worker_batches(spec, make, 0, 1, 3, loader_workers=n), 18)) for n in (2, 0))
+    assert [b["step"] for b in got] == list(range(3, 21))
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys() >= {"x", "tokens", "tokens_zh", "t_img", "t_txt", "cluster_id", "keys"}
+        for k, v in w.items():
+            assert torch.equal(g[k], v) if isinstance(v, torch.Tensor) else g[k] == v, (w["step"], k)
 
 
 def test_npy_members_read_as_np_load_reads_them():
