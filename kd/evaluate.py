@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cidistill.core.config import Config
+from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb
 from cidistill.core.models import LoadedModel, channels_last, count_params, create, encode_text, local_dir
 from cidistill.core.packed import image_member, iter_tar_samples, sample_fields, split_shards
@@ -54,7 +55,7 @@ def image_size(lm: LoadedModel) -> int:
     return s if isinstance(s, int) else s[0]
 
 
-EVAL_VERSION = 1  # part of the teacher's cache key: raise it when a metric's computation changes
+EVAL_VERSION = 2  # part of the teacher's cache key: raise it when a metric's computation changes
 EVAL_META = ("base", "base_name", "base_name_zh", "subgroup")  # the zero-shot classes and the probe's label
 
 
@@ -66,9 +67,21 @@ class SplitView:
     captions: list[str] = field(default_factory=list)
     captions_zh: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    stored_txt: list = field(default_factory=list)      # with `stored`: each pair's stored EN / ZH caption
+    stored_txt_zh: list = field(default_factory=list)   # features (None where the sample has none)
 
     def column(self, name: str) -> list:
         return [m.get(name) for m in self.meta]
+
+    def caption_features(self, lm: LoadedModel, zh: bool = False) -> torch.Tensor:
+        """Caption features (ZH: the EN caption where a pair has no Chinese one): the stored ones when every
+        pair has them, else computed by the model."""
+        texts = [c or e for c, e in zip(self.captions_zh, self.captions)] if zh else self.captions
+        stored = [z if c else e for z, c, e in zip(self.stored_txt_zh, self.captions_zh, self.stored_txt)] if zh \
+            else self.stored_txt
+        if stored and all(v is not None for v in stored):
+            return F.normalize(torch.from_numpy(np.stack(stored).astype(np.float32)), dim=-1)
+        return text_features(lm, texts)
 
 
 @torch.no_grad()
@@ -78,17 +91,29 @@ def encode_images(lm: LoadedModel, images_u8: np.ndarray) -> torch.Tensor:
     return out.float().clone()  # a copy: the output may be a view that keeps the whole last activation alive
 
 
-def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256) -> SplitView:
-    """Stream a packed split shard by shard: decode `batch` images, keep their features, drop the pixels."""
+def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256, stored: bool = False) -> SplitView:
+    """Stream a packed split shard by shard: decode `batch` images, keep their features, drop the pixels.
+    With `stored` (the teacher that embedded them) and samples that carry the embed stage's features, those
+    are used instead (float16 in the shards; the same model on the same decoded pixels), nothing decoded."""
     store, size = Store(root), image_size(lm)
     view, feats, pending = SplitView(torch.empty(0)), [], []
     for name, _ in split_shards(store, split):
         for s in iter_tar_samples(store, name):
             f = sample_fields(s)
+            if not view.keys:
+                stored = stored and "t_img" in f
             view.keys.append(f["key"])
             view.captions.append(f["caption"])
             view.captions_zh.append(f["caption_zh"])
             view.meta.append({k: f["meta"].get(k) for k in EVAL_META})
+            if stored:
+                if "t_img" not in f:
+                    raise StageError(f"packed sample {f['key']} in {name} has no teacher image embedding "
+                                     "while others do: rerun `cidistill pack --force`")
+                feats.append(f["t_img"])
+                view.stored_txt.append(f.get("t_txt"))
+                view.stored_txt_zh.append(f.get("t_txt_zh"))
+                continue
             pending.append(decode_rgb(image_member(s), size))
             if len(pending) == batch:
                 feats.append(encode_images(lm, np.stack(pending)))
@@ -97,7 +122,7 @@ def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256) -> Spli
         feats.append(encode_images(lm, np.stack(pending)))
     if not feats:
         raise ValueError(f"no packed {split} pairs in {root}: run `cidistill pack` first")
-    view.img = F.normalize(torch.cat(feats), dim=-1)
+    view.img = F.normalize(torch.from_numpy(np.stack(feats).astype(np.float32)) if stored else torch.cat(feats), dim=-1)
     del feats
     release_freed_memory()  # the decoded batches' pages
     return view
@@ -239,17 +264,20 @@ def release_freed_memory() -> None:
         pass
 
 
-def evaluate(cfg: Config, lm: LoadedModel, tasks=None) -> tuple[dict, dict]:
+def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> tuple[dict, dict]:
     """Returns (metrics, per-image correctness arrays for paired tests, with the images' keys). Reads the
     pack stage's `eval` split (the held-out pairs, or every pair when there is no held-out split) and, for
-    the probe and the zero-shot class list, its `train` split."""
+    the probe and the zero-shot class list, its `train` split. `stored`: `lm` is the teacher whose features
+    the packed samples carry (see split_view)."""
     tasks = tasks or cfg.eval.tasks
     channels_last(lm.model).eval()
     root, held = cfg.stage_dir("pack"), has_holdout(cfg)
-    test = split_view(lm, root, "eval", cfg.eval.batch_size)
+    test = split_view(lm, root, "eval", cfg.eval.batch_size, stored)
     need_train = held and ("linear_probe" in tasks or "zeroshot" in tasks)
-    train = split_view(lm, root, "train", cfg.eval.batch_size) if need_train else None
+    train = split_view(lm, root, "train", cfg.eval.batch_size, stored) if need_train else None
     res, per = {"params": count_params(lm.model), "eval_images": len(test.keys)}, {"keys": np.array(test.keys)}
+    if test.stored_txt:
+        res["features"] = "stored"  # the embed stage's, as packed with the samples
     if "zeroshot" in tasks and all(b is not None for b in test.column("base")) and test.keys:
         zeroshot(lm, test, class_names([test] + ([train] if train else [])), res, per)
         release_freed_memory()
@@ -259,11 +287,10 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None) -> tuple[dict, dict]:
     del train  # the training split's features and fields are not needed past here
     release_freed_memory()
     if "retrieval" in tasks:
-        res["retrieval_en"] = recall_at(test.img, text_features(lm, test.captions))
+        res["retrieval_en"] = recall_at(test.img, test.caption_features(lm))
         release_freed_memory()
         if any(test.captions_zh):
-            zh = [c or e for c, e in zip(test.captions_zh, test.captions)]
-            res["retrieval_zh"] = recall_at(test.img, text_features(lm, zh))
+            res["retrieval_zh"] = recall_at(test.img, test.caption_features(lm, zh=True))
     res["image_throughput"] = throughput(lm)
     return res, per
 
@@ -305,7 +332,7 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel) -> tuple[dict, dict]:
             per = {k: z[k] for k in z.files}
         res["image_throughput"] = throughput(lm)
         return res, per
-    res, per = evaluate(cfg, lm)
+    res, per = evaluate(cfg, lm, stored=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     np.savez(tmp / "correct.npz", **per)

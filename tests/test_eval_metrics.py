@@ -76,7 +76,7 @@ def test_teacher_scores_are_computed_once_per_teacher_data_and_settings(small_ru
 
     monkeypatch.setenv("CIDISTILL_CACHE", str(tmp_path / "cache"))
     real, calls = ev.evaluate, []
-    monkeypatch.setattr(ev, "evaluate", lambda cfg, lm, tasks=None: calls.append(cfg.workdir) or real(cfg, lm, tasks))
+    monkeypatch.setattr(ev, "evaluate", lambda cfg, lm, tasks=None, **kw: calls.append(cfg.workdir) or real(cfg, lm, tasks, **kw))
     lm = ev.load_for_eval(small_run, "teacher")
     first, per1 = ev.teacher_evaluation(small_run, lm)
     second, per2 = ev.teacher_evaluation(small_run, lm)
@@ -96,3 +96,21 @@ def test_teacher_scores_are_computed_once_per_teacher_data_and_settings(small_ru
     m = pq.read_table(other / "pack" / "eval" / "manifest.parquet")
     pq.write_table(m.slice(1), other / "pack" / "eval" / "manifest.parquet")
     assert ev.teacher_eval_key(dataclasses.replace(small_run, workdir=str(other), dirs={})) != key
+
+
+def test_the_teachers_evaluation_reads_the_features_it_computes_from_the_packed_samples(small_run):
+    """The teacher's image and caption features as the embed stage packed them (float16) are what the teacher
+    computes from the packed images and captions; a pair without a stored feature makes the model compute."""
+    import kd.evaluate as ev
+
+    lm = ev.load_for_eval(small_run, "teacher")
+    lm.model.eval()
+    root = small_run.stage_dir("pack")
+    stored, computed = (ev.split_view(lm, root, "eval", 64, stored=s) for s in (True, False))
+    assert stored.keys == computed.keys and len(stored.stored_txt) == len(stored.keys) and not computed.stored_txt
+    assert any(stored.captions_zh) and (stored.img - computed.img).abs().max() < 2e-3
+    for zh in (False, True):
+        assert (stored.caption_features(lm, zh) - computed.caption_features(lm, zh)).abs().max() < 2e-3
+    i = next(i for i, c in enumerate(stored.captions_zh) if c)
+    stored.stored_txt_zh[i] = None
+    assert torch.equal(stored.caption_features(lm, zh=True), computed.caption_features(lm, zh=True))
