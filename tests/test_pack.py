@@ -146,9 +146,9 @@ def test_npy_members_read_as_np_load_reads_them():
 
 
 def test_tar_reader_reads_what_tarfile_reads_and_names_a_corrupt_shard(tmp_path):
-    """The loader's own tar parser against Python's tarfile on ustar, GNU and pax archives (long and
-    non-ASCII names, directories, links, empty members), with skipped samples; a flipped header byte and a
-    cut-off shard are one-line errors naming the shard."""
+    """Our tar parser (the training loader's samples, the download shards' images) against Python's tarfile on
+    ustar, GNU and pax archives (long and non-ASCII names, directories, links, empty members), with skipped
+    samples; a flipped header byte and a cut-off shard are one-line errors naming the shard."""
     import io
     import random
     import tarfile
@@ -156,6 +156,7 @@ def test_tar_reader_reads_what_tarfile_reads_and_names_a_corrupt_shard(tmp_path)
     import pytest
 
     from cidistill.core.errors import StageError
+    from cidistill.core.images import read_tar_images
 
     def by_tarfile(data):
         out = []
@@ -194,11 +195,14 @@ def test_tar_reader_reads_what_tarfile_reads_and_names_a_corrupt_shard(tmp_path)
         want = by_tarfile(data)
         assert len(want) == 12 and list(iter_tar_samples(store, "x.tar")) == want, fmt
         assert list(iter_tar_samples(store, "x.tar", skip=5)) == want[5:]
+        assert read_tar_images(store, "x.tar") == {s["__key__"]: s["png"] for s in want}  # download shards' reader
         bad = bytearray(data)
         bad[600] ^= 1
         store.write_bytes("x.tar", bytes(bad))
         with pytest.raises(StageError, match="x.tar: bad checksum"):
             list(iter_tar_samples(store, "x.tar"))
+        with pytest.raises(StageError, match="x.tar: bad checksum"):
+            read_tar_images(store, "x.tar")
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             m = [m for m in tar.getmembers() if m.size > 100][3]
         for cut in (m.offset + 100, m.offset_data + m.size // 2):  # inside a header, inside a member's bytes

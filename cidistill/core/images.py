@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import io
-import tarfile
 
 import numpy as np
 from PIL import Image
+
+from .tar import read_exact, tar_members
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -13,11 +14,13 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 def read_tar_images(store, name: str) -> dict[str, bytes]:
     """key -> encoded image bytes from one webdataset shard (member names are never used as paths)."""
     out = {}
-    with store.fs.open(store.path(name), "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for m in tar:
-            if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
-                key = m.name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-                out[key] = tar.extractfile(m).read()
+    with store.fs.open(store.path(name), "rb") as f:
+        for path, size in tar_members(f, name):
+            if path.lower().endswith(IMAGE_EXTS):
+                out[path.rsplit("/", 1)[-1].rsplit(".", 1)[0]] = read_exact(f, size, name)
+            else:
+                f.seek(size, 1)
+            f.seek(-size % 512, 1)
     return out
 
 
