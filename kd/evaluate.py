@@ -91,12 +91,19 @@ def encode_images(lm: LoadedModel, images_u8: np.ndarray) -> torch.Tensor:
     return out.float().clone()  # a copy: the output may be a view that keeps the whole last activation alive
 
 
-def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256, stored: bool = False) -> SplitView:
+def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256, stored: bool = False,
+               caption_features: bool = True) -> SplitView:
     """Stream a packed split shard by shard: decode `batch` images, keep their features, drop the pixels.
     With `stored` (the teacher that embedded them) and samples that carry the embed stage's features, those
-    are used instead (float16 in the shards; the same model on the same decoded pixels), nothing decoded."""
+    are used instead (float16 in the shards; the same model on the same decoded pixels), nothing decoded; the
+    caption features too unless `caption_features` is off (a split used for its images only)."""
     store, size = Store(root), image_size(lm)
     view, feats, pending = SplitView(torch.empty(0)), [], []
+
+    def flush():
+        feats.append(torch.from_numpy(np.stack(pending).astype(np.float32)) if stored else encode_images(lm, np.stack(pending)))
+        pending.clear()
+
     for name, _ in split_shards(store, split):
         for s in iter_tar_samples(store, name):
             f = sample_fields(s)
@@ -110,20 +117,20 @@ def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256, stored:
                 if "t_img" not in f:
                     raise StageError(f"packed sample {f['key']} in {name} has no teacher image embedding "
                                      "while others do: rerun `cidistill pack --force`")
-                feats.append(f["t_img"])
-                view.stored_txt.append(f.get("t_txt"))
-                view.stored_txt_zh.append(f.get("t_txt_zh"))
-                continue
-            pending.append(decode_rgb(image_member(s), size))
+                pending.append(f["t_img"])
+                if caption_features:
+                    view.stored_txt.append(f.get("t_txt"))
+                    view.stored_txt_zh.append(f.get("t_txt_zh"))
+            else:
+                pending.append(decode_rgb(image_member(s), size))
             if len(pending) == batch:
-                feats.append(encode_images(lm, np.stack(pending)))
-                pending = []
+                flush()
     if pending:
-        feats.append(encode_images(lm, np.stack(pending)))
+        flush()
     if not feats:
         raise ValueError(f"no packed {split} pairs in {root}: run `cidistill pack` first")
-    view.img = F.normalize(torch.from_numpy(np.stack(feats).astype(np.float32)) if stored else torch.cat(feats), dim=-1)
-    del feats
+    view.img = F.normalize(torch.cat(feats), dim=-1)
+    feats.clear()
     release_freed_memory()  # the decoded batches' pages
     return view
 
@@ -274,7 +281,7 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> 
     root, held = cfg.stage_dir("pack"), has_holdout(cfg)
     test = split_view(lm, root, "eval", cfg.eval.batch_size, stored)
     need_train = held and ("linear_probe" in tasks or "zeroshot" in tasks)
-    train = split_view(lm, root, "train", cfg.eval.batch_size, stored) if need_train else None
+    train = split_view(lm, root, "train", cfg.eval.batch_size, stored, caption_features=False) if need_train else None
     res, per = {"params": count_params(lm.model), "eval_images": len(test.keys)}, {"keys": np.array(test.keys)}
     if test.stored_txt:
         res["features"] = "stored"  # the embed stage's, as packed with the samples
