@@ -101,7 +101,8 @@ def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256, stored:
     view, feats, pending = SplitView(torch.empty(0)), [], []
 
     def flush():
-        feats.append(torch.from_numpy(np.stack(pending).astype(np.float32)) if stored else encode_images(lm, np.stack(pending)))
+        x = np.stack(pending)
+        feats.append(torch.from_numpy(x.astype(np.float32)) if stored else encode_images(lm, x))
         pending.clear()
 
     for name, _ in split_shards(store, split):
