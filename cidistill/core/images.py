@@ -18,9 +18,6 @@ def read_tar_images(store, name: str) -> dict[str, bytes]:
         for path, size in tar_members(f, name):
             if path.lower().endswith(IMAGE_EXTS):
                 out[path.rsplit("/", 1)[-1].rsplit(".", 1)[0]] = read_exact(f, size, name)
-            else:
-                f.seek(size, 1)
-            f.seek(-size % 512, 1)
     return out
 
 

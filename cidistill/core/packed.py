@@ -95,9 +95,6 @@ def iter_tar_samples(store, name: str, skip: int = 0) -> Iterator[dict[str, byte
                 cur = {"__key__": key}
             if seen >= skip:
                 cur[ext] = read_exact(f, size, name)
-            else:
-                f.seek(size, 1)
-            f.seek(-size % 512, 1)
     if cur is not None and seen >= skip:
         yield cur
 

@@ -10,7 +10,7 @@ from .errors import StageError
 
 def tar_members(f, name: str) -> Iterator[tuple[str, int]]:
     """(path, size) of each regular file of a tar (ustar, GNU long names, pax paths), the file positioned at
-    its data: the caller reads or seeks over `size` bytes and the padding. Checksums are verified as tarfile does."""
+    its data: the caller may read its `size` bytes (read_exact) or nothing. Checksums are verified as tarfile does."""
     long_name = None
     while True:
         hdr = f.read(512)
@@ -31,7 +31,9 @@ def tar_members(f, name: str) -> Iterator[tuple[str, int]]:
         path = long_name or _ustar_path(hdr)
         long_name = None
         if kind in (b"0", b"\0") and not path.endswith("/"):
+            start = f.tell()
             yield path, size
+            f.seek(start + size + (-size % 512))  # the next header, whatever the caller read
         else:  # directories, links, pax globals, GNU long link names: no sample data
             f.seek(size + (-size % 512), 1)
 
