@@ -33,8 +33,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     from kd.losses import DistillHeads
-    from cidistill.core.models import count_params, create
-    from kd.train import TrainModule, autocast as _autocast
+    from cidistill.core.models import autocast as _autocast, count_params, create
+    from kd.train import TrainModule
     from cidistill.core.config import LossConfig
 
     dev = torch.device(a.device)

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from cidistill.core.config import Config
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb
-from cidistill.core.models import LoadedModel, channels_last, count_params, create, encode_text, local_dir
+from cidistill.core.models import LoadedModel, autocast, channels_last, count_params, create, encode_text, local_dir
 from cidistill.core.packed import image_member, iter_tar_samples, sample_fields, split_shards
-from cidistill.core.runtime import cache_dir
+from cidistill.core.runtime import cache_dir, resolve_precision
 from cidistill.core.schema import has_holdout
 from cidistill.core.store import Store
 from .data import normalise
@@ -55,7 +55,7 @@ def image_size(lm: LoadedModel) -> int:
     return s if isinstance(s, int) else s[0]
 
 
-EVAL_VERSION = 2  # part of the teacher's cache key: raise it when a metric's computation changes
+EVAL_VERSION = 3  # part of the teacher's cache key: raise it when a metric's computation changes
 EVAL_META = ("base", "base_name", "base_name_zh", "subgroup")  # the zero-shot classes and the probe's label
 
 
@@ -84,10 +84,16 @@ class SplitView:
         return text_features(lm, texts)
 
 
+def run_in(lm: LoadedModel):
+    """The autocast of the model's forward passes (lm.precision; the scores after them stay float32)."""
+    return autocast(lm.precision, next(lm.model.parameters()).device)
+
+
 @torch.no_grad()
 def encode_images(lm: LoadedModel, images_u8: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images_u8).permute(0, 3, 1, 2)
-    out = lm.model.encode_image(normalise(x, lm.preprocess_cfg.get("mean"), lm.preprocess_cfg.get("std")))
+    with run_in(lm):
+        out = lm.model.encode_image(normalise(x, lm.preprocess_cfg.get("mean"), lm.preprocess_cfg.get("std")))
     return out.float().clone()  # a copy: the output may be a view that keeps the whole last activation alive
 
 
@@ -142,7 +148,8 @@ def text_features(lm: LoadedModel, texts: list[str], batch: int = 512) -> torch.
         return torch.empty(0, lm.embed_dim)
     tokens = torch.cat([lm.tokenizer(texts[i:i + 4096]) for i in range(0, len(texts), 4096)])
     # sorted by length over all texts, batches of ~`batch` rows each cut to its longest
-    out = encode_text(lm.model, tokens, chunks=-(-len(texts) // batch))
+    with run_in(lm):
+        out = encode_text(lm.model, tokens, chunks=-(-len(texts) // batch))
     return F.normalize(out.float(), dim=-1)
 
 
@@ -216,17 +223,18 @@ def linear_probe(train_x, train_y, test_x, test_y, max_iter: int = 300, seed: in
 
 @torch.no_grad()
 def throughput(lm: LoadedModel, batch: int = 128, reps: int = 5) -> float:
-    """Images/s of the image tower on random input: the fastest of `reps` timed batches after a warm-up, so
-    that another process's burst on a shared box does not decide a ratio."""
+    """Images/s of the image tower on random input (in lm.precision): the fastest of `reps` timed batches after
+    a warm-up, so that another process's burst on a shared box does not decide a ratio."""
     s = image_size(lm)
     channels_last(lm.model)
     x = torch.randn(batch, 3, s, s)
-    lm.model.encode_image(x)
     best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
+    with run_in(lm):
         lm.model.encode_image(x)
-        best = min(best, time.perf_counter() - t)
+        for _ in range(reps):
+            t = time.perf_counter()
+            lm.model.encode_image(x)
+            best = min(best, time.perf_counter() - t)
     return batch / best
 
 
@@ -279,6 +287,7 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> 
     the packed samples carry (see split_view)."""
     tasks = tasks or cfg.eval.tasks
     channels_last(lm.model).eval()
+    lm = dataclasses.replace(lm, precision=cfg.eval.precision)
     root, held = cfg.stage_dir("pack"), has_holdout(cfg)
     test = split_view(lm, root, "eval", cfg.eval.batch_size, stored)
     need_train = held and ("linear_probe" in tasks or "zeroshot" in tasks)
@@ -338,7 +347,7 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel) -> tuple[dict, dict]:
         res = json.loads((folder / "results.json").read_text())
         with np.load(folder / "correct.npz") as z:
             per = {k: z[k] for k in z.files}
-        res["image_throughput"] = throughput(lm)
+        res["image_throughput"] = throughput(dataclasses.replace(lm, precision=cfg.eval.precision))
         return res, per
     res, per = evaluate(cfg, lm, stored=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -358,6 +367,9 @@ def teacher_eval_key(cfg: Config) -> str:
     t = cfg.teacher
     h = hashlib.sha256(json.dumps({"version": EVAL_VERSION, "model": t.model, "pretrained": t.pretrained,
                                    "model_config": t.model_config, "eval": dataclasses.asdict(cfg.eval),
+                                   # what its features were computed in: by the embed stage, then here
+                                   "precision": [resolve_precision(t.precision, "cuda" if t.gpus_per_actor else "cpu"),
+                                                 resolve_precision(cfg.eval.precision, "cpu")],
                                    "held_out": has_holdout(cfg)}, sort_keys=True, default=str).encode())
     for p in _weight_files(t.pretrained):
         st = p.stat()

@@ -20,10 +20,10 @@ import torch.nn as nn
 from cidistill.core import faults
 from cidistill.core.config import Config, from_dict
 from cidistill.core.errors import StageError
-from cidistill.core.runtime import cache_dir, resolve_precision
+from cidistill.core.runtime import cache_dir
 from cidistill.core.progress import Progress
 from cidistill.core.packed import iter_tar_samples, sample_fields
-from cidistill.core.models import by_length, channels_last, count_params, create, encode_text, trim_vocab
+from cidistill.core.models import autocast, by_length, channels_last, count_params, create, encode_text, trim_vocab
 from cidistill.core.store import Store, absolute
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, read_log, save_checkpoint, write_log
 from .data import manifest_texts
@@ -78,11 +78,6 @@ def _gather_nograd(v: torch.Tensor) -> list[torch.Tensor]:
     parts = [torch.empty_like(v) for _ in range(torch.distributed.get_world_size())]
     torch.distributed.all_gather(parts, v.contiguous())
     return parts
-
-
-def autocast(precision: str, device: torch.device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device.type))
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def lr_at(step_in_phase: int, phase_steps: int, base: float, warmup: int) -> float:

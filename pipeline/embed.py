@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -17,7 +18,7 @@ from cidistill.core.config import Config, TeacherConfig
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
-from cidistill.core.models import channels_last, configs_of, create, encode_text, val_preprocess_cfg
+from cidistill.core.models import autocast, channels_last, configs_of, create, encode_text, val_preprocess_cfg
 from cidistill.core.schema import download_shards, embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store
@@ -109,8 +110,7 @@ class TeacherEmbedder:
         if want != _steps(self.lm.preprocess_val):  # decode tasks built theirs from configs: must be the model's
             raise StageError(f"decode tasks would preprocess as {want}, the teacher as {self.lm.preprocess_val!r}")
         self.mean, self.std = (torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in (mean, std))
-        prec = tc.precision if tc.precision != "auto" else ("bf16" if self.device == "cuda" else "fp32")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self.precision = tc.precision
         self._model_lock = threading.Lock()  # two calls in flight: one prepares while the other runs the model
 
     def prepare(self, batch: dict) -> dict:
@@ -139,8 +139,7 @@ class TeacherEmbedder:
         ok = np.asarray(prep["ok"], bool)
         n, dim = len(ok), self.lm.embed_dim
         out = {k: prep[k] for k in ("ok", "image_hash", "error")}
-        with self._model_lock, torch.no_grad(), \
-                torch.autocast(self.device, dtype=self.dtype, enabled=self.dtype is not None):
+        with self._model_lock, torch.no_grad(), autocast(self.precision, self.device):
             img = np.zeros((n, dim), np.float32)
             if ok.any():
                 x = self.pixels_to_input(prep["pixels"][ok])
@@ -255,8 +254,16 @@ class EmbedStage(Stage):
         # the model (TeacherEmbedder.forward holds a lock, so one forward at a time and torch keeps its threads)
         pool = ray.data.ActorPoolStrategy(size=tc.num_actors, max_concurrent_calls_per_actor=2,
                                           enable_true_multi_threading=True)
-        ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs, batch_size=tc.batch_size, compute=pool,
-                            num_cpus=tc.cpus_per_actor, num_gpus=tc.gpus_per_actor or None, batch_format="numpy")
+        # Ray Data restarts an actor whose node is lost. On one node (the demo, tests) restarts are off: there
+        # they only print Ray's error line about the constructor's args (ray#53727); a lost actor fails the stage,
+        # and its rerun resumes at the first unwritten shard. Ray 2.60 takes max_restarts only in its deprecated
+        # ray_remote_args, and says so in a warning
+        restarts = {} if sum(n["Alive"] for n in ray.nodes()) > 1 else {"max_restarts": 0}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(TeacherEmbedder, fn_constructor_kwargs=kwargs, batch_size=tc.batch_size, compute=pool,
+                                num_cpus=tc.cpus_per_actor, num_gpus=tc.gpus_per_actor or None, batch_format="numpy",
+                                **restarts)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
     def _write(self, shard: str, rows: dict, errs: dict, dim: int) -> None:

@@ -1,4 +1,6 @@
 """The evaluation's numbers on inputs whose answer is known."""
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -103,8 +105,8 @@ def test_the_teachers_evaluation_reads_the_features_it_computes_from_the_packed_
     computes from the packed images and captions; a pair without a stored feature makes the model compute."""
     import kd.evaluate as ev
 
-    lm = ev.load_for_eval(small_run, "teacher")
-    lm.model.eval()
+    lm = dataclasses.replace(ev.load_for_eval(small_run, "teacher"), precision=small_run.teacher.precision)
+    lm.model.eval()  # computed in the precision the embed stage used
     root = small_run.stage_dir("pack")
     stored, computed = (ev.split_view(lm, root, "eval", 64, stored=s) for s in (True, False))
     assert stored.keys == computed.keys and len(stored.stored_txt) == len(stored.keys) and not computed.stored_txt

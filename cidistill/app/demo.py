@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 
 from cidistill.core.config import STAGES, Config, load_config, merge
@@ -90,6 +91,7 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
         print(f"[teacher] cached: {final}")
         return f"local-dir:{final}"
     work = Store(join(cfg.workdir, "teacher_train"))
+    start = time.perf_counter()
     print(f"[teacher] training the demo LiT teacher ({TEACHER_STEPS[small]} steps, locked MiniLM text tower)")
     packed = Store(work.url("pack"))  # the downloaded training pairs (no embeddings yet: this teacher makes them)
     if not packed.exists("train/manifest.parquet"):
@@ -101,6 +103,7 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
     export_local_dir(lm, final, "# cidistill demo teacher\n\nLiT: all-MiniLM-L6-v2 (locked) + ModifiedResNet image tower "
                                 "trained with the CLIP loss on the demo's apple+google emoji.\n")
     work.fs.rm(work.root, recursive=True)
+    print(f"[teacher] done: {final} in {time.perf_counter() - start:.1f}s")
     return f"local-dir:{final}"
 
 

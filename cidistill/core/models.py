@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import StageError
-from .runtime import cache_dir, import_open_clip
+from .runtime import cache_dir, import_open_clip, resolve_precision
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_TEACHER = "cid-demo-teacher"
@@ -72,10 +72,18 @@ class LoadedModel:
     name: str
     model_cfg: dict
     preprocess_cfg: dict
+    precision: str = "fp32"      # what inference helpers (kd/evaluate.py) run the model in: a config's precision
 
     @property
     def embed_dim(self) -> int:
         return int(self.model_cfg["embed_dim"])
+
+
+def autocast(precision: str, device: str | torch.device):
+    """torch.autocast for a config's precision (`auto`: bf16 on CUDA or a CPU with native bf16, else off)."""
+    device = torch.device(device).type
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
