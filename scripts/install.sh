@@ -17,8 +17,11 @@ export NO_ALBUMENTATIONS_UPDATE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp="$root/.venv-installed-$(echo "$extras" | tr ',' '-')"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/constraints.txt" -nt "$stamp" ]; then
   echo "cidistill: installing (extras: $extras) into $(dirname "$(dirname "$PY")")"
-  "$PY" -m pip install -q -c "$root/constraints.txt" torch 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -m pip install -q -c "$root/constraints.txt" -e "$root[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
+  # pip byte-compiles every module it installs (~45 s of a 2-core first install); Python compiles only what is
+  # imported, once, unless told not to write bytecode
+  nc=(); [ -n "${PYTHONDONTWRITEBYTECODE:-}" ] || nc=(--no-compile)
+  "$PY" -m pip install -q "${nc[@]}" -c "$root/constraints.txt" torch 2>&1 | grep -v "^WARNING: Location" || true
+  "$PY" -m pip install -q "${nc[@]}" -c "$root/constraints.txt" -e "$root[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
   "$PY" -c "from cidistill.core.runtime import import_open_clip; import_open_clip()" 2>/dev/null || { echo "cidistill: the install failed (see pip's messages above)" >&2; exit 1; }
   touch "$stamp"
 fi

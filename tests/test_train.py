@@ -59,3 +59,31 @@ def test_two_workers_follow_the_one_worker_loss_curve(small_run, ray_session, tm
         for term in ("feature_distill", "instance", "align", "cluster"):
             if term in ra:
                 assert abs(ra[term] - rb[term]) <= 0.005 * abs(ra[term]), (term, ra, rb)
+
+def test_a_lit_teachers_locked_features_are_computed_once_and_resume_exactly(small_run, tmp_path):
+    """The locked trunk's features come from one pass over the distinct training captions: equal to the per-batch
+    computation (fp32), a caption outside them computed when it comes; a LiT run killed mid-way resumes to the
+    same weights as an uninterrupted one."""
+    from cidistill.core.models import DEMO_TEACHER, create
+    from kd.data import manifest_texts
+    from kd.train import LockedText, locked_text_features
+
+    root = small_run.stage_dir("pack")
+    lm = create(DEMO_TEACHER)
+    texts = list(manifest_texts(root, "train", False))
+    locked = LockedText(lm.model, texts, lm.tokenizer)
+    assert len(locked.row) == len(set(texts)) < len(texts)  # the styles share captions
+    batch = lm.tokenizer(texts[:24] + ["a caption no training pair has"])
+    assert (locked(batch) - locked_text_features(lm.model, batch)).abs().max() < 1e-5
+
+    cfg = dataclasses.replace(
+        small_run, student=dataclasses.replace(small_run.student, model=DEMO_TEACHER, pretrained="", trim_vocab=False,
+                                               text_from_teacher=0),
+        train=dataclasses.replace(small_run.train, batch_size=16, ckpt_every=2, log_every=1, style_augment=False,
+                                  phases=[PhaseConfig(steps=4, losses={"clip": 1.0})]))
+    train(cfg, str(tmp_path / "a"), use_ray=False, lock_text=True, chinese=False)
+    train(cfg, str(tmp_path / "b"), use_ray=False, lock_text=True, chinese=False, stop_after=3)
+    train(cfg, str(tmp_path / "b"), use_ray=False, lock_text=True, chinese=False)  # resumes from step 2
+    a_out, b_out = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
+    a, b = load_weights(a_out, latest_checkpoint(a_out)), load_weights(b_out, latest_checkpoint(b_out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
