@@ -26,7 +26,7 @@ from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb
 from cidistill.core.models import LoadedModel, autocast, channels_last, count_params, create, encode_text, local_dir
 from cidistill.core.packed import image_member, iter_tar_samples, sample_fields, split_shards
-from cidistill.core.runtime import cache_dir, resolve_precision
+from cidistill.core.runtime import cache_dir, embed_precision, resolve_precision
 from cidistill.core.schema import has_holdout
 from cidistill.core.store import Store
 from .data import normalise
@@ -368,7 +368,7 @@ def teacher_eval_key(cfg: Config) -> str:
     h = hashlib.sha256(json.dumps({"version": EVAL_VERSION, "model": t.model, "pretrained": t.pretrained,
                                    "model_config": t.model_config, "eval": dataclasses.asdict(cfg.eval),
                                    # what its features were computed in: by the embed stage, then here
-                                   "precision": [resolve_precision(t.precision, "cuda" if t.gpus_per_actor else "cpu"),
+                                   "precision": [embed_precision(t.precision, "cuda" if t.gpus_per_actor else "cpu"),
                                                  resolve_precision(cfg.eval.precision, "cpu")],
                                    "held_out": has_holdout(cfg)}, sort_keys=True, default=str).encode())
     for p in _weight_files(t.pretrained):

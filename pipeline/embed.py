@@ -18,6 +18,7 @@ from cidistill.core.config import Config, TeacherConfig
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
+from cidistill.core.runtime import embed_precision
 from cidistill.core.models import autocast, channels_last, configs_of, create, encode_text, val_preprocess_cfg
 from cidistill.core.schema import download_shards, embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
@@ -110,7 +111,7 @@ class TeacherEmbedder:
         if want != _steps(self.lm.preprocess_val):  # decode tasks built theirs from configs: must be the model's
             raise StageError(f"decode tasks would preprocess as {want}, the teacher as {self.lm.preprocess_val!r}")
         self.mean, self.std = (torch.tensor(v, device=self.device).view(1, -1, 1, 1) for v in (mean, std))
-        self.precision = tc.precision
+        self.precision = embed_precision(tc.precision, self.device)
         self._model_lock = threading.Lock()  # two calls in flight: one prepares while the other runs the model
 
     def prepare(self, batch: dict) -> dict:

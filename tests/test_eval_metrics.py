@@ -105,7 +105,10 @@ def test_the_teachers_evaluation_reads_the_features_it_computes_from_the_packed_
     computes from the packed images and captions; a pair without a stored feature makes the model compute."""
     import kd.evaluate as ev
 
-    lm = dataclasses.replace(ev.load_for_eval(small_run, "teacher"), precision=small_run.teacher.precision)
+    from cidistill.core.runtime import embed_precision
+
+    lm = dataclasses.replace(ev.load_for_eval(small_run, "teacher"),
+                             precision=embed_precision(small_run.teacher.precision, "cpu"))
     lm.model.eval()  # computed in the precision the embed stage used
     root = small_run.stage_dir("pack")
     stored, computed = (ev.split_view(lm, root, "eval", 64, stored=s) for s in (True, False))

@@ -68,7 +68,7 @@ class TeacherConfig:
     cpus_per_actor: float = 1.0         # CPUs each actor takes (leave some for the decode tasks)
     gpus_per_actor: float = 0.0         # GPUs each actor takes (0: CPU)
     threads: int = 0                    # torch threads per actor; 0 = cpus_per_actor
-    precision: str = "auto"             # auto (bf16 on GPU or a CPU with native bf16, else fp32) | fp32 | bf16 | fp16
+    precision: str = "auto"             # auto (bf16 on GPU, else fp32) | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -173,7 +173,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "retrieval"])  # what to measure
     batch_size: int = 256               # images per feature batch
     probe_max_iter: int = 300           # L-BFGS iterations of the linear probe
-    precision: str = "auto"             # the models' forward passes: auto (as teacher.precision) | fp32 | bf16
+    precision: str = "auto"             # forward passes: auto (bf16 on GPU or a CPU with native bf16, else fp32) | fp32 | bf16
 
 
 @dataclass
