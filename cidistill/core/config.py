@@ -173,7 +173,7 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "retrieval"])  # what to measure
     batch_size: int = 256               # images per feature batch
     probe_max_iter: int = 300           # L-BFGS iterations of the linear probe
-    precision: str = "auto"             # forward passes: auto (bf16 on GPU or a CPU with native bf16, else fp32) | fp32 | bf16
+    precision: str = "fp32"             # forward passes: fp32 | bf16 | auto (bf16 on GPU or a CPU with native bf16, else fp32)
 
 
 @dataclass
