@@ -55,7 +55,7 @@ class TrainModule(nn.Module):
         """Student embeddings, then the weighted loss terms: all inside forward, as DDP requires."""
         img = self.student.encode_image(images)
         if self.lock_text:
-            feats = self.locked(tokens) if self.locked else locked_text_features(self.student, tokens)
+            feats = locked_text_features(self.student, tokens) if self.locked is None else self.locked(tokens)
             out = {"img": img, "txt": self.student.text.proj(feats)}
         else:
             out = {"img": img, "txt": encode_text(self.student, tokens)}
@@ -124,14 +124,14 @@ class LockedText:
 
     def __init__(self, model: nn.Module, texts, tokenize):
         rows = tokenize(sorted(set(texts)))
-        self.model, self.feats = model, locked_text_features(model, rows)
-        self.row = {r.numpy().tobytes(): i for i, r in enumerate(rows)}
+        self.model, self.feats = model, locked_text_features(model, rows)  # on the rows' device
+        self.row = {r.tobytes(): i for i, r in enumerate(rows.cpu().numpy())}
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        idx = torch.tensor([self.row.get(r.tobytes(), -1) for r in tokens.cpu().numpy()])
-        out = self.feats[idx.clamp(min=0)].to(tokens.device)
-        if (idx < 0).any():
-            out[idx < 0] = locked_text_features(self.model, tokens[idx < 0]).to(out.dtype)
+        idx = torch.tensor([self.row.get(r.tobytes(), -1) for r in tokens.cpu().numpy()], device=self.feats.device)
+        out, miss = self.feats[idx.clamp(min=0)], idx < 0
+        if miss.any():
+            out[miss] = locked_text_features(self.model, tokens[miss]).to(out.dtype)
         return out
 
 
