@@ -37,7 +37,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from cidistill.app.demo import demo_config
     from pipeline.embed import EmbedStage, TeacherEmbedder, _read_shard
-    from cidistill.core.runtime import init_ray, resolve_precision
+    from cidistill.core.runtime import init_ray
     from cidistill.core.store import Store
     from cidistill.core.images import decode_rgb
     from cidistill.core.models import autocast, encode_text
@@ -82,6 +82,7 @@ def main(argv=None):
     en = sorted({r["caption"] for r in rows})
     zh = sorted({r["caption_zh"] or r["caption"] for r in rows})
     tok_en, tok_zh = emb.lm.tokenizer(en), emb.lm.tokenizer(zh)
+
     @torch.no_grad()
     def image_only():
         with autocast(emb.precision, emb.device):
@@ -104,7 +105,7 @@ def main(argv=None):
     bare_img, bare_all = max(before[0], after[0]), max(before[1], after[1])
     stage_ips = n / t_all
     steady = (n - n1) / (t_all - t1)  # start-up (actor spawn, model load, first read) cancels out
-    print(f"{cfg.teacher.model}, batch {len(x)}, {torch.get_num_threads()} threads, {resolve_precision(emb.precision, emb.device)}, "
+    print(f"{cfg.teacher.model}, batch {len(x)}, {torch.get_num_threads()} threads, {emb.precision}, "
           f"{n} pairs in {len(shards)} shards; distinct captions in the anchor batch: EN {len(en)}, ZH {len(zh)}")
     print(f"embed stage {stage_ips:.1f} pairs/s end to end in {t_all:.0f}s (actor start-up, read, decode, EN+ZH "
           f"text, parquet); steady {steady:.1f} pairs/s = ({n} - {n1} pairs) / ({t_all:.1f} - {t1:.1f}s of a 1-shard run); "

@@ -38,16 +38,19 @@ TEMPLATES = {
 
 
 def load_for_eval(cfg: Config, spec: str) -> LoadedModel:
+    """The model `spec` names, set to run in `eval.precision`."""
     if spec == "student":
         from .export import load_trained_student
 
-        return load_trained_student(cfg)
-    if spec == "teacher":
-        return create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
-    if spec.startswith("local-dir:"):
-        return create(spec)
-    name, _, tag = spec.partition("/")  # open_clip tag: MODEL/PRETRAINED
-    return create(name, tag)
+        lm = load_trained_student(cfg)
+    elif spec == "teacher":
+        lm = create(cfg.teacher.model, cfg.teacher.pretrained, cfg.teacher.model_config)
+    elif spec.startswith("local-dir:"):
+        lm = create(spec)
+    else:
+        name, _, tag = spec.partition("/")  # open_clip tag: MODEL/PRETRAINED
+        lm = create(name, tag)
+    return dataclasses.replace(lm, precision=cfg.eval.precision)
 
 
 def image_size(lm: LoadedModel) -> int:
@@ -287,7 +290,6 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> 
     the packed samples carry (see split_view)."""
     tasks = tasks or cfg.eval.tasks
     channels_last(lm.model).eval()
-    lm = dataclasses.replace(lm, precision=cfg.eval.precision)
     root, held = cfg.stage_dir("pack"), has_holdout(cfg)
     test = split_view(lm, root, "eval", cfg.eval.batch_size, stored)
     need_train = held and ("linear_probe" in tasks or "zeroshot" in tasks)
@@ -347,7 +349,7 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel) -> tuple[dict, dict]:
         res = json.loads((folder / "results.json").read_text())
         with np.load(folder / "correct.npz") as z:
             per = {k: z[k] for k in z.files}
-        res["image_throughput"] = throughput(dataclasses.replace(lm, precision=cfg.eval.precision))
+        res["image_throughput"] = throughput(lm)
         return res, per
     res, per = evaluate(cfg, lm, stored=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
