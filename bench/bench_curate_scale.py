@@ -124,8 +124,10 @@ def child(mode: str, work: Path, cluster_k: int, balance_k: int, max_cluster: in
         t = time.perf_counter()
         ClusterStage(cfg).run()
         t_clu = time.perf_counter() - t
+    steps = {s: json.loads((work / s / "stats.json").read_text()).get("step_seconds", {})
+             for s in ("balance", "cluster") if mode == "ooc"}
     print(json.dumps({"balance_s": round(t_bal, 1), "cluster_s": round(t_clu, 1),
-                      "total_s": round(time.perf_counter() - t0, 1)}))
+                      "total_s": round(time.perf_counter() - t0, 1), "steps": steps}))
 
 
 def in_driver(cfg) -> tuple[float, float]:
@@ -218,7 +220,7 @@ def main():
                 (tmp / "anchor" / "embed").symlink_to(tmp / "embed")  # its own stage folders, the same inputs
                 r, rss = measure(["--child", "driver", *common, "--work", str(tmp / "anchor")])
                 print(f"N={n} in-driver (anchor): balance {r['balance_s']}s + cluster {r['cluster_s']}s, "
-                      f"peak RSS {rss:.2f} GB", flush=True)
+                      f"peak RSS {rss:.2f} GB; total {r['total_s']}s", flush=True)
                 res["anchor"] = dict(r, rss_gb=rss)
             r, rss = measure(["--child", "ooc", *common, "--work", str(tmp)])
             q = removal_quality(tmp, n, shards)
@@ -227,7 +229,8 @@ def main():
             print(f"N={n} out of core (Ray, 2 CPUs): balance {r['balance_s']}s + cluster {r['cluster_s']}s, "
                   f"peak RSS of the process tree {rss:.2f} GB; kept {st['kept']}/{st['input']} "
                   f"{st['removed_by_rule']}, {st['clusters']} clusters (largest {st['cluster_size_max_before']}); "
-                  f"k-means sample {st['kmeans']['sample']}/{st['kmeans']['sample_of']}", flush=True)
+                  f"k-means sample {st['kmeans']['sample']}/{st['kmeans']['sample_of']}; total {r['total_s']}s; "
+                  f"steps {r['steps']}", flush=True)
             print(f"  removal: precision {q['precision']}, recall re-encoded copies {q['reencoded']['recall']}, "
                   f"pixel copies {q['pixel']['recall']}, perturbed copies {q['perturbed']['recall']}; "
                   f"singles removed {q['singles_removed']}", flush=True)
