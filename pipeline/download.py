@@ -40,15 +40,26 @@ def url_files(urls: str):
 URL_BATCH = 65536   # rows of the URL list read at a time (repeated URLs are rejected within a batch)
 
 
+def _parquet(fh, f: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(fh)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise StageError(f"data.urls: {f} is not a parquet file ({str(e).splitlines()[0][:120]})") from None
+
+
+def _first_columns(urls: str) -> list[str]:
+    """The column names of the URL list's first file."""
+    fs, files = url_files(urls)
+    with fs.open(files[0], "rb") as fh:
+        return _parquet(fh, files[0]).schema_arrow.names
+
+
 def _read_url_batches(urls: str, columns: list[str]):
     """Each file of the URL list as a stream of tables of at most URL_BATCH rows (bounded memory)."""
     fs, files = url_files(urls)
     for f in files:
         with fs.open(f, "rb") as fh:
-            try:
-                pf = pq.ParquetFile(fh)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise StageError(f"data.urls: {f} is not a parquet file ({str(e).splitlines()[0][:120]})") from None
+            pf = _parquet(fh, f)
             missing = [c for c in columns if c not in pf.schema_arrow.names]
             if missing:
                 raise StageError(f"{f}: missing column(s) {missing}; has {pf.schema_arrow.names}")
@@ -102,9 +113,24 @@ class DownloadStage(Stage):
         return {"urls": [[f, fs.size(f)] for f in files]}
 
     @property
+    def extra(self) -> list[str]:
+        d = self.d
+        return [c for c in d.extra_cols if c not in (d.url_col, d.caption_col, d.caption_zh_col)]
+
+    def carries_zh(self) -> bool:
+        """Whether the shards carry a Chinese caption: the plan's answer once made; before, the URL list's
+        (a `data.caption_zh_col` other than the default, or listed in extra_cols, must be there)."""
+        if self.out.exists("_plan.json"):
+            return self.out.read_json("_plan.json").get("caption_zh", "caption_zh" in self.d.extra_cols)
+        d = self.d
+        return d.caption_zh_col != "caption_zh" or d.caption_zh_col in d.extra_cols \
+            or d.caption_zh_col in _first_columns(d.urls)
+
+    @property
     def columns(self) -> list[str]:
-        extra = [c for c in self.d.extra_cols if c not in (self.d.url_col, self.d.caption_col)]
-        return [self.d.url_col, self.d.caption_col] + extra
+        """The URL list's columns a shard carries (renamed there to url, caption, caption_zh and the extras)."""
+        d = self.d
+        return [d.url_col, d.caption_col] + ([d.caption_zh_col] if self.carries_zh() else []) + self.extra
 
     # -- planning: split the URL list into shards once; a resumed run reuses the plan
     def units(self) -> list[str]:
@@ -123,8 +149,10 @@ class DownloadStage(Stage):
         rejected_rows = []
         self.shards, total = [], 0
         allowed = {s.lower() for s in self.d.allowed_schemes}
-        text_cols = [self.d.caption_col] + [c for c in self.columns if c not in (self.d.url_col, self.d.caption_col)]
-        for _, batches in _read_url_batches(self.d.urls, self.columns):
+        zh = self.carries_zh()
+        columns = self.columns
+        text_cols = columns[1:]
+        for _, batches in _read_url_batches(self.d.urls, columns):
             buffered: list[pa.Table] = []
             for table in batches:
                 keep, seen = [], set()
@@ -155,7 +183,7 @@ class DownloadStage(Stage):
             raise StageError(f"{len(self.shards)} shards: raise data.samples_per_shard (at most {10 ** OOM_SHARD - 1} shards)")
         if rejected_rows:
             self.out.write_table("rejected.parquet", pa.Table.from_pylist(rejected_rows))
-        self.out.write_json("_plan.json", {"shards": self.shards, "urls_accepted": total,
+        self.out.write_json("_plan.json", {"shards": self.shards, "caption_zh": zh, "urls_accepted": total,
                                            "urls_rejected": dict(rejected), "text_fixed": dict(fixed)})
 
     def _emit_full(self, buffered: list[pa.Table]) -> list[pa.Table]:
@@ -168,8 +196,9 @@ class DownloadStage(Stage):
         return [t] if t.num_rows else []
 
     def _write_input_shard(self, part: pa.Table) -> None:
-        part = part.rename_columns(["url" if c == self.d.url_col else "caption" if c == self.d.caption_col
-                                    else c for c in part.column_names])
+        d = self.d
+        names = {d.url_col: "url", d.caption_col: "caption", d.caption_zh_col: "caption_zh"}
+        part = part.rename_columns([names.get(c, c) for c in part.column_names])
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, part.schema) as w:
             w.write_table(part)
@@ -184,8 +213,8 @@ class DownloadStage(Stage):
         from img2dataset.writer import WebDatasetSampleWriter
 
         d = self.d
-        column_list = [c for c in self.columns if c not in (self.d.url_col, self.d.caption_col)]
-        column_list = column_list + ["caption", "url"]  # img2dataset's order: extras, caption, url
+        # img2dataset's order: extras, caption, url
+        column_list = (["caption_zh"] if self.carries_zh() else []) + self.extra + ["caption", "url"]
         resizer = Resizer(image_size=d.image_size, resize_mode=d.resize_mode, resize_only_if_bigger=False,
                           upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=9 if d.encode_format == "png" else 95,
                           encode_format=d.encode_format, skip_reencode=False, disable_all_reencoding=False,

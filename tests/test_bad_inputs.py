@@ -210,7 +210,8 @@ def test_nan_embedding_and_duplicate_keys(tmp_path, small_run):
     t = t.set_column(t.column_names.index("image_emb"), t.schema.field("image_emb"), pa.array(x, t.schema.field("image_emb").type))
     pq.write_table(t, emb / "00000.parquet")
     cfg = load_config(None, [f"workdir={tmp_path}", f"dirs.embed={emb}", f"dirs.balance={tmp_path / 'b'}",
-                             f"dirs.download={small_run.stage_dir('download')}", f"data.holdout={small_run.data.holdout}"])
+                             f"dirs.download={small_run.stage_dir('download')}", f"data.holdout={small_run.data.holdout}",
+                             "data.extra_cols=[vendor]"])
     st = BalanceStage(cfg, use_ray=False).run()
     assert st["removed_by_rule"]["bad_embedding"] == 1
     b = pq.read_table(tmp_path / "b" / "00000.parquet").to_pylist()

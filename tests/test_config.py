@@ -30,6 +30,13 @@ def test_override_a_list_item_by_index(tmp_path):
     ("train: {phases: [{steps: 3, losses: {clip: 1.0, clop: 1.0}}]}\n", "clop"),
     ("balance: {keep: medium}\n", "balance.keep"),
     ("stages: [download, paint]\n", "paint"),
+    # a URL-list column named like one the stages write would be overwritten or doubled on the way
+    ("data: {extra_cols: [vendor, status, cluster_id]}\n", r"data.extra_cols: \['cluster_id', 'status'\] would clash"),
+    ("data: {url_col: link, extra_cols: [url]}\n", r"\['url'\] would clash"),
+    ("data: {extra_cols: [vendor, vendor]}\n", "listed twice"),
+    ("data: {holdout: vendor=twitter}\n", "'vendor' must be carried"),
+    ("eval: {tasks: [retrieval, probe]}\n", r"eval.tasks: unknown task\(s\) \['probe'\]"),
+    ("eval: {templates_en: [a photo]}\n", "eval.templates_en: each template needs one {}"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, needle):
     p = tmp_path / "c.yaml"

@@ -108,3 +108,27 @@ def test_worker_death_is_retried_and_a_failing_shard_is_reported(tmp_path, ray_s
     out = Path(cfg2.stage_dir("download"))
     st = json.loads((out / "stats.json").read_text())
     assert list(st["failed_shards"]) == ["00002"] and st["shards_done"] == 3 and not (out / "_DONE").exists()
+
+
+def test_the_chinese_caption_comes_from_data_caption_zh_col_without_listing_it(tmp_path, small_data, server):
+    """A URL list whose Chinese captions sit in another column: `data.caption_zh_col` names it, nothing in
+    extra_cols, and the shards carry it as `caption_zh` (what embed and pack read). A list without the default
+    column simply has no Chinese captions; a configured column that is missing is a one-line error."""
+    t = small_data.table.slice(0, 12)
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"link": [f"{server.base_url}/{p}" for p in t.column("path").to_pylist()],
+                             "text": t.column("caption"), "text_zh": t.column("caption_zh")}), urls)
+    common = [f"data.urls={urls}", "data.url_col=link", "data.caption_col=text", "data.timeout=3"]
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", "data.caption_zh_col=text_zh", *common])
+    assert DownloadStage(cfg, use_ray=False).run()["successes"] == 12
+    got = pq.read_table(Path(cfg.stage_dir("download")) / "00000.parquet").sort_by("key")
+    assert got.column("caption_zh").to_pylist() == t.column("caption_zh").to_pylist()
+    assert got.column("caption").to_pylist() == t.column("caption").to_pylist()
+
+    plain = load_config(None, [f"workdir={tmp_path / 'w2'}", *common])      # default caption_zh: absent, fine
+    assert DownloadStage(plain, use_ray=False).run()["successes"] == 12
+    assert "caption_zh" not in pq.read_table(Path(plain.stage_dir("download")) / "00000.parquet").column_names
+    from cidistill.core.errors import StageError
+    with pytest.raises(StageError, match=r"missing column\(s\) \['chinese'\]"):
+        DownloadStage(load_config(None, [f"workdir={tmp_path / 'w3'}", "data.caption_zh_col=chinese", *common]),
+                      use_ray=False).run()

@@ -29,9 +29,11 @@ class DataConfig:
     urls: str = ""                      # the URL list: a parquet file, a folder of them or a glob (any fsspec URI)
     url_col: str = "url"                # column of the image URL
     caption_col: str = "caption"        # column of the English caption
-    caption_zh_col: str = "caption_zh"  # column of the Chinese caption (may be absent or empty)
-    # further columns carried from the URL list into download/*.parquet (metadata, labels for evaluation)
-    extra_cols: list[str] = field(default_factory=lambda: ["caption_zh", "emoji", "group", "subgroup", "vendor"])
+    # column of the Chinese caption: carried when the URL list has it (a name other than the default must be there)
+    caption_zh_col: str = "caption_zh"
+    # further columns carried from the URL list into download/*.parquet and the packed samples' json
+    # (metadata, the evaluation's class and probe labels, the data.holdout column)
+    extra_cols: list[str] = field(default_factory=list)
     image_size: int = 64                # img2dataset resizes every image to this many pixels a side
     resize_mode: str = "border"         # img2dataset's resize_mode: border | keep_ratio | center_crop | no
     encode_format: str = "png"          # how images are stored in the shards: png | jpg | webp
@@ -168,9 +170,22 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)  # settings of the loss terms
 
 
+EVAL_TASKS = ("zeroshot", "linear_probe", "retrieval")
+PROMPTS_EN = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
+PROMPTS_ZH = ("一张{}的照片。", "{}的图片。", "一幅{}的图像。", "{}")
+
+
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "retrieval"])  # what to measure
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))  # what to measure (a task that cannot run is reported as skipped)
+    # zero-shot classification: each evaluation pair's class (a URL-list column carried with data.extra_cols)
+    class_col: str = "label"
+    class_name_col: str = ""            # the classes' English names; empty: the class column's values are the names
+    class_name_zh_col: str = ""         # the classes' Chinese names (a class without one uses its English name); empty: no ZH zero-shot
+    probe_col: str = ""                 # the linear probe's label column; empty: class_col
+    # the prompt ensembles: a class's text features averaged over these ({} = the class name)
+    templates_en: list[str] = field(default_factory=lambda: list(PROMPTS_EN))
+    templates_zh: list[str] = field(default_factory=lambda: list(PROMPTS_ZH))  # the same for the Chinese names
     batch_size: int = 256               # images per feature batch
     probe_max_iter: int = 300           # L-BFGS iterations of the linear probe
     precision: str = "fp32"             # forward passes: fp32 | bf16 | auto (bf16 on GPU or a CPU with native bf16, else fp32)
@@ -240,11 +255,35 @@ class Config:
         if self.pack.samples_per_shard < 1:
             raise ConfigError(f"pack.samples_per_shard: must be >= 1, got {self.pack.samples_per_shard}")
         self._validate_streams()
+        self._validate_columns()
         for i, ph in enumerate(self.train.phases):
             unknown = set(ph.losses) - set(LOSS_NAMES)
             if unknown:
                 raise ConfigError(f"train.phases[{i}].losses: unknown loss(es) {sorted(unknown)}; known: {LOSS_NAMES}")
         return self
+
+    def _validate_columns(self) -> None:
+        from .schema import reserved_columns
+
+        d, e = self.data, self.eval
+        extra = [c for c in d.extra_cols if c not in (d.url_col, d.caption_col, d.caption_zh_col)]
+        twice = sorted({c for c in extra if extra.count(c) > 1})
+        if twice:
+            raise ConfigError(f"data.extra_cols: {twice} listed twice")
+        clash = sorted(set(extra) & reserved_columns())
+        if clash:
+            raise ConfigError(f"data.extra_cols: {clash} would clash with columns the stages write themselves; "
+                              "rename them in the URL list")
+        col = d.holdout.partition("=")[0]
+        if col and col not in extra:
+            raise ConfigError(f"data.holdout: its column {col!r} must be carried: add it to data.extra_cols")
+        unknown = sorted(set(e.tasks) - set(EVAL_TASKS))
+        if unknown:
+            raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; known: {list(EVAL_TASKS)}")
+        for key, temps in (("eval.templates_en", e.templates_en), ("eval.templates_zh", e.templates_zh)):
+            bad = [t for t in temps if t.count("{}") != 1]
+            if not temps or bad:
+                raise ConfigError(f"{key}: each template needs one {{}} for the class name, got {bad or temps}")
 
     def _validate_streams(self) -> None:
         t = self.train

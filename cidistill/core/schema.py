@@ -42,6 +42,16 @@ CLUSTER_SCHEMA = pa.schema([
 
 # download/0000N.parquet is img2dataset's own table; the columns later stages read from it:
 DOWNLOAD_COLUMNS = ("key", "status", "error_message", "caption", "url")
+# what img2dataset adds beside the URL list's columns (sha256: the hash it computes)
+DOWNLOADER_COLUMNS = ("key", "status", "error_message", "width", "height", "original_width", "original_height",
+                      "exif", "sha256")
+
+
+def reserved_columns() -> set[str]:
+    """Column names the stages write themselves: a URL-list column of that name (beside url, caption and
+    caption_zh, which are renamed to these) would be overwritten or doubled on the way."""
+    return ({"url", "caption", "caption_zh"} | set(DOWNLOADER_COLUMNS) | set(embed_schema(1).names)
+            | set(BALANCE_SCHEMA.names) | set(CLUSTER_SCHEMA.names))
 
 OOM_SHARD = 5  # shard names 00000 … 99999
 
