@@ -1,7 +1,9 @@
 """eval: ELEVATER-style zero-shot classification with EN and ZH prompt ensembles, a scikit-learn linear
 probe, and image<->text retrieval recall@k, the same way for any model (teacher, checkpoint, exported
-folder, open_clip tag). Demo tasks: ~1.9k base-emoji names on the held-out artist style; subgroup probe
-fitted on the training styles only (never on the evaluation images).
+folder, open_clip tag). The class and probe labels are columns of the pairs (`eval.class_col`, ...); the
+probe is fitted on the training split only, never on the evaluation images. A task that cannot run on the
+data is reported as skipped, with the reason. Demo: ~1.9k base-emoji names on the held-out artist style,
+subgroup probe.
 
 Everything streams from the packed splits (pipeline/pack.py): images are decoded a batch at a time and only
 their features are kept (N x D floats); retrieval ranks in blocks of rows, never an N x N matrix."""
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cidistill.core.config import Config
+from cidistill.core.config import Config, EvalConfig
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb
 from cidistill.core.models import LoadedModel, autocast, channels_last, count_params, create, encode_text, local_dir
@@ -30,12 +32,6 @@ from cidistill.core.runtime import cache_dir, embed_precision, resolve_precision
 from cidistill.core.schema import has_holdout
 from cidistill.core.store import Store
 from .data import normalise
-
-TEMPLATES = {
-    "en": ["{}", "an emoji of {}.", "a {} emoji.", "an icon showing {}."],
-    "zh": ["{}", "{}的表情符号。", "一个{}表情。", "显示{}的图标。"],
-}
-
 
 def load_for_eval(cfg: Config, spec: str) -> LoadedModel:
     """The model `spec` names, set to run in `eval.precision`."""
@@ -59,7 +55,13 @@ def image_size(lm: LoadedModel) -> int:
 
 
 EVAL_VERSION = 3  # part of the teacher's cache key: raise it when a metric's computation changes
-EVAL_META = ("base", "base_name", "base_name_zh", "subgroup")  # the zero-shot classes and the probe's label
+
+
+def label_columns(ec: EvalConfig) -> dict[str, str]:
+    """What the evaluation reads from each pair's metadata: role -> column (only the roles configured)."""
+    cols = {"class": ec.class_col, "name": ec.class_name_col, "name_zh": ec.class_name_zh_col,
+            "probe": ec.probe_col or ec.class_col}
+    return {role: c for role, c in cols.items() if c}
 
 
 @dataclass
@@ -73,8 +75,17 @@ class SplitView:
     stored_txt: list = field(default_factory=list)      # with `stored`: each pair's stored EN / ZH caption
     stored_txt_zh: list = field(default_factory=list)   # features (None where the sample has none)
 
-    def column(self, name: str) -> list:
-        return [m.get(name) for m in self.meta]
+    def column(self, role: str) -> list:
+        return [m.get(role) for m in self.meta]
+
+    def missing(self, role: str, ec: EvalConfig) -> str | None:
+        """Why a label column cannot be used (None: every pair has a value)."""
+        col = label_columns(ec).get(role)
+        n = sum(v is None for v in self.column(role))
+        if not self.keys or not n:
+            return None if self.keys else "no pairs"
+        return f"{n} of {len(self.keys)} pairs have no {col!r}; carry the column with data.extra_cols" if col \
+            else "no column configured"
 
     def caption_features(self, lm: LoadedModel, zh: bool = False) -> torch.Tensor:
         """Caption features (ZH: the EN caption where a pair has no Chinese one): the stored ones when every
@@ -100,13 +111,13 @@ def encode_images(lm: LoadedModel, images_u8: np.ndarray) -> torch.Tensor:
     return out.float().clone()  # a copy: the output may be a view that keeps the whole last activation alive
 
 
-def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256, stored: bool = False,
+def split_view(lm: LoadedModel, root: str, split: str, ec: EvalConfig, stored: bool = False,
                caption_features: bool = True) -> SplitView:
     """Stream a packed split shard by shard: decode `batch` images, keep their features, drop the pixels.
     With `stored` (the teacher that embedded them) and samples that carry the embed stage's features, those
     are used instead (float16 in the shards; the same model on the same decoded pixels), nothing decoded; the
     caption features too unless `caption_features` is off (a split used for its images only)."""
-    store, size = Store(root), image_size(lm)
+    store, size, batch, labels = Store(root), image_size(lm), ec.batch_size, label_columns(ec)
     view, feats, pending = SplitView(torch.empty(0)), [], []
 
     def flush():
@@ -122,7 +133,7 @@ def split_view(lm: LoadedModel, root: str, split: str, batch: int = 256, stored:
             view.keys.append(f["key"])
             view.captions.append(f["caption"])
             view.captions_zh.append(f["caption_zh"])
-            view.meta.append({k: f["meta"].get(k) for k in EVAL_META})
+            view.meta.append({role: f["meta"].get(col) for role, col in labels.items()})
             if stored:
                 if "t_img" not in f:
                     raise StageError(f"packed sample {f['key']} in {name} has no teacher image embedding "
@@ -156,9 +167,8 @@ def text_features(lm: LoadedModel, texts: list[str], batch: int = 512) -> torch.
     return F.normalize(out.float(), dim=-1)
 
 
-def classifier(lm: LoadedModel, names: list[str], lang: str) -> torch.Tensor:
+def classifier(lm: LoadedModel, names: list[str], temps: list[str]) -> torch.Tensor:
     """Prompt ensemble: each class's text embeddings averaged over templates, then normalised."""
-    temps = TEMPLATES[lang]
     feats = text_features(lm, [t.format(n) for n in names for t in temps]).view(len(names), len(temps), -1)
     return F.normalize(feats.mean(1), dim=-1)
 
@@ -250,24 +260,30 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> dict:
     return {"a_only": a_only, "b_only": b_only, "p_value": float(p)}
 
 
-def class_names(views: list[SplitView]) -> dict[str, tuple[str, str]]:
-    """The zero-shot classes: base emoji -> (EN name, ZH name) over every split seen."""
-    names: dict[str, tuple[str, str]] = {}
+def class_names(views: list[SplitView]) -> dict[str, tuple[str, str | None]]:
+    """The zero-shot classes over every split seen: class -> (EN name, ZH name or None). A class's EN name
+    is its value when no name column is configured; a class without a ZH name uses its EN name."""
+    names: dict[str, tuple[str, str | None]] = {}
     for v in views:
         for m in v.meta:
-            if m.get("base") is not None:
-                names.setdefault(m["base"], (m.get("base_name"), m.get("base_name_zh") or m.get("base_name")))
+            c = m.get("class")
+            if c is not None and c not in names:
+                en = str(m.get("name") or c)
+                names[c] = (en, m.get("name_zh") or en)
     return names
 
 
-def zeroshot(lm: LoadedModel, test: SplitView, names: dict, res: dict, per: dict) -> None:
-    bases = sorted(names)
-    index = {b: i for i, b in enumerate(bases)}
-    labels = torch.tensor([index[b] for b in test.column("base")])
-    res["zeroshot_classes"] = len(bases)
+def zeroshot(lm: LoadedModel, test: SplitView, names: dict, ec: EvalConfig, res: dict, per: dict) -> None:
+    """Top-1/top-5 and mean per class over the classes in `names`, in EN, and in ZH when Chinese names are
+    configured."""
+    classes = sorted(names, key=str)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([index[c] for c in test.column("class")])
+    res["zeroshot_classes"] = len(classes)
     per["zeroshot_label"] = labels.numpy()   # saved with the correctness: any re-weighting can be redone
-    for li, lang in enumerate(("en", "zh")):
-        cls = classifier(lm, [names[b][li] for b in bases], lang)
+    langs = [("en", ec.templates_en)] + ([("zh", ec.templates_zh)] if ec.class_name_zh_col else [])
+    for li, (lang, temps) in enumerate(langs):
+        cls = classifier(lm, [names[c][li] for c in classes], temps)
         per[f"zeroshot_{lang}"] = topk_correct(test.img, cls, labels, 1)
         res[f"zeroshot_{lang}_top1"] = float(per[f"zeroshot_{lang}"].mean())
         res[f"zeroshot_{lang}_mpc"] = mean_per_class(per[f"zeroshot_{lang}"], labels.numpy())
@@ -288,21 +304,32 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> 
     pack stage's `eval` split (the held-out pairs, or every pair when there is no held-out split) and, for
     the probe and the zero-shot class list, its `train` split. `stored`: `lm` is the teacher whose features
     the packed samples carry (see split_view)."""
-    tasks = tasks or cfg.eval.tasks
+    tasks, ec = tasks or cfg.eval.tasks, cfg.eval
     channels_last(lm.model).eval()
     root, held = cfg.stage_dir("pack"), has_holdout(cfg)
-    test = split_view(lm, root, "eval", cfg.eval.batch_size, stored)
-    need_train = held and ("linear_probe" in tasks or "zeroshot" in tasks)
-    train = split_view(lm, root, "train", cfg.eval.batch_size, stored, caption_features=False) if need_train else None
+    test = split_view(lm, root, "eval", ec, stored)
+    skipped = {}
+    if "zeroshot" in tasks and (why := test.missing("class", ec)):
+        skipped["zeroshot"] = why
+    if "zeroshot" in tasks and "zeroshot" not in skipped and not ec.class_name_zh_col:
+        skipped["zeroshot_zh"] = "no Chinese class names (eval.class_name_zh_col)"
+    if "linear_probe" in tasks and (why := "no held-out split to fit it apart from" if not held
+                                    else test.missing("probe", ec)):
+        skipped["linear_probe"] = why
+    need_train = held and any(t in tasks and t not in skipped for t in ("zeroshot", "linear_probe"))
+    train = split_view(lm, root, "train", ec, stored, caption_features=False) if need_train else None
     res, per = {"params": count_params(lm.model), "eval_images": len(test.keys)}, {"keys": np.array(test.keys)}
     if test.stored_txt:
         res["features"] = "stored"  # the embed stage's, as packed with the samples
-    if "zeroshot" in tasks and all(b is not None for b in test.column("base")) and test.keys:
-        zeroshot(lm, test, class_names([test] + ([train] if train else [])), res, per)
+    if "zeroshot" in tasks and "zeroshot" not in skipped:
+        zeroshot(lm, test, class_names([test] + ([train] if train else [])), ec, res, per)
         release_freed_memory()
-    if "linear_probe" in tasks and train is not None and all(g is not None for g in test.column("subgroup")):
-        res.update(linear_probe(train.img.numpy(), train.column("subgroup"), test.img.numpy(), test.column("subgroup"),
-                                cfg.eval.probe_max_iter))
+    fit = [i for i, v in enumerate(train.column("probe")) if v is not None] if train is not None else []
+    if "linear_probe" in tasks and "linear_probe" not in skipped and not fit:
+        skipped["linear_probe"] = f"no training pair has a {label_columns(ec)['probe']!r} label"
+    if "linear_probe" in tasks and "linear_probe" not in skipped:  # unlabelled training pairs take no part
+        res.update(linear_probe(train.img.numpy()[fit], [train.meta[i]["probe"] for i in fit], test.img.numpy(),
+                                test.column("probe"), ec.probe_max_iter))
     del train  # the training split's features and fields are not needed past here
     release_freed_memory()
     if "retrieval" in tasks:
@@ -311,6 +338,8 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> 
         if any(test.captions_zh):
             res["retrieval_zh"] = recall_at(test.img, test.caption_features(lm, zh=True))
     res["image_throughput"] = throughput(lm)
+    if skipped:
+        res["skipped"] = skipped
     return res, per
 
 

@@ -59,15 +59,13 @@ class EvalStage(Stage):
             results["teacher"], per["teacher"] = teacher_evaluation(self.cfg, load_for_eval(self.cfg, "teacher"))
         results["student"], per["student"] = evaluate(self.cfg, load_for_eval(self.cfg, "student"))
         if "teacher" in results:
-            t, s = results["teacher"], results["student"]
-            results["student_vs_teacher"] = {
-                "zeroshot_en_retention": s.get("zeroshot_en_top1", 0) / max(t.get("zeroshot_en_top1", 0), 1e-9),
-                "student_zh_over_en": s.get("zeroshot_zh_top1", 0) / max(s.get("zeroshot_en_top1", 0), 1e-9),
-                "params_ratio": s["params"] / t["params"],
-                "throughput_ratio": s["image_throughput"] / t["image_throughput"]}
+            results["student_vs_teacher"] = ratios(results["student"], results["teacher"])
         md = results_markdown({k: v for k, v in results.items() if "params" in v})
         if "student_vs_teacher" in results:
             md += "\n" + "\n".join(f"- {k}: {v:.3f}" for k, v in results["student_vs_teacher"].items()) + "\n"
+        skipped = results["student"].get("skipped", {})
+        if skipped:
+            md += "\n" + "\n".join(f"- skipped {k}: {why}" for k, why in skipped.items()) + "\n"
         for name, arrays in per.items():
             buf = io.BytesIO()
             np.savez(buf, **arrays)
@@ -93,7 +91,20 @@ class EvalStage(Stage):
             if f"retrieval_{lang}" in s:
                 parts.append(f"I→T R@1 {lang.upper()} {100 * s[f'retrieval_{lang}']['i2t_r@1']:.1f}%")
         where = "held-out" if stats.get("held_out_split") else "TRAINING (no held-out split: data.holdout_fraction=0)"
-        return f"student on {s.get('eval_images', 0)} {where} images: " + ", ".join(parts or ["no task ran"])
+        skipped = "; skipped: " + ", ".join(f"{k} ({why})" for k, why in s["skipped"].items()) if s.get("skipped") else ""
+        return f"student on {s.get('eval_images', 0)} {where} images: " + ", ".join(parts or ["no task ran"]) + skipped
+
+
+def ratios(s: dict, t: dict) -> dict:
+    """The student against its teacher, for what both measured."""
+    out = {}
+    if "zeroshot_en_top1" in s and "zeroshot_en_top1" in t:
+        out["zeroshot_en_retention"] = s["zeroshot_en_top1"] / max(t["zeroshot_en_top1"], 1e-9)
+    if "zeroshot_en_top1" in s and "zeroshot_zh_top1" in s:
+        out["student_zh_over_en"] = s["zeroshot_zh_top1"] / max(s["zeroshot_en_top1"], 1e-9)
+    out["params_ratio"] = s["params"] / t["params"]
+    out["throughput_ratio"] = s["image_throughput"] / t["image_throughput"]
+    return out
 
 
 class ExportStage(Stage):

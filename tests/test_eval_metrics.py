@@ -111,7 +111,8 @@ def test_the_teachers_evaluation_reads_the_features_it_computes_from_the_packed_
                              precision=embed_precision(small_run.teacher.precision, "cpu"))
     lm.model.eval()  # computed in the precision the embed stage used
     root = small_run.stage_dir("pack")
-    stored, computed = (ev.split_view(lm, root, "eval", 64, stored=s) for s in (True, False))
+    ec = dataclasses.replace(small_run.eval, batch_size=64)
+    stored, computed = (ev.split_view(lm, root, "eval", ec, stored=s) for s in (True, False))
     assert stored.keys == computed.keys and len(stored.stored_txt) == len(stored.keys) and not computed.stored_txt
     assert any(stored.captions_zh) and (stored.img - computed.img).abs().max() < 2e-3
     for zh in (False, True):
@@ -119,3 +120,40 @@ def test_the_teachers_evaluation_reads_the_features_it_computes_from_the_packed_
     i = next(i for i, c in enumerate(stored.captions_zh) if c)
     stored.stored_txt_zh[i] = None
     assert torch.equal(stored.caption_features(lm, zh=True), computed.caption_features(lm, zh=True))
+
+
+def test_the_evaluation_reads_its_labels_from_the_configured_columns_and_reports_what_it_skips(small_run):
+    """A user's own label columns: zero-shot over the subgroup names with the generic prompts and a probe on
+    the group. Without Chinese class names the ZH zero-shot is skipped; a class column the pairs lack skips
+    zero-shot and the probe: each skip with its reason in the results and the summary, never a 0 %."""
+    import kd.evaluate as ev
+    import pyarrow.parquet as pq
+
+    from cidistill.core.config import EvalConfig
+    from cidistill.core.packed import iter_tar_samples, sample_fields, split_shards
+    from cidistill.core.store import Store
+    from kd.stages import EvalStage
+
+    pack = Store(small_run.stage_dir("pack"))
+    meta = {s: [sample_fields(x)["meta"] for name, _ in split_shards(pack, s) for x in iter_tar_samples(pack, name)]
+            for s in ("eval", "train")}
+    assert len(meta["eval"]) == pq.read_metadata(pack.path("eval/manifest.parquet")).num_rows
+    lm = ev.load_for_eval(small_run, "student")
+    own = EvalConfig(tasks=["zeroshot", "linear_probe"], class_col="subgroup", probe_col="group", probe_max_iter=50)
+    res, per = ev.evaluate(dataclasses.replace(small_run, eval=own), lm)
+    subgroups = sorted({m["subgroup"] for split in meta.values() for m in split})
+    assert res["zeroshot_classes"] == len(subgroups) > 5
+    want = [subgroups.index(m["subgroup"]) for m in meta["eval"]]
+    assert per["zeroshot_label"].tolist() == want and len(per["zeroshot_en"]) == len(want)
+    assert "zeroshot_zh_top1" not in res and "class_name_zh_col" in res["skipped"]["zeroshot_zh"]
+    assert 0 < res["probe_top1"] <= 1 and "linear_probe" not in res["skipped"]
+    with_zh = dataclasses.replace(own, class_col="base", class_name_col="base_name", class_name_zh_col="base_name_zh")
+    res_zh, _ = ev.evaluate(dataclasses.replace(small_run, eval=with_zh), lm, tasks=["zeroshot"])
+    assert "zeroshot_zh_top1" in res_zh and "skipped" not in res_zh
+
+    absent = dataclasses.replace(own, class_col="label", probe_col="")
+    res2, per2 = ev.evaluate(dataclasses.replace(small_run, eval=absent), lm)
+    assert not any(k.startswith(("zeroshot_", "probe_")) for k in res2) and "zeroshot_en" not in per2
+    assert "'label'" in res2["skipped"]["zeroshot"] and "'label'" in res2["skipped"]["linear_probe"]
+    line = EvalStage.summary(None, {"student": res2, "held_out_split": True})
+    assert "no task ran" in line and "skipped: zeroshot (" in line and "linear_probe (" in line

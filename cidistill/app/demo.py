@@ -34,6 +34,11 @@ DEMO = {
     # (kd/text_tower.py); image tower: a small ResNet [1,2,2,1] x 24 (cid-tiny-rn-deep)
     "student": {"model": "cid-tiny-rn-deep", "context_length": 64, "text_from_teacher": 3, "text_lr_scale": 0.1},
     # style_augment: like the teacher, the student is evaluated on an artist style it never saw
+    # zero-shot over the base emoji's EN/ZH names with emoji prompts; the probe predicts the subgroup
+    "eval": {"class_col": "base", "class_name_col": "base_name", "class_name_zh_col": "base_name_zh",
+             "probe_col": "subgroup",
+             "templates_en": ["{}", "an emoji of {}.", "a {} emoji.", "an icon showing {}."],
+             "templates_zh": ["{}", "{}的表情符号。", "一个{}表情。", "显示{}的图标。"]},
     "train": {"batch_size": 128, "lr": 2e-3, "ckpt_every": 100, "style_augment": True,
               # ~0.8 s a step at batch 128 on 2 cores (text tower run without its padding): 400 steps ~5 min
               "phases": [{"steps": 50, "losses": {"feature_distill": 1.0}},
