@@ -182,6 +182,9 @@ class ClusterStage(Stage):
         # when the sample is all the rows, the fit holds them in the driver anyway: run the per-shard tasks
         # here too, without Ray's per-task cost (the small demo's cluster took 7 s as Ray tasks for 176 rows)
         n = self.rows_to_cluster(self.units())
+        if self.cc.k > n:
+            raise StageError(f"cluster.k={self.cc.k} is larger than the {n} samples to cluster (kept by balance): "
+                             f"set cluster.k to at most {n}")
         self.on_ray = self.use_ray and n > self.cc.k * self.cc.max_points_per_centroid
         self.centroids()
         cfg, out = self.cfg, self.out

@@ -1,5 +1,6 @@
 """Bad inputs: each is a clear error or a counted skip with its reason, never a crash of the whole job."""
 import functools
+import json
 import http.server
 import struct
 import subprocess
@@ -221,3 +222,15 @@ def test_nan_embedding_and_duplicate_keys(tmp_path, small_run):
     with pytest.raises(StageError, match="duplicate keys"):
         BalanceStage(load_config(None, [f"workdir={tmp_path}", f"dirs.embed={emb}", f"dirs.balance={tmp_path / 'b2'}"]),
                      use_ray=False).run()
+
+
+def test_more_clusters_than_kept_samples_names_the_setting(small_run, tmp_path):
+    """cluster.k above the kept count fails before any k-means, naming the key and the largest k that fits."""
+    from pipeline.cluster import ClusterStage
+
+    kept = json.loads((Path(small_run.stage_dir("balance")) / "stats.json").read_text())["kept"]
+    cfg = load_config(None, [f"workdir={tmp_path}", f"dirs.embed={small_run.stage_dir('embed')}",
+                             f"dirs.balance={small_run.stage_dir('balance')}", f"cluster.k={kept + 1}"])
+    with pytest.raises(StageError, match=f"cluster.k={kept + 1} is larger than the {kept} samples to cluster .*"
+                                         f"at most {kept}"):
+        ClusterStage(cfg, use_ray=False).run()

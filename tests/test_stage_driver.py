@@ -60,9 +60,10 @@ def test_fingerprint_skips_resumes_and_redoes(tmp_path, capsys):
     st.run()
     st.out.rm(DONE)
     st.out.rm("00001_stats.json")
+    old_batch = cfg.teacher.batch_size
     cfg.teacher.batch_size = 8
     st = _After(cfg)
-    assert st.status(st.fingerprint())[0] == "changed"
+    assert st.status(st.fingerprint()) == ("changed", f"config changed (teacher.batch_size {old_batch} → 8)")
     CALLS.clear()
     assert st.run()["shards_resumed"] == 0 and CALLS == ["embed"] * 2
     st.out.rm(DONE)

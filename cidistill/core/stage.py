@@ -196,7 +196,7 @@ class Stage:
         if force or state == "changed":
             self.out.clear()
         if not self.out.exists(RUN):
-            self.out.write_json(RUN, {"stage": self.name, "fingerprint": fp["fingerprint"]})
+            self.out.write_json(RUN, {"stage": self.name, **fp})  # its fields: a rerun says what changed
         t0 = time.time()
         removed = self.out.clean_temps()
         units = self.units()
@@ -228,7 +228,9 @@ class Stage:
 
 def why_changed(prev: dict, fp: dict) -> str:
     """One phrase: which config fields changed (old → new), else which inputs."""
-    old, new = prev.get("fields", {}), fp["fields"]
+    if "fields" not in prev:
+        return "a half-finished run of another config"
+    old, new = prev["fields"], fp["fields"]
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         shown = ", ".join(f"{k} {_short(old.get(k))} → {_short(new.get(k))}" for k in diff[:3])
