@@ -149,7 +149,7 @@ def split_view(lm: LoadedModel, root: str, split: str, ec: EvalConfig, stored: b
     if pending:
         flush()
     if not feats:
-        raise ValueError(f"no packed {split} pairs in {root}: run `cidistill pack` first")
+        raise StageError(f"no packed {split} pairs in {root}: run `cidistill pack` (it holds out data.holdout's pairs)")
     view.img = F.normalize(torch.cat(feats), dim=-1)
     feats.clear()
     release_freed_memory()  # the decoded batches' pages

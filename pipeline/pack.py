@@ -214,7 +214,13 @@ class PackStage(Stage):
         balanced = self.cfg.train.use_balanced
         if balanced:
             self.require("balance")
-        return pack_dataset(self.cfg, self.out, Sources(self.cfg, balanced=balanced), use_ray=self.use_ray)
+        result = pack_dataset(self.cfg, self.out, Sources(self.cfg, balanced=balanced), use_ray=self.use_ray)
+        d = self.cfg.data
+        if has_holdout(self.cfg) and not result["eval"]:  # caught here, before a training that could not be scored
+            asked = f"data.holdout={d.holdout!r} matched" if d.holdout else f"data.holdout_fraction={d.holdout_fraction} held out"
+            raise StageError(f"{asked} none of the {result['rows']} downloaded pairs: no evaluation split "
+                             "(data.holdout_fraction=0 evaluates on training pairs)")
+        return result
 
     def summary(self, stats: dict) -> str:
         return (f"{stats['train']} training pairs in {stats['train_shards']} shards "

@@ -234,3 +234,14 @@ def test_more_clusters_than_kept_samples_names_the_setting(small_run, tmp_path):
     with pytest.raises(StageError, match=f"cluster.k={kept + 1} is larger than the {kept} samples to cluster .*"
                                          f"at most {kept}"):
         ClusterStage(cfg, use_ray=False).run()
+
+
+def test_a_holdout_that_matches_no_pair_fails_at_pack_in_one_line(small_run, tmp_path):
+    """data.holdout with a value no pair has would leave nothing to evaluate on: the pack stage says so,
+    before any training."""
+    from pipeline.pack import PackStage
+
+    dirs = [f"dirs.{s}={small_run.stage_dir(s)}" for s in ("download", "embed", "balance", "cluster")]
+    cfg = load_config(None, [f"workdir={tmp_path}", *dirs, "data.extra_cols=[vendor]", "data.holdout=vendor=zzz"])
+    with pytest.raises(StageError, match=r"data.holdout='vendor=zzz' matched none of the 300 downloaded pairs"):
+        PackStage(cfg, use_ray=False).run()
