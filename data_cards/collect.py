@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cidistill.core.config import STAGES, Config, public_dict
+from cidistill.core.config import Config, public_dict
 from cidistill.core.images import read_tar_images
 from cidistill.core.schema import H_SPAN, download_shards, emb_matrix, join_on_key, key_hash
 from cidistill.core.store import Store, split_uri
@@ -60,9 +60,15 @@ def _versions() -> dict:
     return versions
 
 
+# what the card describes: the curated data, as the curation stages made it. The training, evaluation and
+# export are left out (a retrained student does not redo the card, so they would go stale in it).
+CURATION = ("download", "embed", "balance", "cluster", "pack")
+CURATION_CONFIG = ("workdir", "dirs", "storage_options", "seed", "data", "teacher", "balance", "cluster", "pack")
+
+
 def _stage_facts(cfg: Config) -> dict:
     out = {}
-    for s in STAGES:
+    for s in CURATION:
         st = _store(cfg, s)
         if st is None:
             continue
@@ -223,7 +229,8 @@ def _balance_facts(cfg: Config, shards: list[str], dl: Store, bal: Store, max_gr
 
 
 def collect(cfg: Config, max_groups: int = 8, seed: int = 0) -> dict:
-    facts: dict = {"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "config": public_dict(cfg),
+    config = {k: v for k, v in public_dict(cfg).items() if k in CURATION_CONFIG}
+    facts: dict = {"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config,
                    "stages": _stage_facts(cfg), "versions": _versions()}
     if cfg.data.urls and (urls := _url_facts(cfg.data.urls)):
         facts["urls"] = urls

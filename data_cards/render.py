@@ -11,7 +11,7 @@ from cidistill.core.config import Config
 from cidistill.core.schema import HOLDOUT_FIELDS
 from cidistill.core.stage import Stage
 from . import plots
-from .collect import collect
+from .collect import CURATION, collect
 
 
 def funnel_numbers(facts: dict) -> list[tuple[str, int]]:
@@ -213,7 +213,7 @@ def to_html(md_text: str, figures: dict[str, bytes]) -> str:
 class CardStage(Stage):
     """card.md, a self-contained card.html and the figures, from the curation stages' folders."""
     name = "card"
-    inputs = ("download", "embed", "balance", "cluster", "pack")
+    inputs = CURATION
     reads = ("data.urls",) + HOLDOUT_FIELDS
 
     def run_unit(self, unit: str) -> dict:

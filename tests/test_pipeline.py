@@ -228,6 +228,8 @@ def test_card_html_self_contained_and_numbers_match(small_run):
     for rule, n in bal["removed_by_rule"].items():
         assert f"| {rule} | {n:,} |" in md
     assert "near_dup" in md and "Lineage" in md
+    # the card describes the curated data only: nothing of the training it does not follow (it would go stale)
+    assert "- pack: finished" in md and "- train: finished" not in md and '"student"' not in md
 
 
 def test_lineage_why(small_run):
