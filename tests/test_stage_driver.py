@@ -2,7 +2,10 @@
 it reads and its inputs' fingerprints are unchanged; a change redoes it and everything downstream, in one line."""
 import dataclasses
 import json
+import re
 import shutil
+
+import pytest
 
 
 from cidistill.core.config import STAGES, load_config
@@ -93,6 +96,23 @@ def test_changed_apply_eps_redoes_balance_and_downstream_only(small_run, tmp_pat
     assert json.loads((work / "card" / "stats.json").read_text())["funnel"]["kept"] == after["kept"]
     run_stages(cfg, list(STAGES))
     assert capsys.readouterr().out.count("already done") == len(STAGES)
+
+
+def test_one_stage_run_refuses_inputs_the_config_would_make_differently(small_run, tmp_path):
+    """`cidistill pack` after balance.apply_eps changed would pack the old balance's choices: it refuses in
+    one line naming the stage, the change and the run that redoes it; with the stages included it runs."""
+    from cidistill.app.registry import run_stages
+    from cidistill.core.errors import StageError
+
+    work = tmp_path / "w"
+    shutil.copytree(small_run.workdir, work, ignore=shutil.ignore_patterns("_ray"))
+    cfg = dataclasses.replace(small_run, workdir=str(work), balance=dataclasses.replace(small_run.balance))
+    old, cfg.balance.apply_eps = cfg.balance.apply_eps, 0.01
+    with pytest.raises(StageError, match=re.escape(
+            f"pack reads balance, which is out of date: config changed (balance.apply_eps {old} → 0.01); "
+            "run `cidistill run CONFIG --stages balance cluster pack`")):
+        run_stages(cfg, ["pack"], use_ray=False)
+    assert run_stages(cfg, ["balance", "cluster", "pack"], use_ray=False)["balance"]["apply_eps"] == 0.01
 
 
 def test_second_run_on_a_work_folder_refuses_and_a_dead_holder_is_taken_over(tmp_path, capsys):

@@ -6,6 +6,7 @@ import time
 
 from cidistill.core import faults
 from cidistill.core.config import STAGES, Config
+from cidistill.core.errors import StageError
 from cidistill.core.lock import work_lock
 from cidistill.core.runtime import init_ray
 from cidistill.core.stage import Stage, plan
@@ -41,6 +42,7 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
         if use_ray:
             init_ray(cfg.ray_address or None)
         objs = [make_stage(s, cfg, use_ray) for s in stages]
+        check_upstream(cfg, stages)
         if not force:
             for line in plan(objs):
                 print(f"[cidistill] {line}")
@@ -50,3 +52,26 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
             out[st.name] = st.run(force=force)
     print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
     return out
+
+
+def check_upstream(cfg: Config, stages: list[str]) -> None:
+    """A stage run without the stages it reads from (`cidistill eval`) refuses finished inputs that the
+    config would now make differently (another data.holdout, balance setting, ...): it would read stale
+    outputs. Those are redone by a run that includes them."""
+    todo = [i for s in stages for i in STAGE_CLASSES[s].inputs if i not in stages]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        st = make_stage(name, cfg, use_ray=False)
+        try:
+            state, why = st.status(st.fingerprint())
+        except (StageError, OSError):  # an input it cannot judge (the URL list moved away): the stage's own checks
+            continue
+        if state == "changed":
+            need = STAGES[STAGES.index(name):STAGES.index(stages[-1]) + 1]
+            raise StageError(f"{stages[0]} reads {name}, which is out of date: {why}; "
+                             f"run `cidistill run CONFIG --stages {' '.join(need)}`")
+        todo += [i for i in st.inputs if i not in stages]
