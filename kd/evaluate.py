@@ -78,10 +78,17 @@ class SplitView:
     def column(self, role: str) -> list:
         return [m.get(role) for m in self.meta]
 
+    def not_labels(self, role: str, ec: EvalConfig) -> str | None:
+        """Why a label column's values cannot be classes (lists, mappings), or None."""
+        odd = next((type(v).__name__ for v in self.column(role) if isinstance(v, (list, dict))), None)
+        return f"{label_columns(ec)[role]!r} holds {odd} values, not class labels (strings or numbers)" if odd else None
+
     def missing(self, role: str, ec: EvalConfig) -> str | None:
         """Why a label column cannot be used (None: every pair has a value)."""
         col = label_columns(ec).get(role)
         n = sum(v is None for v in self.column(role))
+        if why := self.not_labels(role, ec):
+            return why
         if not self.keys or not n:
             return None if self.keys else "no pairs"
         return f"{n} of {len(self.keys)} pairs have no {col!r}; carry the column with data.extra_cols" if col \
@@ -318,6 +325,9 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> 
         skipped["linear_probe"] = why
     need_train = held and any(t in tasks and t not in skipped for t in ("zeroshot", "linear_probe"))
     train = split_view(lm, root, "train", ec, stored, caption_features=False) if need_train else None
+    for task, role in (("zeroshot", "class"), ("linear_probe", "probe")):  # the training pairs' labels too
+        if train is not None and task in tasks and task not in skipped and (why := train.not_labels(role, ec)):
+            skipped[task] = why
     res, per = {"params": count_params(lm.model), "eval_images": len(test.keys)}, {"keys": np.array(test.keys)}
     if test.stored_txt:
         res["features"] = "stored"  # the embed stage's, as packed with the samples

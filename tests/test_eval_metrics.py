@@ -157,3 +157,14 @@ def test_the_evaluation_reads_its_labels_from_the_configured_columns_and_reports
     assert "'label'" in res2["skipped"]["zeroshot"] and "'label'" in res2["skipped"]["linear_probe"]
     line = EvalStage.summary(None, {"student": res2, "held_out_split": True})
     assert "no task ran" in line and "skipped: zeroshot (" in line and "linear_probe (" in line
+
+
+def test_a_label_column_of_lists_or_mappings_is_a_reported_skip_not_a_crash():
+    """A carried list or struct column named as the class (it crashed with `unhashable type: 'list'`)."""
+    from cidistill.core.config import EvalConfig
+    from kd.evaluate import SplitView
+
+    ec = EvalConfig(class_col="tags")
+    view = SplitView(torch.empty(0), keys=["a", "b"], meta=[{"class": "x", "probe": "x"}, {"class": ["x"], "probe": ["x"]}])
+    assert view.missing("class", ec) == "'tags' holds list values, not class labels (strings or numbers)"
+    assert view.not_labels("probe", ec) and not SplitView(torch.empty(0), ["a"], meta=[{"class": 3}]).missing("class", ec)
