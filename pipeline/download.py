@@ -112,11 +112,6 @@ class DownloadStage(Stage):
         fs, files = url_files(self.d.urls)
         return {"urls": [[f, fs.size(f)] for f in files]}
 
-    @property
-    def extra(self) -> list[str]:
-        d = self.d
-        return [c for c in d.extra_cols if c not in (d.url_col, d.caption_col, d.caption_zh_col)]
-
     def carries_zh(self) -> bool:
         """Whether the shards carry a Chinese caption: the plan's answer once made; before, the URL list's
         (a `data.caption_zh_col` other than the default, or listed in extra_cols, must be there)."""
@@ -130,7 +125,7 @@ class DownloadStage(Stage):
     def columns(self) -> list[str]:
         """The URL list's columns a shard carries (renamed there to url, caption, caption_zh and the extras)."""
         d = self.d
-        return [d.url_col, d.caption_col] + ([d.caption_zh_col] if self.carries_zh() else []) + self.extra
+        return [d.url_col, d.caption_col] + ([d.caption_zh_col] if self.carries_zh() else []) + self.d.extras()
 
     # -- planning: split the URL list into shards once; a resumed run reuses the plan
     def units(self) -> list[str]:
@@ -214,7 +209,7 @@ class DownloadStage(Stage):
 
         d = self.d
         # img2dataset's order: extras, caption, url
-        column_list = (["caption_zh"] if self.carries_zh() else []) + self.extra + ["caption", "url"]
+        column_list = (["caption_zh"] if self.carries_zh() else []) + self.d.extras() + ["caption", "url"]
         resizer = Resizer(image_size=d.image_size, resize_mode=d.resize_mode, resize_only_if_bigger=False,
                           upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=9 if d.encode_format == "png" else 95,
                           encode_format=d.encode_format, skip_reencode=False, disable_all_reencoding=False,

@@ -59,6 +59,10 @@ class DataConfig:
     # split; 0 = none (the evaluation then runs on training pairs, and says so)
     holdout_fraction: float = 0.1
 
+    def extras(self) -> list[str]:
+        """extra_cols apart from the URL, caption and Chinese caption columns (carried under their own names)."""
+        return [c for c in self.extra_cols if c not in (self.url_col, self.caption_col, self.caption_zh_col)]
+
 
 @dataclass
 class TeacherConfig:
@@ -266,7 +270,7 @@ class Config:
         from .schema import reserved_columns
 
         d, e = self.data, self.eval
-        extra = [c for c in d.extra_cols if c not in (d.url_col, d.caption_col, d.caption_zh_col)]
+        extra = d.extras()
         twice = sorted({c for c in extra if extra.count(c) > 1})
         if twice:
             raise ConfigError(f"data.extra_cols: {twice} listed twice")
