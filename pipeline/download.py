@@ -33,7 +33,8 @@ def url_files(urls: str):
     else:
         files = [path] if fs.exists(path) else []
     if not files:
-        raise StageError(f"data.urls: no parquet file found at {urls!r}")
+        where = "" if "://" in urls or os.path.isabs(urls) else f" (relative paths start at the current folder, {os.getcwd()})"
+        raise StageError(f"data.urls: no parquet file found at {urls!r}{where}")
     return fs, files
 
 

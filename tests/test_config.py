@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 
 from cidistill.core.config import ConfigError, load_config
@@ -37,12 +39,32 @@ def test_override_a_list_item_by_index(tmp_path):
     ("data: {holdout: vendor=twitter}\n", "'vendor' must be carried"),
     ("eval: {tasks: [retrieval, probe]}\n", r"eval.tasks: unknown task\(s\) \['probe'\]"),
     ("eval: {templates_en: [a photo]}\n", "eval.templates_en: each template needs one {}"),
+    # numbers out of range: refused before any work (they failed deep inside a stage, with a traceback)
+    ("train: {batch_size: 0}\n", "train.batch_size: must be >= 1, got 0"),
+    ("train: {lr: -1.0}\n", r"train.lr: must be > 0, got -1.0"),
+    ("train: {log_every: 0}\n", "train.log_every: must be >= 1"),
+    ("train: {phases: [{steps: -5, losses: {clip: 1.0}}]}\n", "train.phases.0.steps: must be >= 1, got -5"),
+    ("train: {phases: [{steps: 5, losses: {clip: -1.0}}]}\n", "train.phases.0.losses.clip: must be >= 0"),
+    ("balance: {apply_eps: 2}\n", r"balance.apply_eps: must be in \[0, 1\], got 2"),
+    ("balance: {semantic_eps: [0.1, 3]}\n", r"balance.semantic_eps.1: must be in \[0, 1\]"),
+    ("data: {image_size: 0}\n", "data.image_size: must be >= 1"),
+    ("data: {timeout: 0}\n", "data.timeout: must be > 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, needle):
     p = tmp_path / "c.yaml"
     p.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_config(str(p))
+
+
+def test_every_range_names_a_numeric_field():
+    """A key in RANGES that is no field (a typo, a renamed setting) would fail every config: caught here."""
+    from cidistill.core.config import RANGES, Config
+
+    for keys in RANGES.values():
+        for key in keys.split():
+            v = functools.reduce(getattr, key.split("."), Config())
+            assert isinstance(v, (int, float)) and not isinstance(v, bool), key
 
 
 def test_cli_reports_config_error(tmp_path, capsys):

@@ -36,6 +36,8 @@ def test_download_inputs(tmp_path, capsys):
     assert "no URL to download" in _err(capsys)
     assert main(["download", "--workdir", str(tmp_path / "w3"), "--set", "data.samples_per_shard=0"]) == 2
     assert "data.samples_per_shard" in _err(capsys)
+    assert main(["download", "--workdir", str(tmp_path / "w4"), "--set", "data.urls=no/such.parquet", "--no-ray"]) == 2
+    assert "no parquet file found at 'no/such.parquet' (relative paths start at the current folder" in _err(capsys)
 
 
 def _embed_cfg(tmp_path, small_run, **teacher) -> str:
@@ -105,3 +107,37 @@ def test_disk_full_while_checkpointing_is_the_exit_3_message(tmp_path, small_run
     finally:
         if mounted:
             subprocess.run(["umount", str(out)], check=False)
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path, small_run):
+    """SIGINT (Ctrl-C) mid-training: one line naming the stage, exit 130, the lock released, and the rerun
+    resumes from the checkpoint the interrupted run wrote."""
+    import os
+    import signal
+    import sys
+    import time
+
+    d = to_dict(small_run)
+    out, work = tmp_path / "train", tmp_path / "work"
+    d["workdir"] = str(work)  # its own lock; the curated inputs are the small run's
+    d["dirs"] = {**{s: small_run.stage_dir(s) for s in ("download", "embed", "balance", "cluster", "pack")},
+                 "train": str(out)}
+    d["train"]["ckpt_every"] = 1
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    cmd = [sys.executable, "-m", "cidistill", "train", "-c", str(p), "--no-ray"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not list(out.glob("step-*/meta.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "cidistill: interrupted during stage 'train'; finished work is kept: run the same command again to resume")
+    assert not (work / "_LOCK.json").exists() and not (out / "_DONE").exists()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resum" in rerun.stdout + rerun.stderr and (out / "_DONE").exists()

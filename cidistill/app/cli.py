@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 from cidistill.core.runtime import init_ray, quiet_logs, set_env_defaults
 
@@ -115,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     except RayError as e:  # a task or actor failed for good: its cause, in one line
         print(f"cidistill: error: stage {faults.current_stage()!r}: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what finished is kept, as after a kill
+        if os.environ.get("CIDISTILL_VERBOSE"):
+            traceback.print_exc()
+        stage = faults.current_stage()
+        print(f"cidistill: interrupted{f' during stage {stage!r}' if stage != 'none' else ''}; finished work is kept: run the "
+              "same command again to resume", file=sys.stderr)
+        return 130
     except OSError as e:  # disk full, unwritable folder: say where, keep what finished
         print(f"cidistill: error: stage {faults.current_stage()!r} could not write its output: {e}. Finished shards "
               "are kept; free space or fix permissions and rerun to resume.", file=sys.stderr)

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from cidistill.core import faults
 from cidistill.core.config import STAGES, Config, load_config, merge
 from cidistill.core.lock import work_lock
 from cidistill.core.models import create, demo_teacher_config
@@ -96,6 +97,7 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
         print(f"[teacher] cached: {final}")
         return f"local-dir:{final}"
     work = Store(join(cfg.workdir, "teacher_train"))
+    faults.set_stage("teacher")
     start = time.perf_counter()
     print(f"[teacher] training the demo LiT teacher ({TEACHER_STEPS[small]} steps, locked MiniLM text tower)")
     packed = Store(work.url("pack"))  # the downloaded training pairs (no embeddings yet: this teacher makes them)
@@ -109,6 +111,7 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
                                 "trained with the CLIP loss on the demo's apple+google emoji.\n")
     work.fs.rm(work.root, recursive=True)
     print(f"[teacher] done: {final} in {time.perf_counter() - start:.1f}s")
+    faults.set_stage("none")
     return f"local-dir:{final}"
 
 

@@ -4,6 +4,7 @@ Unknown keys and wrong types are errors that name the full key (`train.batch_siz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -200,6 +201,32 @@ class ExportConfig:
     onnx: bool = False                  # also write image_encoder.onnx and text_encoder.onnx (the `onnx` extra)
 
 
+# the numeric settings' ranges (rule -> keys), checked before any work
+RANGES = {
+    ">= 1": "data.image_size data.samples_per_shard data.thread_count data.max_bytes data.transient_attempts "
+            "data.max_image_pixels data.max_caption_chars teacher.batch_size teacher.num_actors "
+            "balance.max_cluster_size balance.rows_per_task cluster.k cluster.niter cluster.max_points_per_centroid "
+            "cluster.two_level_above pack.samples_per_shard student.context_length train.batch_size train.ckpt_every "
+            "train.log_every train.shuffle_block eval.batch_size eval.probe_max_iter",
+    "> 0": "data.timeout data.deadline train.lr train.loss.margin_s train.loss.instance_temperature",
+    ">= 0": "data.retries data.shard_retries teacher.cpus_per_actor teacher.gpus_per_actor teacher.threads "
+            "train.cpus_per_worker balance.kmeans_k "
+            "balance.cluster_cap cluster.min_cluster_size student.text_from_teacher student.text_lr_scale "
+            "student.text_vocab_common train.weight_decay train.warmup_steps train.grad_clip train.threads "
+            "train.loader_workers train.loss.margin_m train.loss.fd_weight train.loss.icl_weight",
+    "in [0, 1]": "balance.apply_eps",
+    "in [-1, 1]": "balance.near_dup_cos",
+}
+
+
+def _in_range(rule: str, v: float) -> bool:
+    op, _, bound = rule.partition(" ")
+    if op == "in":
+        lo, hi = (float(b) for b in bound.strip("[]").split(","))
+        return lo <= v <= hi
+    return v >= float(bound) if op == ">=" else v > float(bound)
+
+
 @dataclass
 class Config:
     workdir: str = "runs/demo"          # the work folder: a local path or any fsspec URI (s3://, gs://)
@@ -226,6 +253,7 @@ class Config:
         return join(self.workdir, stage)
 
     def validate(self) -> "Config":
+        self._validate_ranges()
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"stages: unknown stage(s) {bad}; known: {list(STAGES)}")
@@ -240,8 +268,6 @@ class Config:
             self.balance.semantic_eps = sorted(set(self.balance.semantic_eps) | {self.balance.apply_eps})
         if self.student.text_init not in ("teacher", "random"):
             raise ConfigError(f"student.text_init: must be teacher or random, got {self.student.text_init!r}")
-        if self.student.text_from_teacher < 0:
-            raise ConfigError("student.text_from_teacher: must be >= 0 (0 = the student's own text tower)")
         if not 0.0 < self.train.loss.partial_fc_r <= 1.0:
             raise ConfigError("train.loss.partial_fc_r: must be in (0, 1]")
         for key, p in (("teacher.precision", self.teacher.precision), ("train.precision", self.train.precision),
@@ -252,12 +278,6 @@ class Config:
             raise ConfigError(f"data.holdout: expected COLUMN=VALUE, got {self.data.holdout!r}")
         if not 0.0 <= self.data.holdout_fraction < 1.0:
             raise ConfigError(f"data.holdout_fraction: must be in [0, 1), got {self.data.holdout_fraction}")
-        if self.data.samples_per_shard < 1:
-            raise ConfigError(f"data.samples_per_shard: must be >= 1, got {self.data.samples_per_shard}")
-        if self.cluster.k < 1:
-            raise ConfigError("cluster.k: must be >= 1")
-        if self.pack.samples_per_shard < 1:
-            raise ConfigError(f"pack.samples_per_shard: must be >= 1, got {self.pack.samples_per_shard}")
         self._validate_streams()
         self._validate_columns()
         for i, ph in enumerate(self.train.phases):
@@ -265,6 +285,19 @@ class Config:
             if unknown:
                 raise ConfigError(f"train.phases[{i}].losses: unknown loss(es) {sorted(unknown)}; known: {LOSS_NAMES}")
         return self
+
+    def _validate_ranges(self) -> None:
+        """Every numeric setting inside its range (RANGES), before any work: a zero batch or a negative
+        learning rate would otherwise fail deep inside a stage."""
+        values = [(key, rule, functools.reduce(getattr, key.split("."), self))
+                  for rule, keys in RANGES.items() for key in keys.split()]
+        values += [(f"train.phases.{i}.steps", ">= 1", ph.steps) for i, ph in enumerate(self.train.phases)]
+        values += [(f"train.phases.{i}.losses.{k}", ">= 0", w) for i, ph in enumerate(self.train.phases)
+                   for k, w in ph.losses.items()]
+        values += [(f"balance.semantic_eps.{i}", "in [0, 1]", e) for i, e in enumerate(self.balance.semantic_eps)]
+        for key, rule, v in values:
+            if not _in_range(rule, v):
+                raise ConfigError(f"{key}: must be {rule}, got {v!r}")
 
     def _validate_columns(self) -> None:
         from .schema import reserved_columns
@@ -295,10 +328,6 @@ class Config:
             raise ConfigError(f"train.streams ({t.streams}) must be a multiple of train.workers ({t.workers})")
         if t.batch_size % t.streams:
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.streams ({t.streams})")
-        if t.loader_workers < 0:
-            raise ConfigError(f"train.loader_workers: must be >= 0, got {t.loader_workers}")
-        if t.shuffle_block < 1:
-            raise ConfigError(f"train.shuffle_block: must be >= 1, got {t.shuffle_block}")
 
 
 # ---------------------------------------------------------------- building dataclasses from dicts
