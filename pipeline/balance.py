@@ -90,6 +90,9 @@ class BalanceStage(Stage):
         # data that fits one task runs its tasks here: the same bound per task, without Ray's per-task cost
         # (the small demo's balance took 7.6 s as Ray tasks for 300 rows)
         total = sum(self.emb.num_rows(f"{sh}.parquet") for sh in shards)
+        if not total:
+            raise StageError(f"balance: the embed stage's {len(shards)} shard(s) hold no pair (see "
+                             f"{self.emb.url('stats.json')} and the download's)")
         self.on_ray = self.use_ray and total > self.bc.rows_per_task
         self.slots = task_slots(self.on_ray)
         cut, aside_hi = self.fixed("sample_cuts.json", lambda: self.sample_cuts(total))

@@ -17,7 +17,7 @@ from cidistill.core.config import Config
 from cidistill.core.errors import StageError
 from cidistill.core.runtime import set_env_defaults
 from cidistill.core.schema import OOM_SHARD, shard_name
-from cidistill.core.stage import Stage, run_tasks
+from cidistill.core.stage import STATS, Stage, run_tasks
 from cidistill.core.store import Store
 
 
@@ -55,15 +55,25 @@ def _first_columns(urls: str) -> list[str]:
         return _parquet(fh, files[0]).schema_arrow.names
 
 
-def _read_url_batches(urls: str, columns: list[str]):
-    """Each file of the URL list as a stream of tables of at most URL_BATCH rows (bounded memory)."""
+def _is_text(tp: pa.DataType) -> bool:
+    return any(f(tp) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                               pa.types.is_large_binary, pa.types.is_null))
+
+
+def _read_url_batches(urls: str, columns: list[str], text: dict[str, str]):
+    """Each file of the URL list as a stream of tables of at most URL_BATCH rows (bounded memory). `text`:
+    the columns that must hold text (the setting naming each)."""
     fs, files = url_files(urls)
     for f in files:
         with fs.open(f, "rb") as fh:
             pf = _parquet(fh, f)
-            missing = [c for c in columns if c not in pf.schema_arrow.names]
+            schema = pf.schema_arrow
+            missing = [c for c in columns if c not in schema.names]
             if missing:
-                raise StageError(f"{f}: missing column(s) {missing}; has {pf.schema_arrow.names}")
+                raise StageError(f"{f}: missing column(s) {missing}; has {schema.names}")
+            for col, key in text.items():
+                if col in schema.names and not _is_text(schema.field(col).type):
+                    raise StageError(f"{f}: {key} {col!r} holds {schema.field(col).type} values, not text")
             yield f, (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=URL_BATCH, columns=columns))
 
 
@@ -148,7 +158,10 @@ class DownloadStage(Stage):
         zh = self.carries_zh()
         columns = self.columns
         text_cols = columns[1:]
-        for _, batches in _read_url_batches(self.d.urls, columns):
+        text = {self.d.url_col: "data.url_col", self.d.caption_col: "data.caption_col"}
+        if zh:
+            text[self.d.caption_zh_col] = "data.caption_zh_col"
+        for _, batches in _read_url_batches(self.d.urls, columns, text):
             buffered: list[pa.Table] = []
             for table in batches:
                 keep, seen = [], set()
@@ -256,6 +269,13 @@ class DownloadStage(Stage):
         if not stats["failed_shards"] and self.tmp.fs.exists(self.tmp.root):
             self.tmp.fs.rm(self.tmp.root, recursive=True)
         return stats
+
+    def check(self, stats: dict) -> None:
+        if not stats.get("successes"):
+            top = sorted(stats.get("status_dict", {}).items(), key=lambda kv: -kv[1])[:2]
+            raise StageError(f"download: none of the {stats['urls_accepted']} URLs was downloaded ("
+                             + "; ".join(f"{n}x {msg}" for msg, n in top) + f"); see {self.out.url(STATS)}. Check "
+                             "the URLs and the servers, then download again with --force")
 
     def summary(self, stats: dict) -> str:
         return (f"{stats.get('successes', 0)} ok / {stats.get('failed_to_download', 0) + stats.get('failed_to_resize', 0)}"

@@ -192,3 +192,38 @@ def test_null_free_reads_the_footer_and_says_no_when_it_cannot_tell(tmp_path):
     assert footer_says("none_null.parquet", "e")
     assert not footer_says("no_stats.parquet", "e")        # no counts: read the column
     assert not footer_says("none_null.parquet", "missing")
+
+
+def test_embed_shards_without_a_pair_are_one_line_not_an_index_error(tmp_path):
+    """Every download failed or no image decoded: the embed shards are empty tables. Balance says so (it
+    raised `IndexError: arrays used as indices must be of integer (or boolean) type` from each task)."""
+    import pytest
+
+    from cidistill.core.errors import StageError
+
+    (tmp_path / "embed").mkdir()
+    for s in range(2):
+        pq.write_table(embed_schema(D).empty_table(), tmp_path / "embed" / f"{s:05d}.parquet")
+    (tmp_path / "embed" / "_DONE").write_text(json.dumps({"fingerprint": "planted"}))
+    with pytest.raises(StageError, match=r"balance: the embed stage's 2 shard\(s\) hold no pair"):
+        BalanceStage(_cfg(tmp_path, "balance"), use_ray=False).run()
+    assert not (tmp_path / "balance" / "_DONE").exists()
+
+
+def test_holdout_compares_the_text_of_any_plain_column():
+    """`data.holdout: group=1` on an integer column holds out group 1 (it crashed balance's scan: no kernel
+    for int64 == string); a list column is a one-line error; no rows gives an empty boolean mask."""
+    import pytest
+
+    from cidistill.core.errors import StageError
+
+    t = pa.table({"key": ["a", "b", "c", "d"], "group": pa.array([1, 2, None, 1], pa.int64()),
+                  "ok": [True, False, True, False], "tags": [["x"], [], ["y"], None]})
+    assert holdout_mask(load_config(None, ["data.holdout=group=1", "data.extra_cols=[group]"]), t).to_pylist() == \
+        [True, False, False, True]
+    assert holdout_mask(load_config(None, ["data.holdout=ok=true", "data.extra_cols=[ok]"]), t).to_pylist() == \
+        [True, False, True, False]
+    with pytest.raises(StageError, match="data.holdout: column 'tags' holds list<item: string> values"):
+        holdout_mask(load_config(None, ["data.holdout=tags=x", "data.extra_cols=[tags]"]), t)
+    empty = holdout_mask(load_config(None, []), t.slice(0, 0))
+    assert empty.type == pa.bool_() and len(empty) == 0

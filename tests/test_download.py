@@ -132,3 +132,17 @@ def test_the_chinese_caption_comes_from_data_caption_zh_col_without_listing_it(t
     with pytest.raises(StageError, match=r"missing column\(s\) \['chinese'\]"):
         DownloadStage(load_config(None, [f"workdir={tmp_path / 'w3'}", "data.caption_zh_col=chinese", *common]),
                       use_ray=False).run()
+
+
+def test_a_download_with_no_success_fails_in_one_line_and_is_not_done(tmp_path):
+    """Every URL refused (the server is down): the stage writes its stats but no done-marker, and says so in
+    one line (embed then ran on nothing and balance died with an IndexError in each task)."""
+    from cidistill.core.errors import StageError
+
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.png" for i in range(6)], "caption": ["x"] * 6}), urls)
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.transient_attempts=1"])
+    with pytest.raises(StageError, match=r"download: none of the 6 URLs was downloaded \(6x .*Connection refused"):
+        DownloadStage(cfg, use_ray=False).run()
+    out = Path(cfg.stage_dir("download"))
+    assert json.loads((out / "stats.json").read_text())["failed_transient"] == 6 and not (out / "_DONE").exists()

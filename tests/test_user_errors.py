@@ -38,6 +38,14 @@ def test_download_inputs(tmp_path, capsys):
     assert "data.samples_per_shard" in _err(capsys)
     assert main(["download", "--workdir", str(tmp_path / "w4"), "--set", "data.urls=no/such.parquet", "--no-ray"]) == 2
     assert "no parquet file found at 'no/such.parquet' (relative paths start at the current folder" in _err(capsys)
+    numbers = tmp_path / "numbers.parquet"                # captions that are not text
+    pq.write_table(pa.table({"url": ["http://127.0.0.1/x.png"], "caption": pa.array([7], pa.int64())}), numbers)
+    assert main(["download", "--workdir", str(tmp_path / "w5"), "--set", f"data.urls={numbers}", "--no-ray"]) == 2
+    assert "data.caption_col 'caption' holds int64 values, not text" in _err(capsys)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"workdir: {tmp_path / 'w6'}\n")
+    assert main(["run", str(cfg), "--stages", "trian", "--no-ray"]) == 2
+    assert "unknown stage(s) ['trian']; known: download embed" in _err(capsys)
 
 
 def _embed_cfg(tmp_path, small_run, **teacher) -> str:

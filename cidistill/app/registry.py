@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from cidistill.core import faults
-from cidistill.core.config import STAGES, Config
+from cidistill.core.config import STAGES, Config, ConfigError
 from cidistill.core.errors import StageError
 from cidistill.core.lock import work_lock
 from cidistill.core.runtime import init_ray
@@ -36,6 +36,9 @@ def run_stage(name: str, cfg: Config, force: bool = False, use_ray: bool = True)
 def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: bool = True) -> dict:
     """Run `stages` in pipeline order: finished ones whose fingerprint still matches are skipped, the others
     (and what depends on them) are redone, with one line per cause first."""
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"unknown stage(s) {bad}; known: {' '.join(STAGES)}")
     stages = sorted(stages, key=STAGES.index)
     use_storage_options(cfg.storage_options)
     with work_lock(cfg.workdir):

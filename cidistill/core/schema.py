@@ -123,12 +123,19 @@ def holdout_mask(cfg, table: pa.Table) -> pa.Array:
         if col not in table.column_names:
             raise StageError(f"data.holdout: column {col!r} is not in the download table "
                              f"(columns: {table.column_names}); add it to data.extra_cols")
-        return pc.fill_null(pc.equal(table.column(col), value), False)
+        values = table.column(col)
+        if not pa.types.is_string(values.type):  # `group=1` on an integer column compares its text
+            try:
+                values = pc.cast(values, pa.string())
+            except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+                raise StageError(f"data.holdout: column {col!r} holds {values.type} values, not single values "
+                                 f"to compare with {value!r}") from None
+        return pc.fill_null(pc.equal(values, value), False)
     if fraction <= 0:
-        return pa.array([False] * table.num_rows)
+        return pa.array([False] * table.num_rows, pa.bool_())
     cut = int(fraction * 2 ** 64)
     return pa.array([key_hash(cfg.seed, k) < cut
-                     for k in table.column("key").to_pylist()])
+                     for k in table.column("key").to_pylist()], pa.bool_())
 
 
 H_SPAN = 1 << 64       # key hashes are uint64

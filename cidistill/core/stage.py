@@ -215,9 +215,13 @@ class Stage:
             raise StageError(f"[{self.name}] {len(failures)} unit(s) failed after retries: "
                              + "; ".join(f"{s}: {e.splitlines()[0] if e else '?'}" for s, e in failures.items())
                              + " -- rerun to retry them; finished units are kept")
+        self.check(stats)
         self.out.write_json(DONE, {"stage": self.name, "finished": time.time(), **fp})
         print(f"[{self.name}] done: {self.summary(stats)} in {stats['seconds']:.1f}s")
         return stats
+
+    def check(self, stats: dict) -> None:
+        """Refuse to mark done an outcome nothing downstream can use (stats.json is written already)."""
 
     def _rolled_up(self, units: list[str]) -> dict:
         done = [self.out.read_json(shard_stats_name(u)) for u in units if self.out.exists(shard_stats_name(u))]
