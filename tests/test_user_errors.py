@@ -149,3 +149,20 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path, small_run):
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "resum" in rerun.stdout + rerun.stderr and (out / "_DONE").exists()
+
+
+def test_a_ray_address_where_no_cluster_listens_is_one_line_in_seconds(tmp_path):
+    """`--ray-address` (or RAY_ADDRESS) with a typo: ray.init waited on it for minutes, printing its retries."""
+    import os
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "cidistill", "download", "--workdir", str(tmp_path / "w"),
+                        "--ray-address", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.returncode == 2 and time.time() - t0 < 60, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "no Ray cluster answers there (Connection refused)" in err, err

@@ -169,6 +169,20 @@ def worker_setup() -> None:
     fix_torchvision()
 
 
+def unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing listens at a Ray address's host:port (None: something does, or the form is not host:port)."""
+    import socket
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return None  # `auto` and other forms: Ray's own lookup
+    try:
+        socket.create_connection((host, int(port)), timeout).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join `address` (or RAY_ADDRESS) when given, else start a quiet local cluster on 127.0.0.1."""
     set_env_defaults()
@@ -183,9 +197,21 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
 
     runtime_env["env_vars"].update(storage_env())
     if address:
+        from .errors import StageError
+
+        def no_cluster(why: str) -> StageError:
+            return StageError(f"ray_address {address!r}: no Ray cluster answers there ({why}); start one with "
+                              "`ray start --head`, or leave ray_address (and RAY_ADDRESS) empty for a local one")
+
+        why = unreachable(address)
+        if why:  # ray.init would wait on it for minutes, printing its own retries
+            raise no_cluster(why)
         if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster of local nodes (tests, one box)
             kwargs.setdefault("_node_ip_address", "127.0.0.1")
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        except ConnectionError as e:  # something else listens there
+            raise no_cluster(str(e).splitlines()[0]) from None
     else:
         # local workers import this package even when it is run from a checkout that is not pip-installed
         root = str(Path(__file__).resolve().parents[2])
