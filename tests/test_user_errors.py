@@ -166,3 +166,22 @@ def test_a_ray_address_where_no_cluster_listens_is_one_line_in_seconds(tmp_path)
     assert r.returncode == 2 and time.time() - t0 < 60, r.stderr
     err = r.stderr.strip()
     assert len(err.splitlines()) == 1 and "no Ray cluster answers there (Connection refused)" in err, err
+
+
+def test_only_write_failures_read_as_a_full_disk(tmp_path, capsys, monkeypatch):
+    """Exit 3 and "free space or fix permissions" for ENOSPC/EACCES-like errors only; a connection reset (an
+    object store, a Ray node) is exit 2 with its own words."""
+    import errno
+
+    import cidistill.app.cli as cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"workdir: {tmp_path / 'w'}\n")
+    for exc, rc, needle in ((ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), 2, "Connection reset"),
+                            (OSError(errno.ENOSPC, "No space left on device"), 3, "free space or fix permissions")):
+        def fail(*a, exc=exc, **k):
+            raise exc
+        monkeypatch.setattr(cli, "run_stages", fail)
+        assert main(["run", str(cfg), "--no-ray"]) == rc
+        err = _err(capsys)
+        assert needle in err and (rc == 3) == ("free space" in err), err

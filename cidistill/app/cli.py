@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
@@ -86,6 +87,9 @@ def one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
 def main(argv: list[str] | None = None) -> int:
     set_env_defaults()
     args = build_parser().parse_args(argv)
@@ -123,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cidistill: interrupted{f' during stage {stage!r}' if stage != 'none' else ''}; finished work is kept: run the "
               "same command again to resume", file=sys.stderr)
         return 130
-    except OSError as e:  # disk full, unwritable folder: say where, keep what finished
-        print(f"cidistill: error: stage {faults.current_stage()!r} could not write its output: {e}. Finished shards "
-              "are kept; free space or fix permissions and rerun to resume.", file=sys.stderr)
-        return 3
+    except OSError as e:
+        if isinstance(e, PermissionError) or e.errno in WRITE_ERRNOS:  # disk full, unwritable folder: keep what finished
+            print(f"cidistill: error: stage {faults.current_stage()!r} could not write its output: {e}. Finished "
+                  "shards are kept; free space or fix permissions and rerun to resume.", file=sys.stderr)
+            return 3
+        print(f"cidistill: error: stage {faults.current_stage()!r}: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 
