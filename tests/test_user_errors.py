@@ -185,3 +185,16 @@ def test_only_write_failures_read_as_a_full_disk(tmp_path, capsys, monkeypatch):
         assert main(["run", str(cfg), "--no-ray"]) == rc
         err = _err(capsys)
         assert needle in err and (rc == 3) == ("free space" in err), err
+
+
+@pytest.mark.parametrize("stage,needle", [
+    ("embed", "embed needs a finished download stage"), ("balance", "balance needs a finished embed stage"),
+    ("cluster", "cluster needs a finished balance stage"), ("pack", "pack needs a finished download stage"),
+    ("train", "train needs a finished pack stage"), ("eval", "no trained student"),
+    ("export", "no trained student"), ("card", "card needs a finished download stage"),
+])
+def test_a_stage_run_before_its_inputs_says_what_to_run(tmp_path, capsys, stage, needle):
+    """(The card rendered an empty card of nothing and marked itself done.)"""
+    assert main([stage, "--workdir", str(tmp_path / "w"), "--no-ray"]) == 2
+    assert needle in _err(capsys)
+    assert not (tmp_path / "w" / stage / "_DONE").exists()
