@@ -24,6 +24,19 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
     assert str(p) in err and "not valid YAML" in err and "line" in err
 
 
+def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path, capsys):
+    """YAML keeps the last of two equal keys: a second `train:` block silently dropped the first's settings."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  batch_size: 64\ncluster: {k: 10}\ntrain:\n  lr: 0.01\n")
+    assert main(["config", "--check", str(p)]) == 2
+    assert _err(capsys).endswith("c.yaml: line 4, column 1 not valid YAML (key 'train' given twice)")
+    from cidistill.core.config import load_config  # a merge key and an override of its own still work
+
+    p.write_text("train:\n  <<: {batch_size: 64, lr: 0.01}\n  lr: 0.02\n")
+    cfg = load_config(str(p))
+    assert (cfg.train.batch_size, cfg.train.lr) == (64, 0.02)
+
+
 def test_download_inputs(tmp_path, capsys):
     bad = tmp_path / "urls.parquet"
     bad.write_text("url,caption\nhttp://127.0.0.1/x.png,hi\n")                        # a CSV named .parquet
