@@ -82,6 +82,19 @@ def test_teacher_mistakes_fail_before_any_work(tmp_path, small_run, capsys, teac
     assert not (tmp_path / "embed" / "_DONE").exists()
 
 
+def test_teacher_weights_that_cannot_be_fetched_fail_in_the_driver_in_one_line(tmp_path, small_run, capsys,
+                                                                                   monkeypatch):
+    """An open_clip tag with no way to the hub: one line before any actor starts (each Ray actor died with a
+    page of hub tracebacks and "Fatal Python error: Aborted"). Offline here, as on a box without internet."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["embed", "-c", _embed_cfg(tmp_path, small_run, model="ViT-B-32", pretrained="openai")]) == 2
+    err = _err(capsys)
+    assert "the weights of ViT-B-32/openai could not be fetched" in err and "teacher.pretrained" in err
+    assert not list((tmp_path / "embed").glob("*.parquet"))
+
+
 def test_pickle_teacher_refused_in_one_line_under_ray(tmp_path, small_run, capsys):
     """Refused inside a Ray actor: the user sees the cause in one line, and never advice to turn the check off."""
     import torch
@@ -157,7 +170,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tmp_path, small_run):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-        "cidistill: interrupted during stage 'train'; finished work is kept: run the same command again to resume")
+        "cidistill: interrupted during stage 'train'; finished work is kept: run the same command again to resume"), err
     assert not (work / "_LOCK.json").exists() and not (out / "_DONE").exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert rerun.returncode == 0, rerun.stderr

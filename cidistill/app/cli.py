@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-from cidistill.core.runtime import init_ray, quiet_logs, set_env_defaults
+from cidistill.core.runtime import go_offline, init_ray, quiet_logs, set_env_defaults
 
 set_env_defaults()  # before anything imports torch: OpenMP reads its settings when it loads
 
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["CIDISTILL_VERBOSE"] = "1"
+    if args.cmd == "demo" or (args.cmd == "compare" and args.demo):
+        go_offline()
     quiet_logs()
     try:
         if args.cmd == "config":

@@ -50,12 +50,10 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
             for line in plan(objs):
                 print(f"[cidistill] {line}")
         t0, out = time.time(), {}
-        try:
-            for st in objs:
-                faults.set_stage(st.name)
-                out[st.name] = st.run(force=force)
-        finally:
-            faults.set_stage("none")
+        for st in objs:
+            faults.set_stage(st.name)
+            out[st.name] = st.run(force=force)
+        faults.set_stage("none")  # not on an error: the CLI names the stage that failed
     print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
     return out
 

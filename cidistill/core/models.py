@@ -246,6 +246,25 @@ def configs_of(name: str, pretrained: str = "", model_config: str = "") -> tuple
     return dict(model_cfg), cfg
 
 
+def fetch_pretrained(name: str, pretrained: str) -> None:
+    """Fetch an open_clip tag's weights into open_clip's cache once, here: a failure (no internet) is one line
+    before any work, not a traceback from every Ray actor, and the actors then load them from the cache."""
+    if not pretrained or pretrained == RANDOM or pretrained.startswith("local-dir:") or name.startswith("local-dir:") \
+            or os.path.isfile(pretrained):
+        return
+    oc = import_open_clip()
+    from open_clip.pretrained import download_pretrained
+
+    try:
+        download_pretrained(oc.get_pretrained_cfg(name, pretrained))
+    except Exception as e:  # hub errors come in many classes; each ends here the same way
+        why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        off = " with HF_HUB_OFFLINE set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
+        raise ModelLoadError(f"the weights of {name}/{pretrained} could not be fetched{off} ({why}). Without "
+                             "internet, fetch them once where there is (open_clip caches them under ~/.cache/huggingface) "
+                             "or give a checkpoint file or local-dir: folder as teacher.pretrained") from None
+
+
 def val_preprocess_cfg(name: str, pretrained: str = "", model_config: str = "") -> dict:
     return configs_of(name, pretrained, model_config)[1]
 

@@ -14,8 +14,6 @@ log = logging.getLogger("cidistill")
 ENV_DEFAULTS = {
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "WANDB_MODE": "disabled",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
@@ -91,6 +89,16 @@ def embed_precision(precision: str, device: str) -> str:
 
 def set_env_defaults() -> None:
     for k, v in ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+# The demo needs nothing from a hub and runs with it off (no lookups); a user's run lets open_clip fetch the
+# teacher's tag. Set before huggingface_hub is imported (it reads them once); Ray workers inherit them.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def go_offline() -> None:
+    for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
 
 
@@ -192,7 +200,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         return ray
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"worker_process_setup_hook": "cidistill.core.runtime.worker_setup",
-                   "env_vars": {k: os.environ[k] for k in (*ENV_DEFAULTS, "CIDISTILL_VERBOSE") if k in os.environ}}
+                   "env_vars": {k: os.environ[k] for k in (*ENV_DEFAULTS, *OFFLINE_ENV, "CIDISTILL_VERBOSE")
+                                if k in os.environ}}
     from .store import storage_env
 
     runtime_env["env_vars"].update(storage_env())
