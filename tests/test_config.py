@@ -49,6 +49,10 @@ def test_override_a_list_item_by_index(tmp_path):
     ("balance: {semantic_eps: [0.1, 3]}\n", r"balance.semantic_eps.1: must be in \[0, 1\]"),
     ("data: {image_size: 0}\n", "data.image_size: must be >= 1"),
     ("data: {timeout: 0}\n", "data.timeout: must be > 0"),
+    # YAML 1.1 reads an unquoted `no` as false: the message says so (img2dataset's resize_mode has a `no`)
+    ("data: {resize_mode: no}\n", "expected a string, got bool False \\(YAML reads an unquoted no"),
+    ("data: {resize_mode: crop}\n", "data.resize_mode: must be one of border, keep_ratio"),
+    ("data: {encode_format: gif}\n", "data.encode_format: must be one of png, jpg, webp"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, needle):
     p = tmp_path / "c.yaml"

@@ -36,7 +36,7 @@ class DataConfig:
     # (metadata, the evaluation's class and probe labels, the data.holdout column)
     extra_cols: list[str] = field(default_factory=list)
     image_size: int = 64                # img2dataset resizes every image to this many pixels a side
-    resize_mode: str = "border"         # img2dataset's resize_mode: border | keep_ratio | center_crop | no
+    resize_mode: str = "border"         # img2dataset's resize_mode: border | keep_ratio | keep_ratio_largest | center_crop | no
     encode_format: str = "png"          # how images are stored in the shards: png | jpg | webp
     samples_per_shard: int = 1000       # URLs per shard: the unit of work and of resume from download to cluster
     thread_count: int = 16              # download threads per shard (img2dataset)
@@ -201,6 +201,8 @@ class ExportConfig:
     onnx: bool = False                  # also write image_encoder.onnx and text_encoder.onnx (the `onnx` extra)
 
 
+RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")  # img2dataset's
+
 # the numeric settings' ranges (rule -> keys), checked before any work
 RANGES = {
     ">= 1": "data.image_size data.samples_per_shard data.thread_count data.max_bytes data.transient_attempts "
@@ -260,6 +262,10 @@ class Config:
         bad = [s for s in self.dirs if s not in STAGES]
         if bad:
             raise ConfigError(f"dirs: unknown stage(s) {bad}")
+        for key, value, known in (("data.resize_mode", self.data.resize_mode, RESIZE_MODES),
+                                  ("data.encode_format", self.data.encode_format, ("png", "jpg", "webp"))):
+            if value not in known:
+                raise ConfigError(f"{key}: must be one of {', '.join(known)}, got {value!r}")
         if self.balance.keep not in ("hard", "easy", "random"):
             raise ConfigError(f"balance.keep: must be hard, easy or random, got {self.balance.keep!r}")
         if self.balance.semantic_on not in ("image", "joint"):
@@ -373,7 +379,9 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+            hint = " (YAML reads an unquoted no, off, yes or on as true/false: quote it, as in 'no')" \
+                if isinstance(value, bool) else ""
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}{hint}")
         return value
     return value
 
