@@ -3,8 +3,10 @@ that `open_clip.create_model_and_transforms("local-dir:PATH")` loads with open_c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,9 +98,12 @@ def export_onnx(lm: LoadedModel, out: Path) -> dict:
     for name, mod, x, check in (("image", Encoder("encode_image").eval(), img, img_check),
                                 ("text", Encoder("encode_text").eval(), txt, txt_check)):
         path = out / f"{name}_encoder.onnx"
-        torch.onnx.export(mod, (x,), str(path), input_names=["input"], output_names=["embedding"],
-                          dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+        with warnings.catch_warnings():
+            if not os.environ.get("CIDISTILL_VERBOSE"):  # the tracer's notes: the check below is what counts
+                warnings.simplefilter("ignore")
+            torch.onnx.export(mod, (x,), str(path), input_names=["input"], output_names=["embedding"],
+                              dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = sess.run(None, {"input": check.numpy()})[0]
         with torch.no_grad():
