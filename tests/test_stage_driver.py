@@ -75,6 +75,27 @@ def test_fingerprint_skips_resumes_and_redoes(tmp_path, capsys):
     assert Store(cfg.stage_dir("embed")).read_json(RUN)["fingerprint"] == Store(cfg.stage_dir("embed")).read_json(DONE)["fingerprint"]
 
 
+def test_a_stage_writes_and_clears_only_an_empty_folder_or_its_own(tmp_path):
+    """`--force` on a stage given a folder of the user's files (or another stage's folder) deleted what was
+    there; it now refuses before touching anything."""
+    from cidistill.core.errors import StageError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"dirs.download={mine}"])
+    with pytest.raises(StageError, match=r"mine is not empty and holds no download outputs \(e.g. 'notes.txt'\)"):
+        _Count(cfg).run(force=True)
+    assert (mine / "notes.txt").read_text() == "keep" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    shared = load_config(None, [f"workdir={tmp_path / 'w2'}", f"dirs.embed={tmp_path / 'w2' / 'download'}"])
+    _Count(shared).run()
+    with pytest.raises(StageError, match=r"holds the download stage's outputs: give embed a folder of its own"):
+        _After(shared).run(force=True)
+    assert _Count(shared).run()["rows"] == 2  # still there, still done
+    (tmp_path / "w3" / "download" / "_scratch").mkdir(parents=True)  # an empty folder (a stage's scratch) is fine
+    assert _Count(load_config(None, [f"workdir={tmp_path / 'w3'}"])).run()["rows"] == 2
+
+
 def test_changed_apply_eps_redoes_balance_and_downstream_only(small_run, tmp_path, capsys):
     """The issue's check on the small demo: another ε redoes balance → card (the removed count follows it),
     download and embed are skipped; an unchanged rerun skips everything."""

@@ -193,6 +193,7 @@ class Stage:
         if state == "done" and not force:
             print(f"[{self.name}] already done ({self.out.uri}); nothing to do")
             return self.out.read_json(STATS)
+        self._check_owned()
         if force or state == "changed":
             self.out.clear()
         if not self.out.exists(RUN):
@@ -219,6 +220,24 @@ class Stage:
         self.out.write_json(DONE, {"stage": self.name, "finished": time.time(), **fp})
         print(f"[{self.name}] done: {self.summary(stats)} in {stats['seconds']:.1f}s")
         return stats
+
+    def _check_owned(self) -> None:
+        """A stage writes into, and clears, only an empty folder or its own: `dirs.card: ~/Documents` with
+        --force (or two stages given one folder) would otherwise delete what is there."""
+        fs = self.out.fs
+        names = [n for n in self.out.glob("*")  # empty folders (a stage's constructor makes its scratch ones) aside
+                 if not (fs.isdir(self.out.path(n)) and not fs.ls(self.out.path(n)))]
+        if not names:
+            return
+        for marker in (RUN, DONE):
+            if marker in names:
+                owner = self.out.read_json(marker).get("stage")
+                if owner in (self.name, None):  # None: a marker written before markers named their stage
+                    return
+                raise StageError(f"{self.out.uri} holds the {owner} stage's outputs: give {self.name} a folder "
+                                 f"of its own (dirs.{self.name})")
+        raise StageError(f"{self.out.uri} is not empty and holds no {self.name} outputs (e.g. {names[0]!r}): "
+                         f"refusing to write or clear there; give dirs.{self.name} an empty or new folder")
 
     def check(self, stats: dict) -> None:
         """Refuse to mark done an outcome nothing downstream can use (stats.json is written already)."""
