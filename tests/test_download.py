@@ -9,6 +9,7 @@ import pytest
 
 from cidistill.core.config import load_config
 from cidistill.app.demo_data import LoopbackServer
+from cidistill.core.stage import RUN
 from pipeline.download import DownloadStage
 
 
@@ -101,6 +102,7 @@ def test_worker_death_is_retried_and_a_failing_shard_is_reported(tmp_path, ray_s
     cfg2 = load_config(None, [f"workdir={tmp_path / 'w2'}", f"data.urls={urls}", "data.samples_per_shard=20",
                               "data.extra_cols=[caption_zh]", "data.timeout=3", "data.shard_retries=1"])
     stage = DownloadStage(cfg2)
+    stage.out.write_json(RUN, {"stage": "download", **stage.fingerprint()})  # as run() starts: then the plan
     stage.units()
     (Path(cfg2.stage_dir("download")) / "_tmp" / "2.feather").write_bytes(b"not arrow")
     with pytest.raises(StageError, match="00002"):
