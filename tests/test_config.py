@@ -61,14 +61,17 @@ def test_config_errors_name_the_key(tmp_path, text, needle):
         load_config(str(p))
 
 
-def test_every_range_names_a_numeric_field():
-    """A key in RANGES that is no field (a typo, a renamed setting) would fail every config: caught here."""
-    from cidistill.core.config import RANGES, Config
+def test_every_range_and_choice_names_a_field_of_its_kind():
+    """A key in RANGES or CHOICES that is no field (a typo, a renamed setting) would fail every config, one of
+    the wrong kind would let a bool pass as a number: caught here. Each default is one of its choices."""
+    from cidistill.core.config import CHOICES, RANGES, Config
 
     for keys in RANGES.values():
         for key in keys.split():
             v = functools.reduce(getattr, key.split("."), Config())
             assert isinstance(v, (int, float)) and not isinstance(v, bool), key
+    for key, known in CHOICES.items():
+        assert functools.reduce(getattr, key.split("."), Config()) in known, key
 
 
 def test_cli_reports_config_error(tmp_path, capsys):

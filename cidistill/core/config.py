@@ -201,7 +201,18 @@ class ExportConfig:
     onnx: bool = False                  # also write image_encoder.onnx and text_encoder.onnx (the `onnx` extra)
 
 
-RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")  # img2dataset's
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# the settings that take one of a few words, checked before any work
+CHOICES = {
+    "data.resize_mode": ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no"),  # img2dataset's
+    "data.encode_format": ("png", "jpg", "webp"),
+    "teacher.precision": PRECISIONS,
+    "balance.keep": ("hard", "easy", "random"),
+    "balance.semantic_on": ("image", "joint"),
+    "student.text_init": ("teacher", "random"),
+    "train.precision": PRECISIONS,
+    "eval.precision": PRECISIONS,
+}
 
 # the numeric settings' ranges (rule -> keys), checked before any work
 RANGES = {
@@ -255,31 +266,17 @@ class Config:
         return join(self.workdir, stage)
 
     def validate(self) -> "Config":
-        self._validate_ranges()
+        self._validate_values()
         bad = [s for s in self.stages if s not in STAGES]
         if bad:
             raise ConfigError(f"stages: unknown stage(s) {bad}; known: {list(STAGES)}")
         bad = [s for s in self.dirs if s not in STAGES]
         if bad:
             raise ConfigError(f"dirs: unknown stage(s) {bad}")
-        for key, value, known in (("data.resize_mode", self.data.resize_mode, RESIZE_MODES),
-                                  ("data.encode_format", self.data.encode_format, ("png", "jpg", "webp"))):
-            if value not in known:
-                raise ConfigError(f"{key}: must be one of {', '.join(known)}, got {value!r}")
-        if self.balance.keep not in ("hard", "easy", "random"):
-            raise ConfigError(f"balance.keep: must be hard, easy or random, got {self.balance.keep!r}")
-        if self.balance.semantic_on not in ("image", "joint"):
-            raise ConfigError(f"balance.semantic_on: must be image or joint, got {self.balance.semantic_on!r}")
         if self.balance.apply_eps not in self.balance.semantic_eps:
             self.balance.semantic_eps = sorted(set(self.balance.semantic_eps) | {self.balance.apply_eps})
-        if self.student.text_init not in ("teacher", "random"):
-            raise ConfigError(f"student.text_init: must be teacher or random, got {self.student.text_init!r}")
         if not 0.0 < self.train.loss.partial_fc_r <= 1.0:
             raise ConfigError("train.loss.partial_fc_r: must be in (0, 1]")
-        for key, p in (("teacher.precision", self.teacher.precision), ("train.precision", self.train.precision),
-                       ("eval.precision", self.eval.precision)):
-            if p not in ("auto", "fp32", "bf16", "fp16"):
-                raise ConfigError(f"{key}: must be auto, fp32, bf16 or fp16, got {p!r}")
         if self.data.holdout and "=" not in self.data.holdout:
             raise ConfigError(f"data.holdout: expected COLUMN=VALUE, got {self.data.holdout!r}")
         if not 0.0 <= self.data.holdout_fraction < 1.0:
@@ -292,9 +289,13 @@ class Config:
                 raise ConfigError(f"train.phases[{i}].losses: unknown loss(es) {sorted(unknown)}; known: {LOSS_NAMES}")
         return self
 
-    def _validate_ranges(self) -> None:
-        """Every numeric setting inside its range (RANGES), before any work: a zero batch or a negative
-        learning rate would otherwise fail deep inside a stage."""
+    def _validate_values(self) -> None:
+        """Every word setting one of its CHOICES, every numeric one inside its range (RANGES), before any work:
+        a zero batch or a negative learning rate would otherwise fail deep inside a stage."""
+        for key, known in CHOICES.items():
+            value = functools.reduce(getattr, key.split("."), self)
+            if value not in known:
+                raise ConfigError(f"{key}: must be one of {', '.join(known)}, got {value!r}")
         values = [(key, rule, functools.reduce(getattr, key.split("."), self))
                   for rule, keys in RANGES.items() for key in keys.split()]
         values += [(f"train.phases.{i}.steps", ">= 1", ph.steps) for i, ph in enumerate(self.train.phases)]
