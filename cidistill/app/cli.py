@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from cidistill.core.runtime import go_offline, init_ray, quiet_logs, set_env_defaults
@@ -20,7 +22,7 @@ set_env_defaults()  # before anything imports torch: OpenMP reads its settings w
 
 from cidistill.core import faults  # noqa: E402
 from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load_config
-from cidistill.core.errors import StageError
+from cidistill.core.errors import StageError, Terminated
 from cidistill.core.lock import work_lock
 from cidistill.core.store import use_storage_options
 from ray.exceptions import RayError
@@ -90,7 +92,22 @@ def one_line(e: BaseException) -> str:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
+def _stop(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while cleaning up kills at once
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    before = signal.signal(signal.SIGTERM, _stop)  # init_ray keeps it over Ray's own (a silent sys.exit(15))
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv: list[str] | None) -> int:
     set_env_defaults()
     args = build_parser().parse_args(argv)
     if args.verbose:
@@ -122,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     except RayError as e:  # a task or actor failed for good: its cause, in one line
         print(f"cidistill: error: stage {faults.current_stage()!r}: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what finished is kept, as after a kill
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what finished is kept, as after a kill
         if os.environ.get("CIDISTILL_VERBOSE"):
             traceback.print_exc()
-        stage = faults.current_stage()
-        print(f"cidistill: interrupted{f' during stage {stage!r}' if stage != 'none' else ''}; finished work is kept: run the "
-              "same command again to resume", file=sys.stderr)
-        return 130
+        stage, term = faults.current_stage(), isinstance(e, Terminated)
+        print(f"cidistill: {'stopped by SIGTERM' if term else 'interrupted'}"
+              f"{f' during stage {stage!r}' if stage != 'none' else ''}; finished work is kept: run the same command "
+              "again to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM if term else 130
     except OSError as e:
         if isinstance(e, PermissionError) or e.errno in WRITE_ERRNOS:  # disk full, unwritable folder: keep what finished
             print(f"cidistill: error: stage {faults.current_stage()!r} could not write its output: {e}. Finished "

@@ -3,3 +3,7 @@
 
 class StageError(RuntimeError):
     """A stage cannot do its job (missing input, bad data, wrong settings); the message says what to do."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a scheduler stopping the job): the run stops as Ctrl-C stops it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -198,6 +199,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
 
     if ray.is_initialized():
         return ray
+    main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = {"worker_process_setup_hook": "cidistill.core.runtime.worker_setup",
                    "env_vars": {k: os.environ[k] for k in (*ENV_DEFAULTS, *OFFLINE_ENV, "CIDISTILL_VERBOSE")
@@ -230,6 +233,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         # address="local": always a fresh local instance, never a stale one a test cluster recorded in /tmp/ray
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING, **kwargs)
+    if callable(on_sigterm):  # ray.init replaces it (the driver then aborts with a C++ stack dump); keep the CLI's
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:  # Ray Data's per-op progress bars are noisy in logs; keep the global one
         from ray.data import DataContext
 
