@@ -14,6 +14,15 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.balance.semantic_eps == [0.05, 0.1]
 
 
+def test_a_local_dir_teacher_model_is_its_own_weights():
+    """`teacher.model: local-dir:PATH` alone (its folder holds the weights): embed refused it as "teacher.pretrained
+    is empty", and eval and export left the teacher out."""
+    cfg = load_config(None, ["teacher.model=local-dir:/models/t"])
+    assert cfg.teacher.pretrained == "local-dir:/models/t"
+    with pytest.raises(ConfigError, match="'x.pt' would be ignored: teacher.model 'local-dir:/t' holds its own"):
+        load_config(None, ["teacher.model=local-dir:/t", "teacher.pretrained=x.pt"])
+
+
 def test_override_a_list_item_by_index(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train: {phases: [{steps: 5, losses: {feature_distill: 1.0}}, {steps: 7, losses: {align: 1.0}}]}\n")

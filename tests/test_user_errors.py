@@ -1,5 +1,6 @@
 """What a user types wrong gets one line on stderr and exit 2 (3 for a full disk), never a traceback."""
 import subprocess
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,8 +76,17 @@ def _embed_cfg(tmp_path, small_run, **teacher) -> str:
     ({"model": "ViT-B-32", "pretrained": "laion2b_nope"}, "neither a file nor an open_clip tag of ViT-B-32"),
     ({"model": "ViT-B-32", "pretrained": "/no/such/teacher.safetensors"}, "neither a file nor an open_clip tag"),
     ({"pretrained": ""}, "teacher.pretrained is empty"),
+    # open_clip builds a random model from a folder without weights, with only a logged warning
+    ({"model": "local-dir:{tmp}/no-weights", "pretrained": ""}, "no-weights: no weights file"),
 ])
 def test_teacher_mistakes_fail_before_any_work(tmp_path, small_run, capsys, teacher, needle):
+    if "{tmp}" in teacher.get("model", ""):  # a teacher folder with its config (as exported) and no weights
+        import shutil
+
+        folder = tmp_path / "no-weights"
+        folder.mkdir()
+        shutil.copy(Path(small_run.stage_dir("export")) / "teacher" / "open_clip_config.json", folder)
+        teacher = dict(teacher, model=teacher["model"].format(tmp=tmp_path))
     assert main(["embed", "-c", _embed_cfg(tmp_path, small_run, **teacher), "--no-ray"]) == 2
     assert needle in _err(capsys)
     assert not (tmp_path / "embed" / "_DONE").exists()

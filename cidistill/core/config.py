@@ -273,6 +273,12 @@ class Config:
         bad = [s for s in self.dirs if s not in STAGES]
         if bad:
             raise ConfigError(f"dirs: unknown stage(s) {bad}")
+        t = self.teacher
+        if t.model.startswith("local-dir:") and t.pretrained not in ("", t.model):
+            raise ConfigError(f"teacher.pretrained: {t.pretrained!r} would be ignored: teacher.model {t.model!r} holds "
+                              "its own weights (leave teacher.pretrained empty)")
+        if t.model.startswith("local-dir:"):
+            t.pretrained = t.model  # every stage reads the teacher's weights from its folder
         if self.balance.apply_eps not in self.balance.semantic_eps:
             self.balance.semantic_eps = sorted(set(self.balance.semantic_eps) | {self.balance.apply_eps})
         if not 0.0 < self.train.loss.partial_fc_r <= 1.0:

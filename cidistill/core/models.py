@@ -139,6 +139,7 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
         name, pretrained = pretrained, ""
     if name.startswith("local-dir:"):
         folder = local_dir(name)
+        require_weights(folder)
         with relocated(folder) as where:
             try:
                 model, pre_train, pre_val = oc.create_model_and_transforms(f"local-dir:{where}", device=device)
@@ -167,6 +168,14 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
     if not pp_cfg and hasattr(model.visual, "preprocess_cfg"):
         pp_cfg = dict(model.visual.preprocess_cfg)
     return LoadedModel(model.to(device), pre_train, pre_val, tok, name, dict(model_cfg), dict(pp_cfg))
+
+
+def require_weights(folder: Path) -> None:
+    """open_clip loads a local-dir folder without weights with only a logged warning: a random model (a
+    teacher of noise, silently)."""
+    if (folder / "open_clip_config.json").is_file() and not any(
+            next(folder.glob(f"*.{ext}"), None) for ext in ("safetensors", "bin", "pth")):
+        raise ModelLoadError(f"{folder}: no weights file (open_clip_model.safetensors) beside its open_clip_config.json")
 
 
 def channels_last(model: nn.Module) -> nn.Module:
@@ -227,6 +236,7 @@ def configs_of(name: str, pretrained: str = "", model_config: str = "") -> tuple
         path = local_dir(name) / "open_clip_config.json"
         if not path.is_file():
             raise ModelLoadError(f"{name}: no open_clip_config.json in that folder")
+        require_weights(path.parent)
         full = json.loads(path.read_text())
         model_cfg = full["model_cfg"]
         cfg = merge_preprocess_dict(cfg, full.get("preprocess_cfg", {}))
