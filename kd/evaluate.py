@@ -306,11 +306,15 @@ def release_freed_memory() -> None:
         pass
 
 
-def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> tuple[dict, dict]:
+PARTS = ("features", "zeroshot", "linear_probe", "retrieval", "throughput")  # what `done` hears of, in order
+
+
+def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False, done=lambda part: None
+             ) -> tuple[dict, dict]:
     """Returns (metrics, per-image correctness arrays for paired tests, with the images' keys). Reads the
     pack stage's `eval` split (the held-out pairs, or every pair when there is no held-out split) and, for
     the probe and the zero-shot class list, its `train` split. `stored`: `lm` is the teacher whose features
-    the packed samples carry (see split_view)."""
+    the packed samples carry (see split_view). `done(part)` is called as each of PARTS ends (progress)."""
     tasks, ec = tasks or cfg.eval.tasks, cfg.eval
     channels_last(lm.model).eval()
     root, held = cfg.stage_dir("pack"), has_holdout(cfg)
@@ -328,12 +332,14 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> 
     for task, role in (("zeroshot", "class"), ("linear_probe", "probe")):  # the training pairs' labels too
         if train is not None and task in tasks and task not in skipped and (why := train.not_labels(role, ec)):
             skipped[task] = why
+    done("features")
     res, per = {"params": count_params(lm.model), "eval_images": len(test.keys)}, {"keys": np.array(test.keys)}
     if test.stored_txt:
         res["features"] = "stored"  # the embed stage's, as packed with the samples
     if "zeroshot" in tasks and "zeroshot" not in skipped:
         zeroshot(lm, test, class_names([test] + ([train] if train else [])), ec, res, per)
         release_freed_memory()
+    done("zeroshot")
     fit = [i for i, v in enumerate(train.column("probe")) if v is not None] if train is not None else []
     if "linear_probe" in tasks and "linear_probe" not in skipped and not fit:
         skipped["linear_probe"] = f"no training pair has a {label_columns(ec)['probe']!r} label"
@@ -342,12 +348,15 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False) -> 
                                 test.column("probe"), ec.probe_max_iter))
     del train  # the training split's features and fields are not needed past here
     release_freed_memory()
+    done("linear_probe")
     if "retrieval" in tasks:
         res["retrieval_en"] = recall_at(test.img, test.caption_features(lm))
         release_freed_memory()
         if any(test.captions_zh):
             res["retrieval_zh"] = recall_at(test.img, test.caption_features(lm, zh=True))
+    done("retrieval")
     res["image_throughput"] = throughput(lm)
+    done("throughput")
     if skipped:
         res["skipped"] = skipped
     return res, per
@@ -378,7 +387,7 @@ def results_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def teacher_evaluation(cfg: Config, lm: LoadedModel) -> tuple[dict, dict]:
+def teacher_evaluation(cfg: Config, lm: LoadedModel, done=lambda part: None) -> tuple[dict, dict]:
     """The teacher's scores depend only on its weights, the packed splits and the eval settings: computed once
     per combination and kept in this node's cache, since a student's retraining, `compare`'s variants and a
     resumed run all evaluate the same teacher on the same pairs. Its image throughput is measured again each
@@ -388,9 +397,12 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel) -> tuple[dict, dict]:
         res = json.loads((folder / "results.json").read_text())
         with np.load(folder / "correct.npz") as z:
             per = {k: z[k] for k in z.files}
+        for part in PARTS[:-1]:
+            done(part)
         res["image_throughput"] = throughput(lm)
+        done(PARTS[-1])
         return res, per
-    res, per = evaluate(cfg, lm, stored=True)
+    res, per = evaluate(cfg, lm, stored=True, done=done)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     np.savez(tmp / "correct.npz", **per)

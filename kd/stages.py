@@ -9,11 +9,12 @@ import numpy as np
 
 from cidistill.core.config import Config
 from cidistill.core.models import count_params, create
+from cidistill.core.progress import Progress
 from cidistill.core.schema import HOLDOUT_FIELDS, has_holdout
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store, join
 from .checkpoint import latest_checkpoint
-from .evaluate import evaluate, load_for_eval, results_markdown, teacher_evaluation
+from .evaluate import PARTS, evaluate, load_for_eval, results_markdown, teacher_evaluation
 from .export import export_local_dir, load_trained_student, model_card
 from .train import train
 
@@ -55,9 +56,17 @@ class EvalStage(Stage):
 
     def run_unit(self, unit: str) -> dict:
         results, per = {}, {}
+        bar = Progress(len(PARTS) * (2 if self.cfg.teacher.pretrained else 1), "eval", unit="part", rate=False)
+
+        def done(who):
+            return lambda part: (bar.set_postfix(done=f"{who}.{part}"), bar.update())
+
         if self.cfg.teacher.pretrained:
-            results["teacher"], per["teacher"] = teacher_evaluation(self.cfg, load_for_eval(self.cfg, "teacher"))
-        results["student"], per["student"] = evaluate(self.cfg, load_for_eval(self.cfg, "student"))
+            results["teacher"], per["teacher"] = teacher_evaluation(self.cfg, load_for_eval(self.cfg, "teacher"),
+                                                                    done("teacher"))
+        results["student"], per["student"] = evaluate(self.cfg, load_for_eval(self.cfg, "student"),
+                                                      done=done("student"))
+        bar.close()
         if "teacher" in results:
             results["student_vs_teacher"] = ratios(results["student"], results["teacher"])
         md = results_markdown({k: v for k, v in results.items() if "params" in v})

@@ -42,3 +42,20 @@ print(seen[0] if seen else "torch not imported")
     out = subprocess.run([sys.executable, "-c", code], env=dict(env, GOMP_SPINCOUNT="5"), capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "5"
+
+
+def test_progress_in_a_log_is_a_line_per_tenth_and_none_at_the_end(capsys):
+    """Where stdout is not a terminal (a log file, `ray job logs`): one line per tenth reached, none at 100 %
+    (the stage's summary line follows); `rate=False` for units that have none (the eval's parts)."""
+    from cidistill.core.progress import Progress
+
+    bar = Progress(10, "eval", unit="part", min_gap=0, rate=False)
+    for part in range(10):
+        bar.set_postfix(done=f"student.{part}")
+        bar.update()
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[eval] 10% (1/10 part) done=student.0" and len(lines) == 9, lines
+    bar = Progress(200, "embed", unit="img", min_gap=0)
+    bar.update(150)
+    assert capsys.readouterr().out.strip().startswith("[embed] 70% (150/200 img, ")

@@ -9,8 +9,8 @@ import time
 
 class Progress:
     def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0, disable: bool = False,
-                 min_gap: float = 5.0):
-        self.total, self.desc, self.unit, self.n = max(int(total), 0), desc, unit, initial
+                 min_gap: float = 5.0, rate: bool = True):
+        self.total, self.desc, self.unit, self.n, self.rate = max(int(total), 0), desc, unit, initial, rate
         self.disable = disable or not total
         self.bar = None
         self.t0, self.next_tenth, self.postfix = time.time(), (initial * 10 // max(self.total, 1)) + 1, ""
@@ -27,8 +27,8 @@ class Progress:
         elif not self.disable:
             reached = min(10, self.n * 10 // self.total) if self.total else 0
             if reached >= self.next_tenth and reached < 10 and time.time() - self.last_line >= self.min_gap:
-                rate = self.n / max(time.time() - self.t0, 1e-9)
-                print(f"[{self.desc}] {10 * reached}% ({self.n}/{self.total} {self.unit}, {rate:.1f}/s)"
+                rate = f", {self.n / max(time.time() - self.t0, 1e-9):.1f}/s" if self.rate else ""
+                print(f"[{self.desc}] {10 * reached}% ({self.n}/{self.total} {self.unit}{rate})"
                       f"{' ' + self.postfix if self.postfix else ''}", flush=True)  # stdout: stderr is for errors
                 self.next_tenth, self.last_line = reached + 1, time.time()
 
