@@ -149,6 +149,33 @@ def test_checkpoint_of_the_wrong_shape_is_a_clear_error(tmp_path, small_run):
     assert not marker.exists()
 
 
+def test_a_truncated_weights_file_is_one_line(tmp_path, small_run, capsys):
+    """A weights file cut short (a copy that stopped): safetensors' own error came as a traceback, from the
+    trained student (eval, export) and from a local-dir teacher folder alike."""
+    import shutil
+
+    from cidistill.app.cli import main
+    from cidistill.core.models import ModelLoadError, create
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(Path(small_run.stage_dir("export")) / "teacher", teacher)
+    with open(teacher / "open_clip_model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(ModelLoadError, match="teacher: its weights file is not readable safetensors"):
+        create(f"local-dir:{teacher}")
+    d = to_dict(small_run)
+    d["dirs"] = {s: small_run.stage_dir(s) for s in ("download", "embed", "balance", "cluster", "pack")}
+    d["dirs"].update(train=str(tmp_path / "train"), eval=str(tmp_path / "eval"))
+    shutil.copytree(small_run.stage_dir("train"), tmp_path / "train", ignore=shutil.ignore_patterns("step-*"))
+    with open(tmp_path / "train" / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d, allow_unicode=True))
+    assert main(["eval", "-c", str(tmp_path / "c.yaml"), "--no-ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train/model.safetensors: not a readable safetensors file (Error while deserializing header" in err
+    assert len(err.splitlines()) == 1, err
+
+
 class _Evil:
     def __init__(self, path):
         self.path = path

@@ -89,9 +89,13 @@ def autocast(precision: str, device: str | torch.device):
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """safetensors, else torch.load(weights_only=True): no pickle from user paths."""
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:  # cut short (a copy that stopped), or not safetensors at all
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
     import pickle
 
     try:
@@ -141,8 +145,12 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
         folder = local_dir(name)
         require_weights(folder)
         with relocated(folder) as where:
+            from safetensors import SafetensorError
+
             try:
                 model, pre_train, pre_val = oc.create_model_and_transforms(f"local-dir:{where}", device=device)
+            except SafetensorError as e:
+                raise ModelLoadError(f"{folder}: its weights file is not readable safetensors ({e})") from None
             except RuntimeError as e:
                 raise ModelLoadError(f"{folder}: weights do not fit its open_clip_config.json ({str(e)[:300]})") from e
             tok = oc.get_tokenizer(f"local-dir:{where}")
