@@ -20,7 +20,7 @@ import torch.nn as nn
 from cidistill.core import faults
 from cidistill.core.config import Config, from_dict
 from cidistill.core.errors import StageError
-from cidistill.core.runtime import cache_dir
+from cidistill.core.runtime import cache_dir, require_resources
 from cidistill.core.progress import Progress
 from cidistill.core.packed import iter_tar_samples, sample_fields
 from cidistill.core.models import autocast, by_length, channels_last, count_params, create, encode_text, trim_vocab
@@ -366,6 +366,10 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
     from ray.train.torch import TorchConfig, TorchTrainer
 
     job["distributed"] = True
+    t = cfg.train
+    require_resources({"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0}, t.workers,
+                      f"train.workers={t.workers} × (train.cpus_per_worker={t.cpus_per_worker:g}"
+                      + (", a GPU each: train.use_gpu)" if t.use_gpu else ")"))
     trainer = TorchTrainer(_ray_loop, train_loop_config=job,
                            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

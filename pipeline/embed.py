@@ -18,7 +18,7 @@ from cidistill.core.config import Config, TeacherConfig
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
-from cidistill.core.runtime import embed_precision
+from cidistill.core.runtime import embed_precision, require_resources
 from cidistill.core.models import (autocast, channels_last, configs_of, create, encode_text, fetch_pretrained,
                                    val_preprocess_cfg)
 from cidistill.core.schema import download_shards, embed_schema, shard_stats_name
@@ -255,6 +255,9 @@ class EmbedStage(Stage):
                                                   batch_format="numpy")
         # two calls per actor at once: batch N+1 is tokenised (and copied to the device) while batch N is in
         # the model (TeacherEmbedder.forward holds a lock, so one forward at a time and torch keeps its threads)
+        require_resources({"CPU": tc.cpus_per_actor, "GPU": tc.gpus_per_actor}, tc.num_actors,
+                          f"teacher.num_actors={tc.num_actors} × (teacher.cpus_per_actor={tc.cpus_per_actor:g}"
+                          + (f", teacher.gpus_per_actor={tc.gpus_per_actor:g})" if tc.gpus_per_actor else ")"))
         pool = ray.data.ActorPoolStrategy(size=tc.num_actors, max_concurrent_calls_per_actor=2,
                                           enable_true_multi_threading=True)
         # Ray Data restarts an actor whose node is lost. On one node (the demo, tests) restarts are off: there

@@ -238,3 +238,25 @@ def test_a_stage_run_before_its_inputs_says_what_to_run(tmp_path, capsys, stage,
     assert main([stage, "--workdir", str(tmp_path / "w"), "--no-ray"]) == 2
     assert needle in _err(capsys)
     assert not (tmp_path / "w" / stage / "_DONE").exists()
+
+
+def test_resources_the_local_cluster_can_never_give_fail_at_once(tmp_path, small_run, capsys):
+    """More actors or training workers than the local cluster's CPUs (or a GPU on a CPU box): Ray's actor pool
+    waited for ever without a word, Ray Train retried with a page of tracebacks a minute. One line, no work."""
+    from cidistill.core.errors import StageError
+    from cidistill.core.runtime import require_resources
+
+    assert main(["embed", "-c", _embed_cfg(tmp_path, small_run, num_actors=3, cpus_per_actor=1.0)]) == 2
+    assert ("teacher.num_actors=3 × (teacher.cpus_per_actor=1) does not fit in this Ray cluster (2 CPU on 1 node(s)); "
+            "ask for less") in _err(capsys)
+    assert not list((tmp_path / "embed").glob("*.parquet"))
+    d = to_dict(small_run)
+    d["dirs"] = {**{s: small_run.stage_dir(s) for s in ("download", "embed", "balance", "cluster", "pack")},
+                 "train": str(tmp_path / "train")}
+    d["train"].update(workers=4, streams=4)
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(d, allow_unicode=True))
+    assert main(["train", "-c", str(tmp_path / "t.yaml")]) == 2
+    assert "train.workers=4 × (train.cpus_per_worker=1) does not fit in this Ray cluster" in _err(capsys)
+    with pytest.raises(StageError, match=r"a GPU each: train.use_gpu\) does not fit in this Ray cluster \(2 CPU, 0 GPU"):
+        require_resources({"CPU": 1, "GPU": 1}, 1, "train.workers=1 × (train.cpus_per_worker=1, a GPU each: train.use_gpu)")
+    require_resources({"CPU": 1, "GPU": 0}, 2, "two of one CPU fit in two")

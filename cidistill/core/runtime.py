@@ -192,6 +192,31 @@ def unreachable(address: str, timeout: float = 5.0) -> str | None:
     return None
 
 
+_local_cluster: bool | None = None  # whether init_ray started the cluster here (it cannot grow) or joined one
+
+
+def require_resources(per_unit: dict[str, float], units: int, setting: str) -> None:
+    """Ray waits for what a request names even where the cluster can never provide it: an actor pool hangs
+    silently, Ray Train retries with a page of tracebacks a minute. On the local cluster this process started,
+    fail at once; on a joined one (it may autoscale) say what is awaited, once."""
+    import math
+
+    import ray
+
+    need = {k: float(v) for k, v in per_unit.items() if v}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in need.items()) for node in nodes)
+    if not need or fits >= units:
+        return
+    have = ", ".join(f"{sum(n.get(k, 0.0) for n in nodes):g} {k}" for k in need)
+    msg = f"{setting} does not fit in this Ray cluster ({have} on {len(nodes)} node(s))"
+    if _local_cluster:
+        from .errors import StageError
+
+        raise StageError(f"{msg}; ask for less, or join a larger cluster (ray_address)")
+    print(f"[cidistill] waiting: {msg} now; an autoscaling cluster adds nodes, another waits for ever", flush=True)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join `address` (or RAY_ADDRESS) when given, else start a quiet local cluster on 127.0.0.1."""
     set_env_defaults()
@@ -199,6 +224,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
 
     if ray.is_initialized():
         return ray
+    global _local_cluster
+    _local_cluster = not (address or os.environ.get("RAY_ADDRESS"))
     main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
     address = address or os.environ.get("RAY_ADDRESS") or None
