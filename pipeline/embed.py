@@ -257,7 +257,8 @@ class EmbedStage(Stage):
         # the model (TeacherEmbedder.forward holds a lock, so one forward at a time and torch keeps its threads)
         require_resources({"CPU": tc.cpus_per_actor, "GPU": tc.gpus_per_actor}, tc.num_actors,
                           f"teacher.num_actors={tc.num_actors} × (teacher.cpus_per_actor={tc.cpus_per_actor:g}"
-                          + (f", teacher.gpus_per_actor={tc.gpus_per_actor:g})" if tc.gpus_per_actor else ")"))
+                          + (f", teacher.gpus_per_actor={tc.gpus_per_actor:g})" if tc.gpus_per_actor else ")"),
+                          spare_cpu=1.0)  # the read and decode tasks
         pool = ray.data.ActorPoolStrategy(size=tc.num_actors, max_concurrent_calls_per_actor=2,
                                           enable_true_multi_threading=True)
         # Ray Data restarts an actor whose node is lost. On one node (the demo, tests) restarts are off: there

@@ -250,6 +250,10 @@ def test_resources_the_local_cluster_can_never_give_fail_at_once(tmp_path, small
     assert ("teacher.num_actors=3 × (teacher.cpus_per_actor=1) does not fit in this Ray cluster (2 CPU on 1 node(s)); "
             "ask for less") in _err(capsys)
     assert not list((tmp_path / "embed").glob("*.parquet"))
+    # two actors of one CPU fit, but leave no CPU for the tasks that read and decode their images: a deadlock
+    assert main(["embed", "-c", _embed_cfg(tmp_path, small_run, num_actors=2, cpus_per_actor=1.0)]) == 2
+    assert ("teacher.num_actors=2 × (teacher.cpus_per_actor=1) leaves 0 of the Ray cluster's 2 CPUs to the tasks "
+            "that feed it, which need 1; ask for less") in _err(capsys)
     d = to_dict(small_run)
     d["dirs"] = {**{s: small_run.stage_dir(s) for s in ("download", "embed", "balance", "cluster", "pack")},
                  "train": str(tmp_path / "train")}

@@ -92,15 +92,20 @@ def one_line(e: BaseException) -> str:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
+_terminated: list[bool] = []  # set by _stop: a library may re-raise our Terminated as a plain KeyboardInterrupt
+
+
 def _stop(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while cleaning up kills at once
+    _terminated.append(True)
     raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
-    before = signal.signal(signal.SIGTERM, _stop)  # init_ray keeps it over Ray's own (a silent sys.exit(15))
+    before = signal.signal(signal.SIGTERM, _stop)  # init_ray keeps it over Ray's own
+    _terminated.clear()
     try:
         return _main(argv)
     finally:
@@ -142,7 +147,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what finished is kept, as after a kill
         if os.environ.get("CIDISTILL_VERBOSE"):
             traceback.print_exc()
-        stage, term = faults.current_stage(), isinstance(e, Terminated)
+        stage, term = faults.current_stage(), isinstance(e, Terminated) or bool(_terminated)
         print(f"cidistill: {'stopped by SIGTERM' if term else 'interrupted'}"
               f"{f' during stage {stage!r}' if stage != 'none' else ''}; finished work is kept: run the same command "
               "again to resume", file=sys.stderr)

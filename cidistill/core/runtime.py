@@ -195,10 +195,11 @@ def unreachable(address: str, timeout: float = 5.0) -> str | None:
 _local_cluster: bool | None = None  # whether init_ray started the cluster here (it cannot grow) or joined one
 
 
-def require_resources(per_unit: dict[str, float], units: int, setting: str) -> None:
+def require_resources(per_unit: dict[str, float], units: int, setting: str, spare_cpu: float = 0.0) -> None:
     """Ray waits for what a request names even where the cluster can never provide it: an actor pool hangs
-    silently, Ray Train retries with a page of tracebacks a minute. On the local cluster this process started,
-    fail at once; on a joined one (it may autoscale) say what is awaited, once."""
+    silently, Ray Train retries with a page of tracebacks a minute; an actor pool on every CPU starves the
+    tasks that feed it (`spare_cpu`: what they need), again silently. On the local cluster this process
+    started, fail at once; on a joined one (it may autoscale) say what is awaited, once."""
     import math
 
     import ray
@@ -206,10 +207,14 @@ def require_resources(per_unit: dict[str, float], units: int, setting: str) -> N
     need = {k: float(v) for k, v in per_unit.items() if v}
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     fits = sum(min(math.floor(node.get(k, 0.0) / v + 1e-9) for k, v in need.items()) for node in nodes)
-    if not need or fits >= units:
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    left = cpus - units * need.get("CPU", 0.0)
+    if not need or (fits >= units and left + 1e-9 >= spare_cpu):
         return
     have = ", ".join(f"{sum(n.get(k, 0.0) for n in nodes):g} {k}" for k in need)
-    msg = f"{setting} does not fit in this Ray cluster ({have} on {len(nodes)} node(s))"
+    msg = (f"{setting} does not fit in this Ray cluster ({have} on {len(nodes)} node(s))" if fits < units else
+           f"{setting} leaves {max(left, 0):g} of the Ray cluster's {cpus:g} CPUs to the tasks that feed it, which "
+           f"need {spare_cpu:g}")
     if _local_cluster:
         from .errors import StageError
 
