@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,8 +74,10 @@ def gather_global(tensors: dict) -> dict:
     DDP's average then gives exactly the single-worker gradient."""
     from torch.distributed.nn.functional import all_gather
 
-    return {k: torch.cat(all_gather(v.contiguous()) if v.requires_grad else _gather_nograd(v))
-            if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+    with warnings.catch_warnings():  # deprecated in torch 2.13 for a private API; it prints once per worker
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+        return {k: torch.cat(all_gather(v.contiguous()) if v.requires_grad else _gather_nograd(v))
+                if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
 
 
 def _gather_nograd(v: torch.Tensor) -> list[torch.Tensor]:
@@ -362,7 +366,7 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
            "stop_after": stop_after, "data": data or cfg.stage_dir("pack")}
     if cfg.train.workers <= 1 or not use_ray:
         return train_worker(job)
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     job["distributed"] = True
@@ -375,7 +379,11 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
                                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
                            torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
                            # Ray Train's own files (no checkpoints: ours go to the store) stay on this node
-                           run_config=RunConfig(name="cidistill-train", storage_path=str(cache_dir() / "ray_train")))
+                           run_config=RunConfig(name="cidistill-train", storage_path=str(cache_dir() / "ray_train"),
+                                                # its controller's INFO lines (resources, the worker group) say
+                                                # nothing a user acts on; `cidistill -v` shows them
+                                                logging_config=LoggingConfig(log_level="INFO" if os.environ.get(
+                                                    "CIDISTILL_VERBOSE") == "1" else "WARNING")))
     try:
         trainer.fit()
     except Exception as e:  # a worker's error, or its node lost: say so in one line; the rerun resumes

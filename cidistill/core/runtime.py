@@ -22,6 +22,7 @@ ENV_DEFAULTS = {
     "TRANSFORMERS_VERBOSITY": "error",          # no load reports for the pooler a sentence encoder never uses
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",        # Ray Train's print-to-logger showed a worker's progress lines twice
     # OpenMP threads (torch's libgomp) spin 30k rather than 300k times before sleeping: between a training
     # step's parallel regions they hand the core to the loader processes (idle class) sooner. On the 2-core
     # bench the streamed steps waited ~3x less and ran 5 % faster; compute-only steps the same.
