@@ -59,3 +59,21 @@ def test_progress_in_a_log_is_a_line_per_tenth_and_none_at_the_end(capsys):
     bar = Progress(200, "embed", unit="img", min_gap=0)
     bar.update(150)
     assert capsys.readouterr().out.strip().startswith("[embed] 70% (150/200 img, ")
+
+
+def test_ray_worker_lines_in_a_log_carry_no_colour_codes(tmp_path):
+    """stdout a file (a batch job's log): Ray's `(pid=…)` prefixes came wrapped in ANSI colour escapes."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from cidistill.core.runtime import init_ray\n"
+            "ray = init_ray(num_cpus=1)\n"
+            "@ray.remote\n"
+            "def hello():\n"
+            "    print('hello from a worker', flush=True)\n"
+            "ray.get(hello.remote())\n"
+            "import time; time.sleep(2)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
+    assert "hello from a worker" in out and "\x1b[" not in out, repr(out)

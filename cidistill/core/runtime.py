@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -92,6 +93,8 @@ def embed_precision(precision: str, device: str) -> str:
 def set_env_defaults() -> None:
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    if not sys.stdout.isatty():  # a log file: the Ray workers' line prefixes without colour escape codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 # The demo needs nothing from a hub and runs with it off (no lookups); a user's run lets open_clip fetch the
