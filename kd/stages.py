@@ -59,7 +59,10 @@ class EvalStage(Stage):
         bar = Progress(len(PARTS) * (2 if self.cfg.teacher.pretrained else 1), "eval", unit="part", rate=False)
 
         def done(who):
-            return lambda part: (bar.set_postfix(done=f"{who}.{part}"), bar.update())
+            def part_done(part):
+                bar.set_postfix(done=f"{who}.{part}")
+                bar.update()
+            return part_done
 
         if self.cfg.teacher.pretrained:
             results["teacher"], per["teacher"] = teacher_evaluation(self.cfg, load_for_eval(self.cfg, "teacher"),

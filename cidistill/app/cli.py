@@ -144,10 +144,10 @@ def _main(argv: list[str] | None) -> int:
     except RayError as e:  # a task or actor failed for good: its cause, in one line
         print(f"cidistill: error: stage {faults.current_stage()!r}: {one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what finished is kept, as after a kill
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what finished is kept, as after a kill
         if os.environ.get("CIDISTILL_VERBOSE"):
             traceback.print_exc()
-        stage, term = faults.current_stage(), isinstance(e, Terminated) or bool(_terminated)
+        stage, term = faults.current_stage(), bool(_terminated)
         print(f"cidistill: {'stopped by SIGTERM' if term else 'interrupted'}"
               f"{f' during stage {stage!r}' if stage != 'none' else ''}; finished work is kept: run the same command "
               "again to resume", file=sys.stderr)
