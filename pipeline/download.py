@@ -1,11 +1,17 @@
 """download: img2dataset fetches every URL into webdataset shards (0000N.tar + 0000N.parquet +
-0000N_stats.json), one Ray task per input shard, retried on failure, incremental per shard.
+0000N_stats.json), one Ray task per input shard, retried when its worker dies, incremental per shard.
 
 We split the URL list ourselves, streaming it in batches (so unsafe schemes and URLs repeated within a
-batch are counted and never fetched; no set of every URL is held) and hand each shard to img2dataset's own Downloader, which writes `_stats.json` last: the shard's done-marker."""
+batch are counted and never fetched; no set of every URL is held; carried columns json cannot hold travel as
+text) and hand each shard to img2dataset's own Downloader. A shard is done when its `_verdict.json` is written,
+after a check that img2dataset wrote a row for every URL it was given."""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import re
 import time
 from collections import Counter
 from urllib.parse import urlsplit
@@ -75,6 +81,40 @@ def _read_url_batches(urls: str, columns: list[str], text: dict[str, str]):
                 if col in schema.names and not _is_text(schema.field(col).type):
                     raise StageError(f"{f}: {key} {col!r} holds {schema.field(col).type} values, not text")
             yield f, (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=URL_BATCH, columns=columns))
+
+
+def _json_native(tp: pa.DataType) -> bool:
+    """A type whose values json.dumps can write as they come out of arrow: img2dataset puts every carried
+    column into each sample's json and drops the sample (only printing why) when it cannot."""
+    if pa.types.is_dictionary(tp):
+        return _json_native(tp.value_type)
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp) or pa.types.is_map(tp):
+        return _json_native(tp.value_type if not pa.types.is_map(tp) else tp.item_type) and \
+            (not pa.types.is_map(tp) or _json_native(tp.key_type))
+    if pa.types.is_struct(tp):
+        return all(_json_native(tp.field(i).type) for i in range(tp.num_fields))
+    return any(f(tp) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
+                               pa.types.is_floating, pa.types.is_boolean, pa.types.is_null))
+
+
+def _as_text(v) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return json.dumps(v, default=str, ensure_ascii=False) if isinstance(v, (list, dict, tuple)) else str(v)
+
+
+def carry_as_text(table: pa.Table, columns: list[str], as_text: dict[str, str]) -> pa.Table:
+    """Carried columns of types a json cannot hold (timestamps, dates, decimals, durations, or lists of them)
+    become their text (ISO 8601 for times); `as_text` records each one's original type."""
+    for name in columns:
+        tp = table.schema.field(name).type
+        if not _json_native(tp):
+            as_text[name] = str(tp)
+            values = [_as_text(v) for v in table.column(name).to_pylist()]
+            table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
+    return table
 
 
 def clean_text_columns(table: pa.Table, columns: list[str], max_chars: int, fixed: Counter) -> pa.Table:
@@ -152,6 +192,7 @@ class DownloadStage(Stage):
             raise StageError("data.urls is empty: give a parquet file/folder/glob with url and caption columns")
         rejected: Counter = Counter()
         fixed: Counter = Counter()
+        as_text: dict[str, str] = {}
         rejected_rows = []
         self.shards, total = [], 0
         allowed = {s.lower() for s in self.d.allowed_schemes}
@@ -181,6 +222,7 @@ class DownloadStage(Stage):
                         seen.add(u)
                         keep.append(i)
                 table = clean_text_columns(table.take(pa.array(keep, pa.int64())), text_cols, self.d.max_caption_chars, fixed)
+                table = carry_as_text(table, self.d.extras(), as_text)
                 total += table.num_rows
                 buffered = self._emit_full(buffered + [table])
             if buffered:
@@ -193,7 +235,8 @@ class DownloadStage(Stage):
         if rejected_rows:
             self.out.write_table("rejected.parquet", pa.Table.from_pylist(rejected_rows))
         self.out.write_json("_plan.json", {"shards": self.shards, "caption_zh": zh, "urls_accepted": total,
-                                           "urls_rejected": dict(rejected), "text_fixed": dict(fixed)})
+                                           "urls_rejected": dict(rejected), "text_fixed": dict(fixed),
+                                           "carried_as_text": as_text})
 
     def _emit_full(self, buffered: list[pa.Table]) -> list[pa.Table]:
         """Write every full input shard of the buffered rows; return the rest."""
@@ -254,6 +297,7 @@ class DownloadStage(Stage):
         stats["urls_rejected"] = plan["urls_rejected"]
         stats["urls_accepted"] = plan["urls_accepted"]
         stats["text_fixed"] = plan.get("text_fixed", {})
+        stats["carried_as_text"] = plan.get("carried_as_text", {})
         stats["urls_total"] = plan["urls_accepted"] + sum(plan["urls_rejected"].values())
         # img2dataset catches per-sample exceptions and only prints them: check nothing went missing
         rows = sum(pq.read_metadata(self.out.fs.open(self.out.path(f"{s}.parquet"), "rb")).num_rows
@@ -326,11 +370,24 @@ def _download_copy(downloader, shard_id: int, feather: str) -> None:
     fs, path = fsspec.core.url_to_fs(feather)
     attempt = f"{path}.attempt-{uuid.uuid4().hex[:8]}"
     fs.copy(path, attempt)
+    printed = io.StringIO()
     try:
-        downloader.download_shard((shard_id, feather.replace(path, attempt) if feather.endswith(path) else attempt))
+        # img2dataset prints a traceback for each sample it could not write, and counts it as a success
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            downloader.download_shard((shard_id, feather.replace(path, attempt) if feather.endswith(path) else attempt))
     finally:
         if fs.exists(attempt):
             fs.rm(attempt)
+    with fs.open(path, "rb") as fh:
+        expected = pa.ipc.open_file(fh).read_all().num_rows
+    out = Store(downloader.output_folder)
+    shard = shard_name(shard_id)
+    written = out.num_rows(f"{shard}.parquet") if out.exists(f"{shard}.parquet") else 0
+    if written < expected:
+        why = Counter(m.group(1).strip() for m in re.finditer(r"^Sample \d+ failed to download: (.*)$",
+                                                              printed.getvalue(), re.M))
+        top = "; ".join(f"{n}x {msg[:200]}" for msg, n in why.most_common(2)) or "no reason printed"
+        raise StageError(f"download shard {shard}: img2dataset wrote {written} of its {expected} samples ({top})")
 
 
 def shard_verdict(out: Store, shard: str, attempt: int) -> dict:

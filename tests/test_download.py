@@ -148,3 +148,56 @@ def test_a_download_with_no_success_fails_in_one_line_and_is_not_done(tmp_path):
         DownloadStage(cfg, use_ray=False).run()
     out = Path(cfg.stage_dir("download"))
     assert json.loads((out / "stats.json").read_text())["failed_transient"] == 6 and not (out / "_DONE").exists()
+
+
+def test_carried_columns_of_any_type_arrive_and_a_sample_img2dataset_cannot_write_fails_its_shard(
+        tmp_path, ray_session, small_data, server, monkeypatch):
+    """A carried timestamp column made img2dataset drop every sample (its per-sample json could not hold a
+    datetime): it printed a traceback per sample, counted each as a success, and the stage said "12 ok" over
+    shards that held none. Columns json cannot hold now travel as their text (ISO 8601 for times); a sample
+    img2dataset still fails to write fails its shard in one line, with no done-marker, and the rerun fills it."""
+    import datetime
+    import decimal
+
+    from cidistill.core.errors import StageError
+
+    t = small_data.table.slice(0, 12)
+    day = datetime.datetime(2024, 2, 29, 13, 5)
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({
+        "url": [f"{server.base_url}/{p}" for p in t.column("path").to_pylist()], "caption": t.column("caption"),
+        "taken": pa.array([day + datetime.timedelta(days=i) for i in range(12)], pa.timestamp("us", tz="UTC")),
+        "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(12)], pa.decimal128(6, 2)),
+        "seen": pa.array([[day.date()]] * 12), "vendor": pa.array(["a", "b"] * 6).dictionary_encode(),
+        "size": pa.array([{"w": i, "h": 2 * i} for i in range(12)])}), urls)
+    args = [f"data.urls={urls}", "data.extra_cols=[taken,price,seen,vendor,size]", "data.samples_per_shard=6"]
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", *args])
+    stats = DownloadStage(cfg).run()          # on Ray: img2dataset runs in the workers
+    assert stats["successes"] == 12 and stats["samples_lost"] == 0 and stats["rows_written"] == 12
+    assert stats["carried_as_text"] == {"taken": "timestamp[us, tz=UTC]", "price": "decimal128(6, 2)",
+                                        "seen": "list<element: date32[day]>"}
+    out = Path(cfg.stage_dir("download"))
+    got = pa.concat_tables([pq.read_table(out / f"0000{i}.parquet") for i in range(2)]).sort_by("key")
+    assert got.column("taken").to_pylist()[:2] == ["2024-02-29T13:05:00+00:00", "2024-03-01T13:05:00+00:00"]
+    assert got.column("price").to_pylist()[3] == "3.25" and got.column("seen").to_pylist()[0] == '["2024-02-29"]'
+    assert got.column("vendor").to_pylist()[:2] == ["a", "b"] and got.column("size").to_pylist()[1] == {"w": 1, "h": 2}
+
+    # img2dataset's writer failing on one sample (in this process: --no-ray), and the rerun once it works
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    real_write = WebDatasetSampleWriter.write
+
+    def failing_write(self, img_str, key, caption, meta):
+        if meta.get("url", "").endswith(t.column("path")[7].as_py()):
+            raise OSError("simulated write error")
+        return real_write(self, img_str, key, caption, meta)
+
+    monkeypatch.setattr(WebDatasetSampleWriter, "write", failing_write)
+    cfg2 = load_config(None, [f"workdir={tmp_path / 'w2'}", *args, "data.shard_retries=0"])
+    with pytest.raises(StageError, match=r"00001: StageError: download shard 00001: img2dataset wrote 5 of its 6 "
+                                         r"samples \(1x simulated write error\)"):
+        DownloadStage(cfg2, use_ray=False).run()
+    out2 = Path(cfg2.stage_dir("download"))
+    assert not (out2 / "_DONE").exists() and not (out2 / "00001_verdict.json").exists()
+    monkeypatch.setattr(WebDatasetSampleWriter, "write", real_write)
+    assert DownloadStage(cfg2, use_ray=False).run()["successes"] == 12

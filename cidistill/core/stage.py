@@ -69,6 +69,11 @@ def task_slots(use_ray: bool) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1))) if ray.is_initialized() else 1
 
 
+@dataclass
+class _Refused:
+    message: str
+
+
 def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, desc: str = "",
               num_cpus: float = 1, **ray_options) -> list[TaskResult]:
     """Run fn(item) for every item: one Ray task each (retried on worker death and on exceptions),
@@ -89,14 +94,23 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
     if faults.ray_env():  # reliability tests: kill points fire in the workers too
         job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars", {})
         ray_options["runtime_env"] = {"env_vars": dict(job_env, **faults.ray_env())}
-    remote = ray.remote(fn).options(max_retries=retries, retry_exceptions=True, num_cpus=num_cpus, **ray_options)
+    def refusing(item):
+        try:
+            return fn(item)
+        except StageError as e:  # our own verdict on the data: no retry would change it, no traceback
+            return _Refused(str(e))
+
+    remote = ray.remote(refusing).options(max_retries=retries, retry_exceptions=True, num_cpus=num_cpus, **ray_options)
     pending = {remote.remote(it): it for it in items}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             it = pending.pop(ref)
             try:
-                results.append(TaskResult(it, True, ray.get(ref)))
+                out = ray.get(ref)
+                if isinstance(out, _Refused):
+                    raise StageError(out.message)
+                results.append(TaskResult(it, True, out))
             except Exception as e:
                 results.append(TaskResult(it, False, error=f"{type(e).__name__}: {str(e)[-2000:]}",
                                           exc=getattr(e, "cause", None) or e))
@@ -213,7 +227,7 @@ class Stage:
         stats = self.finish(stats)
         self.out.write_json(STATS, stats)
         if failures:
-            raise StageError(f"[{self.name}] {len(failures)} unit(s) failed after retries: "
+            raise StageError(f"[{self.name}] {len(failures)} unit(s) failed: "
                              + "; ".join(f"{s}: {e.splitlines()[0] if e else '?'}" for s, e in failures.items())
                              + " -- rerun to retry them; finished units are kept")
         self.check(stats)
