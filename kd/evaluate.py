@@ -54,7 +54,7 @@ def image_size(lm: LoadedModel) -> int:
     return s if isinstance(s, int) else s[0]
 
 
-EVAL_VERSION = 3  # part of the teacher's cache key: raise it when a metric's computation changes
+EVAL_VERSION = 4  # part of the teacher's cache key: raise it when a metric's computation changes
 
 
 def label_columns(ec: EvalConfig) -> dict[str, str]:
@@ -83,16 +83,27 @@ class SplitView:
         odd = next((type(v).__name__ for v in self.column(role) if isinstance(v, (list, dict))), None)
         return f"{label_columns(ec)[role]!r} holds {odd} values, not class labels (strings or numbers)" if odd else None
 
+    def labelled(self, role: str) -> np.ndarray:
+        """The rows that have a value for `role` (a null or empty one is no label)."""
+        return np.array([i for i, v in enumerate(self.column(role)) if v is not None and v != ""], np.int64)
+
     def missing(self, role: str, ec: EvalConfig) -> str | None:
-        """Why a label column cannot be used (None: every pair has a value)."""
+        """Why a label column cannot be used (None: some pair has a value; the others are left out)."""
         col = label_columns(ec).get(role)
-        n = sum(v is None for v in self.column(role))
         if why := self.not_labels(role, ec):
             return why
-        if not self.keys or not n:
+        if not self.keys or len(self.labelled(role)):
             return None if self.keys else "no pairs"
-        return f"{n} of {len(self.keys)} pairs have no {col!r}; carry the column with data.extra_cols" if col \
-            else "no column configured"
+        return f"none of the {len(self.keys)} pairs has a {col!r} value; carry the column with data.extra_cols" \
+            if col else "no column configured"
+
+    def partial(self, role: str, task: str, ec: EvalConfig, res: dict) -> np.ndarray:
+        """The rows a task scores: every labelled one; a note in `res` when some pairs have no label."""
+        rows = self.labelled(role)
+        if len(rows) < len(self.keys):
+            res.setdefault("notes", {})[task] = (f"on the {len(rows)} of {len(self.keys)} images with a "
+                                                 f"{label_columns(ec)[role]!r} value")
+        return rows
 
     def caption_features(self, lm: LoadedModel, zh: bool = False) -> torch.Tensor:
         """Caption features (ZH: the EN caption where a pair has no Chinese one): the stored ones when every
@@ -274,7 +285,7 @@ def class_names(views: list[SplitView]) -> dict[str, tuple[str, str | None]]:
     for v in views:
         for m in v.meta:
             c = m.get("class")
-            if c is not None and c not in names:
+            if c is not None and c != "" and c not in names:
                 en = str(m.get("name") or c)
                 names[c] = (en, m.get("name_zh") or en)
     return names
@@ -282,19 +293,24 @@ def class_names(views: list[SplitView]) -> dict[str, tuple[str, str | None]]:
 
 def zeroshot(lm: LoadedModel, test: SplitView, names: dict, ec: EvalConfig, res: dict, per: dict) -> None:
     """Top-1/top-5 and mean per class over the classes in `names`, in EN, and in ZH when Chinese names are
-    configured."""
+    configured; on the test images that have a class."""
     classes = sorted(names, key=str)
     index = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([index[c] for c in test.column("class")])
+    rows = test.partial("class", "zeroshot", ec, res)
+    column = test.column("class")
+    labels = torch.tensor([index[column[i]] for i in rows])
+    img = test.img[torch.from_numpy(rows)] if len(rows) < len(test.keys) else test.img
     res["zeroshot_classes"] = len(classes)
     per["zeroshot_label"] = labels.numpy()   # saved with the correctness: any re-weighting can be redone
+    per["zeroshot_rows"] = rows               # which of the images (per["keys"]) those are
     langs = [("en", ec.templates_en)] + ([("zh", ec.templates_zh)] if ec.class_name_zh_col else [])
     for li, (lang, temps) in enumerate(langs):
         cls = classifier(lm, [names[c][li] for c in classes], temps)
-        per[f"zeroshot_{lang}"] = topk_correct(test.img, cls, labels, 1)
+        per[f"zeroshot_{lang}"] = topk_correct(img, cls, labels, 1)
         res[f"zeroshot_{lang}_top1"] = float(per[f"zeroshot_{lang}"].mean())
         res[f"zeroshot_{lang}_mpc"] = mean_per_class(per[f"zeroshot_{lang}"], labels.numpy())
-        res[f"zeroshot_{lang}_top5"] = float(topk_correct(test.img, cls, labels, 5).mean())
+        if len(classes) > 5:  # with five classes or fewer every image is right within five
+            res[f"zeroshot_{lang}_top5"] = float(topk_correct(img, cls, labels, 5).mean())
 
 
 def release_freed_memory() -> None:
@@ -340,12 +356,18 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False, don
         zeroshot(lm, test, class_names([test] + ([train] if train else [])), ec, res, per)
         release_freed_memory()
     done("zeroshot")
-    fit = [i for i, v in enumerate(train.column("probe")) if v is not None] if train is not None else []
-    if "linear_probe" in tasks and "linear_probe" not in skipped and not fit:
+    fit = train.labelled("probe") if train is not None else []
+    if "linear_probe" in tasks and "linear_probe" not in skipped and not len(fit):
         skipped["linear_probe"] = f"no training pair has a {label_columns(ec)['probe']!r} label"
     if "linear_probe" in tasks and "linear_probe" not in skipped:  # unlabelled training pairs take no part
-        res.update(linear_probe(train.img.numpy()[fit], [train.meta[i]["probe"] for i in fit], test.img.numpy(),
-                                test.column("probe"), ec.probe_max_iter))
+        rows = test.partial("probe", "linear_probe", ec, res)
+        labels, seen = test.column("probe"), {train.meta[i]["probe"] for i in fit}
+        if unseen := sum(labels[i] not in seen for i in rows):  # scored wrong whatever the features
+            notes = res.setdefault("notes", {})
+            notes["linear_probe"] = "; ".join(filter(None, [notes.get("linear_probe"),
+                                                          f"{unseen} of {len(rows)} images have a label no training pair has"]))
+        res.update(linear_probe(train.img.numpy()[fit], [train.meta[i]["probe"] for i in fit],
+                                test.img.numpy()[rows], [labels[i] for i in rows], ec.probe_max_iter))
     del train  # the training split's features and fields are not needed past here
     release_freed_memory()
     done("linear_probe")

@@ -75,9 +75,10 @@ class EvalStage(Stage):
         md = results_markdown({k: v for k, v in results.items() if "params" in v})
         if "student_vs_teacher" in results:
             md += "\n" + "\n".join(f"- {k}: {v:.3f}" for k, v in results["student_vs_teacher"].items()) + "\n"
-        skipped = results["student"].get("skipped", {})
-        if skipped:
-            md += "\n" + "\n".join(f"- skipped {k}: {why}" for k, why in skipped.items()) + "\n"
+        skipped, notes = results["student"].get("skipped", {}), results["student"].get("notes", {})
+        if skipped or notes:
+            md += "\n" + "\n".join([f"- {k} {why}" for k, why in notes.items()]
+                                   + [f"- skipped {k}: {why}" for k, why in skipped.items()]) + "\n"
         for name, arrays in per.items():
             buf = io.BytesIO()
             np.savez(buf, **arrays)
@@ -95,10 +96,11 @@ class EvalStage(Stage):
         s, parts = stats.get("student", {}), []
         zs = [f"{lang.upper()} {100 * s[f'zeroshot_{lang}_top1']:.1f}%" for lang in ("en", "zh")
               if f"zeroshot_{lang}_top1" in s]
+        notes = s.get("notes", {})
         if zs:
-            parts.append("zero-shot top-1 " + " / ".join(zs))
+            parts.append("zero-shot top-1 " + " / ".join(zs) + (f" ({notes['zeroshot']})" if "zeroshot" in notes else ""))
         if "probe_top1" in s:
-            parts.append(f"probe {100 * s['probe_top1']:.1f}%")
+            parts.append(f"probe {100 * s['probe_top1']:.1f}%" + (f" ({notes['linear_probe']})" if "linear_probe" in notes else ""))
         for lang in ("en", "zh"):
             if f"retrieval_{lang}" in s:
                 parts.append(f"I→T R@1 {lang.upper()} {100 * s[f'retrieval_{lang}']['i2t_r@1']:.1f}%")

@@ -125,7 +125,8 @@ def test_the_teachers_evaluation_reads_the_features_it_computes_from_the_packed_
 def test_the_evaluation_reads_its_labels_from_the_configured_columns_and_reports_what_it_skips(small_run):
     """A user's own label columns: zero-shot over the subgroup names with the generic prompts and a probe on
     the group. Without Chinese class names the ZH zero-shot is skipped; a class column the pairs lack skips
-    zero-shot and the probe: each skip with its reason in the results and the summary, never a 0 %."""
+    zero-shot and the probe: each skip with its reason in the results and the summary, never a 0 %. Pairs
+    without a value are left out of the task, and the results say on how many it ran."""
     import kd.evaluate as ev
     import pyarrow.parquet as pq
 
@@ -147,6 +148,26 @@ def test_the_evaluation_reads_its_labels_from_the_configured_columns_and_reports
     assert per["zeroshot_label"].tolist() == want and len(per["zeroshot_en"]) == len(want)
     assert "zeroshot_zh_top1" not in res and "class_name_zh_col" in res["skipped"]["zeroshot_zh"]
     assert 0 < res["probe_top1"] <= 1 and "linear_probe" not in res["skipped"]
+    # pairs without a class (null or empty) are left out, not a reason to skip: the others score as before
+    view = ev.split_view(lm, small_run.stage_dir("pack"), "eval", own)
+    names = ev.class_names([view])
+    for i in range(0, len(view.meta), 3):
+        view.meta[i]["class"] = None if i % 2 else ""
+    part_res, part_per = {}, {}
+    ev.zeroshot(lm, view, names, own, part_res, part_per)
+    rows = [i for i in range(len(view.meta)) if i % 3]
+    assert part_per["zeroshot_rows"].tolist() == rows and part_per["zeroshot_label"].tolist() == [want[i] for i in rows]
+    assert part_per["zeroshot_en"].tolist() == per["zeroshot_en"][rows].tolist()
+    assert part_res["notes"]["zeroshot"] == f"on the {len(rows)} of {len(want)} images with a 'subgroup' value"
+    two = {"a": ("apple", "apple"), "b": ("banana", "banana")}  # top-5 of two classes crashed (k out of range)
+    for i, m in enumerate(view.meta):
+        m["class"] = "ab"[i % 2]
+    two_res = {}
+    ev.zeroshot(lm, view, two, own, two_res, {})
+    assert 0 <= two_res["zeroshot_en_top1"] <= 1 and "zeroshot_en_top5" not in two_res and "notes" not in two_res
+    line = EvalStage.summary(None, {"student": dict(part_res, eval_images=len(want)), "held_out_split": True})
+    assert f"zero-shot top-1 EN {100 * part_per['zeroshot_en'].mean():.1f}% (on the {len(rows)} of" in line
+
     with_zh = dataclasses.replace(own, class_col="base", class_name_col="base_name", class_name_zh_col="base_name_zh")
     res_zh, _ = ev.evaluate(dataclasses.replace(small_run, eval=with_zh), lm, tasks=["zeroshot"])
     assert "zeroshot_zh_top1" in res_zh and "skipped" not in res_zh
