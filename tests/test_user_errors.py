@@ -38,6 +38,30 @@ def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path, capsys):
     assert (cfg.train.batch_size, cfg.train.lr) == (64, 0.02)
 
 
+def test_a_config_whose_aliases_expand_to_billions_is_refused_in_one_line(tmp_path, capsys):
+    """Nine lines of nested YAML aliases (9^9 values) under the free-form storage_options: `config --check`
+    grew without bound until the memory ran out (a MemoryError traceback under a 4 GB limit). A value that
+    contains itself, and one nested thousands deep, are one line too; an ordinary alias still works."""
+    p = tmp_path / "c.yaml"
+    lines = ["storage_options:", "  s3:", "    a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    p.write_text("\n".join(lines) + "\n")
+    assert main(["config", "--check", str(p)]) == 2
+    assert _err(capsys).endswith("c.yaml: expands to more than 100,000 values (YAML aliases repeated inside each other)")
+    p.write_text("storage_options: {s3: &x {a: [*x]}}\n")
+    assert main(["config", "--check", str(p)]) == 2
+    assert _err(capsys).endswith("c.yaml: a YAML alias refers to a value that contains it")
+    p.write_text("storage_options: {s3: {a: " + "[" * 5000 + "]" * 5000 + "}}\n")
+    assert main(["config", "--check", str(p)]) == 2
+    assert _err(capsys).endswith("c.yaml: nested too deeply to be a config")
+    assert main(["config", "--set", "storage_options.s3={a: &a [x, x], b: [*a, *a]}", "secret=&b [*b]"]) == 2
+    assert _err(capsys).endswith("override 'secret': a YAML alias refers to a value that contains it")  # key only
+    from cidistill.core.config import load_config
+
+    p.write_text("train:\n  phases:\n    - &p {steps: 5, losses: {feature_distill: 1.0}}\n    - *p\n")
+    assert [ph.steps for ph in load_config(str(p)).train.phases] == [5, 5]
+
+
 def test_download_inputs(tmp_path, capsys):
     bad = tmp_path / "urls.parquet"
     bad.write_text("url,caption\nhttp://127.0.0.1/x.png,hi\n")                        # a CSV named .parquet

@@ -473,8 +473,11 @@ def parse_overrides(pairs: list[str]) -> dict:
             node = node.setdefault(part, {})
         try:
             node[parts[-1]] = yaml.safe_load(v)
+            expanded_size(node[parts[-1]])
         except yaml.YAMLError:
-            raise ConfigError(f"override {p!r}: the value is not valid YAML") from None
+            raise ConfigError(f"override {k.strip()!r}: the value is not valid YAML") from None
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"override {k.strip()!r}: {e or 'nested too deeply'}") from None
     return out
 
 
@@ -494,6 +497,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_CONFIG_VALUES = 100_000
+
+
+def expanded_size(obj, memo: dict | None = None) -> int:
+    """How many values a loaded document holds with its aliases expanded (each use of an anchor counts): a
+    few lines of nested aliases expand to billions, which every later walk of the config would build. Linear
+    in the distinct objects; ValueError above MAX_CONFIG_VALUES or for a value that contains itself."""
+    memo = {} if memo is None else memo
+    if not isinstance(obj, (dict, list)):
+        return 1
+    if id(obj) in memo:
+        if memo[id(obj)] is None:
+            raise ValueError("a YAML alias refers to a value that contains it")
+        return memo[id(obj)]
+    memo[id(obj)] = None
+    items = [x for kv in obj.items() for x in kv] if isinstance(obj, dict) else obj
+    n = 1 + sum(expanded_size(x, memo) for x in items)
+    if n > MAX_CONFIG_VALUES:
+        raise ValueError(f"expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases repeated inside each other)")
+    memo[id(obj)] = n
+    return n
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     data: dict = dict(base or {})
     if path:
@@ -503,10 +529,15 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
             raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
         try:
             loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+            expanded_size(loaded)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to be a config") from None
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = merge(data, loaded)
