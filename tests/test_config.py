@@ -31,6 +31,13 @@ def test_override_a_list_item_by_index(tmp_path):
                                                                 (450, {"align": 1.0})]
     with pytest.raises(ConfigError, match="train.phases.2"):
         load_config(str(p), ["train.phases.2.steps=3"])
+    # a list set by one override and an item of it by the next (an AttributeError traceback before)
+    cfg = load_config(str(p), ["train.phases=[{steps: 3, losses: {clip: 1.0}}]", "train.phases.0.steps=4"])
+    assert [(ph.steps, ph.losses) for ph in cfg.train.phases] == [(4, {"clip": 1.0})]
+    with pytest.raises(ConfigError, match=r"override 'train.phases.1.steps': '1' is not an index of the list set before it"):
+        load_config(str(p), ["train.phases=[{steps: 3}]", "train.phases.1.steps=4"])
+    with pytest.raises(ConfigError, match=r"override 'train.lr.x': an earlier override set a value there, not a section"):
+        load_config(str(p), ["train.lr=0.1", "train.lr.x=1"])
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -84,6 +84,25 @@ def test_download_inputs(tmp_path, capsys):
     cfg.write_text(f"workdir: {tmp_path / 'w6'}\n")
     assert main(["run", str(cfg), "--stages", "trian", "--no-ray"]) == 2
     assert "unknown stage(s) ['trian']; known: download embed" in _err(capsys)
+    # the demo checked its stages only after building its data, then failed on a missing stats.json
+    assert main(["demo", "--small", "--workdir", str(tmp_path / "w7"), "--stages", "trian", "--no-ray"]) == 2
+    assert "unknown stage(s) ['trian']" in _err(capsys) and not (tmp_path / "w7").exists()
+    assert main(["compare", "--variants", "cidd", "--no-ray"]) == 2      # was a ValueError traceback
+    assert _err(capsys).startswith("cidistill: error: compare: unknown variant(s) ['cidd']; known: config clip")
+
+
+def test_a_train_config_that_cannot_train_fails_before_the_last_training_is_cleared(tmp_path, capsys):
+    """`--set train.phases=[]` said "config changed; redoing train", deleted the trained student and its
+    checkpoints, then failed on `train/None/model.safetensors`."""
+    out = tmp_path / "w" / "train"
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"the last training")
+    for override, msg in (("train.phases=[]", "train.phases: at least one phase (steps and losses) is needed"),
+                          ("train.phases.0.losses.feature_distill=0",
+                           "train.phases[0].losses: no loss with a weight above 0 ({'feature_distill': 0.0})")):
+        assert main(["train", "--workdir", str(tmp_path / "w"), "--set", "train.phases=[{steps: 3, losses: "
+                     "{feature_distill: 1.0}}]", override, "--no-ray"]) == 2
+        assert _err(capsys).endswith(msg) and (out / "model.safetensors").read_bytes() == b"the last training"
 
 
 def _embed_cfg(tmp_path, small_run, **teacher) -> str:

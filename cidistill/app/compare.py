@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from cidistill.core.config import Config, PhaseConfig
+from cidistill.core.config import Config, ConfigError, PhaseConfig
 from cidistill.core.store import Store, join
 from kd.evaluate import evaluate, load_for_eval, lookup, paired_test
 from .registry import run_stage
@@ -42,7 +42,7 @@ def variant_config(cfg: Config, name: str, root: str) -> Config:
     if name == "config":
         return cfg
     if name not in phases:
-        raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
+        raise ConfigError(f"compare: unknown variant {name!r}; known: {' '.join(VARIANTS)}")
     dirs = dict(cfg.dirs, train=join(root, name, "train"))
     train = dataclasses.replace(cfg.train, phases=phases[name])
     student = dataclasses.replace(cfg.student, text_init="random") if name == "clip" else cfg.student
@@ -122,6 +122,8 @@ def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
 def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True, out_dir: str = "") -> dict:
     root = out_dir or join(cfg.workdir, "compare")
     names = list(variants or VARIANTS)
+    if bad := [n for n in names if n not in VARIANTS + ("teacher",)]:  # before any variant trains
+        raise ConfigError(f"compare: unknown variant(s) {bad}; known: {' '.join(VARIANTS)}")
     if cfg.teacher.pretrained:
         names = ["teacher"] + [n for n in names if n != "teacher"]
     results, per = {}, {}

@@ -21,7 +21,7 @@ from kd.export import export_local_dir
 from kd.train import train
 from pipeline.pack import Sources, pack_dataset
 from .demo_data import LoopbackServer, build_demo_data, urls_port, write_urls
-from .registry import run_stages
+from .registry import checked_stages, run_stages
 
 DEMO = {
     "data": {"samples_per_shard": 1000, "image_size": 64, "holdout": "vendor=twitter",
@@ -117,6 +117,7 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
 
 def demo_run_config(args) -> Config:
     """The config of a demo that has downloaded (its teacher trained once and cached)."""
+    stages = checked_stages(args.stages or list(STAGES))  # before the demo data is built
     workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
     cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
     use_storage_options(cfg.storage_options)
@@ -146,13 +147,14 @@ def _demo_stages(args, cfg: Config, stages: list[str]) -> dict:
 
 
 def run_demo(args) -> dict:
+    stages = checked_stages(args.stages or list(STAGES))  # before the demo data is built
     workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
     cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
     if args.ray_address:
         cfg.ray_address = args.ray_address
     use_storage_options(cfg.storage_options)
     with work_lock(cfg.workdir):
-        out = _demo_stages(args, cfg, args.stages or list(STAGES))
+        out = _demo_stages(args, cfg, stages)
     print(f"[demo] done: results in {join(cfg.stage_dir('eval'), 'results.md')}, "
           f"card in {join(cfg.stage_dir('card'), 'card.html')}, student in {join(cfg.stage_dir('export'), 'student')}")
     return out

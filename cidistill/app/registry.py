@@ -33,13 +33,18 @@ def run_stage(name: str, cfg: Config, force: bool = False, use_ray: bool = True)
     return make_stage(name, cfg, use_ray).run(force=force)
 
 
-def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: bool = True) -> dict:
-    """Run `stages` in pipeline order: finished ones whose fingerprint still matches are skipped, the others
-    (and what depends on them) are redone, with one line per cause first."""
+def checked_stages(stages: list[str]) -> list[str]:
+    """`stages` in pipeline order; a name that is no stage is a one-line error."""
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ConfigError(f"unknown stage(s) {bad}; known: {' '.join(STAGES)}")
-    stages = sorted(stages, key=STAGES.index)
+    return sorted(stages, key=STAGES.index)
+
+
+def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: bool = True) -> dict:
+    """Run `stages` in pipeline order: finished ones whose fingerprint still matches are skipped, the others
+    (and what depends on them) are redone, with one line per cause first."""
+    stages = checked_stages(stages)
     use_storage_options(cfg.storage_options)
     with work_lock(cfg.workdir):
         if use_ray:

@@ -289,10 +289,14 @@ class Config:
             raise ConfigError(f"data.holdout_fraction: must be in [0, 1), got {self.data.holdout_fraction}")
         self._validate_streams()
         self._validate_columns()
+        if not self.train.phases:  # a train stage that could never train would still clear the last one's output
+            raise ConfigError("train.phases: at least one phase (steps and losses) is needed")
         for i, ph in enumerate(self.train.phases):
             unknown = set(ph.losses) - set(LOSS_NAMES)
             if unknown:
                 raise ConfigError(f"train.phases[{i}].losses: unknown loss(es) {sorted(unknown)}; known: {LOSS_NAMES}")
+            if not any(w > 0 for w in ph.losses.values()):
+                raise ConfigError(f"train.phases[{i}].losses: no loss with a weight above 0 ({ph.losses or '{}'})")
         return self
 
     def _validate_values(self) -> None:
@@ -467,13 +471,18 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in p:
             raise ConfigError(f"override {p!r}: expected key=value")
         k, v = p.split("=", 1)
-        node = out
-        parts = k.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        node, parts = out, k.strip().split(".")
+        for i, part in enumerate(parts):  # through what earlier overrides of this command set: sections, lists by index
+            if isinstance(node, list) and not (part.isdigit() and int(part) < len(node)):
+                raise ConfigError(f"override {k.strip()!r}: {part!r} is not an index of the list set before it")
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override {k.strip()!r}: an earlier override set a value there, not a section")
+            if i < len(parts) - 1:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        last = int(parts[-1]) if isinstance(node, list) else parts[-1]
         try:
-            node[parts[-1]] = yaml.safe_load(v)
-            expanded_size(node[parts[-1]])
+            node[last] = yaml.safe_load(v)
+            expanded_size(node[last])
         except yaml.YAMLError:
             raise ConfigError(f"override {k.strip()!r}: the value is not valid YAML") from None
         except (ValueError, RecursionError) as e:
