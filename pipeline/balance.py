@@ -161,12 +161,14 @@ class BalanceStage(Stage):
         save_npy(self.work, f"vec/{s}.npy", vec16)
         hash_sample(self.work, f"sample/{s}", [k for k, ok in zip(keys, live) if ok], self.rule_vectors(vec16),
                     self.bc.seed, cut, aside_hi)
-        self.work.write_table(f"scan/{s}.parquet", pa.table({"key": keys, "reason": pa.array(reason.tolist(), pa.string())}))
+        self.work.write_table(f"scan/{s}.parquet", pa.table({"key": pa.array(keys, pa.string()),
+                                                             "reason": pa.array(reason.tolist(), pa.string())}))
         hashes = [h or "" for h in t.column("image_hash").to_pylist()]
         rows = [i for i in range(len(keys)) if reason[i] is None and hashes[i]]
+        # typed columns: a shard with no row to hash writes an empty part that the others' still concatenate with
         part = pa.table({"hb": pa.array([key_hash(0, hashes[i]) for i in rows], pa.uint64()),
-                         "image_hash": [hashes[i] for i in rows], "key": [keys[i] for i in rows],
-                         "shard": [s] * len(rows)})
+                         "image_hash": pa.array([hashes[i] for i in rows], pa.string()),
+                         "key": pa.array([keys[i] for i in rows], pa.string()), "shard": pa.array([s] * len(rows), pa.string())})
         write_part(self.work, f"hash/{s}.parquet", part, [("hb", "ascending")], row_group_size=4096)
         return {"rows": len(keys), "live": int((reason == None).sum()), "hashed": len(rows),  # noqa: E711
                 "key_range": [min(keys), max(keys)] if keys else []}
@@ -219,7 +221,8 @@ class BalanceStage(Stage):
         cents = load_npy(self.work, "centroids.npy")
         keys, rows, vec16 = self.live_vectors(s)
         ids = assign(self.rule_vectors(vec16), cents, self.bc.gpu)[0] if keys else np.zeros(0, np.int32)
-        part = pa.table({"cluster": ids, "shard": [s] * len(keys), "row": rows, "key": pa.array(keys, pa.string()),
+        part = pa.table({"cluster": ids, "shard": pa.array([s] * len(keys), pa.string()), "row": rows,
+                         "key": pa.array(keys, pa.string()),
                          "vec": f16_blob(vec16)})
         write_part(self.work, f"assign/{s}.parquet", part, [("cluster", "ascending"), ("row", "ascending")], 1024,
                    compression="none")
@@ -308,9 +311,9 @@ class BalanceStage(Stage):
         return stats
 
     def summary(self, stats: dict) -> str:
-        r = stats.get("removed_by_rule", {})
-        return (f"kept {stats.get('kept', 0)}/{stats.get('input', 0)}; removed " +
-                ", ".join(f"{k} {v}" for k, v in r.items() if v) + f"; {stats.get('clusters', 0)} clusters")
+        removed = ", ".join(f"{k} {v}" for k, v in stats.get("removed_by_rule", {}).items() if v) or "none"
+        held = f", {stats['held_out']} held out for evaluation" if stats.get("held_out") else ""
+        return f"kept {stats.get('kept', 0)}/{stats.get('input', 0)}{held}; removed {removed}; {stats.get('clusters', 0)} clusters"
 
 
 def cluster_groups(sizes: np.ndarray, rows: int, slots: int = 1) -> list[list[int]]:

@@ -35,7 +35,8 @@ def read_parts(store: Store, names: list[str], flt: pc.Expression, columns: list
     for n in names:
         with store.fs.open(store.path(n), "rb") as f:
             tables.append(pq.read_table(f, filters=flt, columns=columns, schema=schema))
-    return pa.concat_tables(tables) if tables else pa.table({})
+    # an empty part's untyped (null) column takes the others' type
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
 
 def cut_ranges(total: int, per: int, span: int = H_SPAN, slots: int = 1) -> list[tuple[int, int]]:

@@ -210,6 +210,23 @@ def test_embed_shards_without_a_pair_are_one_line_not_an_index_error(tmp_path):
     assert not (tmp_path / "balance" / "_DONE").exists()
 
 
+def test_a_shard_with_no_pair_to_hash_or_cluster_beside_others_changes_nothing(tmp_path):
+    """An embed shard without a pair (a download shard whose every URL failed), or whose pairs are all held
+    out, beside ordinary ones: its scan and assignment parts had untyped (null) columns, and the exact-
+    duplicate step failed with `ArrowInvalid: Schema at index 2 was different`. The decisions equal the
+    run without it."""
+    planted_embed(tmp_path / "embed")
+    want = BalanceStage(_cfg(tmp_path, "balance"), use_ray=False).run()
+    pq.write_table(embed_schema(D).empty_table(), tmp_path / "embed" / "00004.parquet")
+    got = BalanceStage(_cfg(tmp_path, "balance2"), use_ray=False).run()
+    assert _table(tmp_path / "balance2").equals(_table(tmp_path / "balance"))
+    assert got["removed_by_rule"] == want["removed_by_rule"] and got["kept_samples"] == want["kept_samples"]
+    st = BalanceStage(_cfg(tmp_path, "balance3", "data.holdout_fraction=0.99"), use_ray=False).run()
+    assert st["held_out"] + st["kept"] == 600 and st["held_out"] > 580 and st["removed"] == st["held_out"]
+    assert BalanceStage.summary(None, st) == f"kept {st['kept']}/600, {st['held_out']} held out for evaluation; " \
+                                             f"removed none; {st['clusters']} clusters"
+
+
 def test_holdout_compares_the_text_of_any_plain_column():
     """`data.holdout: group=1` on an integer column holds out group 1 (it crashed balance's scan: no kernel
     for int64 == string); a list column is a one-line error; no rows gives an empty boolean mask."""
