@@ -117,7 +117,6 @@ def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
 
 def demo_run_config(args) -> Config:
     """The config of a demo that has downloaded (its teacher trained once and cached)."""
-    stages = checked_stages(args.stages or list(STAGES))  # before the demo data is built
     workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
     cfg = demo_config(workdir, args.small, list(args.overrides), args.config)
     use_storage_options(cfg.storage_options)
