@@ -62,6 +62,8 @@ def _first_columns(urls: str) -> list[str]:
 
 
 def _is_text(tp: pa.DataType) -> bool:
+    if pa.types.is_dictionary(tp):  # a categorical column (pandas, polars) of text
+        return _is_text(tp.value_type)
     return any(f(tp) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                                pa.types.is_large_binary, pa.types.is_null))
 
@@ -122,6 +124,9 @@ def clean_text_columns(table: pa.Table, columns: list[str], max_chars: int, fixe
     non-UTF-8 text) are decoded with replacement characters, over-long ones cut; both counted in `fixed`."""
     for name in columns:
         col = table.column(name)
+        if pa.types.is_dictionary(col.type) and _is_text(col.type):
+            col = col.cast(col.type.value_type)
+            table = table.set_column(table.column_names.index(name), name, col)
         if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type) or pa.types.is_string(col.type)
                 or pa.types.is_large_string(col.type)):
             continue
@@ -205,6 +210,10 @@ class DownloadStage(Stage):
         for _, batches in _read_url_batches(self.d.urls, columns, text):
             buffered: list[pa.Table] = []
             for table in batches:
+                url = table.column(self.d.url_col)
+                if pa.types.is_dictionary(url.type):
+                    table = table.set_column(table.column_names.index(self.d.url_col), self.d.url_col,
+                                             url.cast(url.type.value_type))
                 keep, seen = [], set()
                 for i, u in enumerate(table.column(self.d.url_col).to_pylist()):
                     reason = None

@@ -152,7 +152,7 @@ def test_a_download_with_no_success_fails_in_one_line_and_is_not_done(tmp_path):
 
 def test_carried_columns_of_any_type_arrive_and_a_sample_img2dataset_cannot_write_fails_its_shard(
         tmp_path, ray_session, small_data, server, monkeypatch):
-    """A carried timestamp column made img2dataset drop every sample (its per-sample json could not hold a
+    """A categorical caption column was refused as "not text". A carried timestamp column made img2dataset drop every sample (its per-sample json could not hold a
     datetime): it printed a traceback per sample, counted each as a success, and the stage said "12 ok" over
     shards that held none. Columns json cannot hold now travel as their text (ISO 8601 for times); a sample
     img2dataset still fails to write fails its shard in one line, with no done-marker, and the rerun fills it."""
@@ -165,7 +165,9 @@ def test_carried_columns_of_any_type_arrive_and_a_sample_img2dataset_cannot_writ
     day = datetime.datetime(2024, 2, 29, 13, 5)
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({
-        "url": [f"{server.base_url}/{p}" for p in t.column("path").to_pylist()], "caption": t.column("caption"),
+        # categorical (dictionary) and large_string text columns, as pandas and polars write them
+        "url": pa.array([f"{server.base_url}/{p}" for p in t.column("path").to_pylist()]).dictionary_encode(),
+        "caption": t.column("caption").cast(pa.large_string()).dictionary_encode(),
         "taken": pa.array([day + datetime.timedelta(days=i) for i in range(12)], pa.timestamp("us", tz="UTC")),
         "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(12)], pa.decimal128(6, 2)),
         "seen": pa.array([[day.date()]] * 12), "vendor": pa.array(["a", "b"] * 6).dictionary_encode(),
@@ -181,6 +183,8 @@ def test_carried_columns_of_any_type_arrive_and_a_sample_img2dataset_cannot_writ
     assert got.column("taken").to_pylist()[:2] == ["2024-02-29T13:05:00+00:00", "2024-03-01T13:05:00+00:00"]
     assert got.column("price").to_pylist()[3] == "3.25" and got.column("seen").to_pylist()[0] == '["2024-02-29"]'
     assert got.column("vendor").to_pylist()[:2] == ["a", "b"] and got.column("size").to_pylist()[1] == {"w": 1, "h": 2}
+    assert got.column("caption").type == pa.string() and sorted(got.column("caption").to_pylist()) == \
+        sorted(t.column("caption").to_pylist())
 
     # img2dataset's writer failing on one sample (in this process: --no-ray), and the rerun once it works
     from img2dataset.writer import WebDatasetSampleWriter
