@@ -44,6 +44,7 @@ ASIDE = 10_000          # held-aside rows on which the k-means objective is repo
 class BalanceStage(Stage):
     name = "balance"
     inputs = ("download", "embed")
+    shard_input = ("embed", "parquet")
     reads = ("balance",) + HOLDOUT_FIELDS
 
     def __init__(self, cfg: Config, use_ray: bool = True):
@@ -55,8 +56,7 @@ class BalanceStage(Stage):
         self.timings: dict[str, float] = {}      # seconds per step in this run (stats: step_seconds)
 
     def units(self) -> list[str]:
-        self.require("embed")
-        return [n[:-len(".parquet")] for n in self.emb.glob("[0-9]*.parquet")]
+        return self.input_shards()
 
     # -- the steps' driver: run the missing tasks of a step, return every task's stats
     def step(self, name: str, items: list[str], fn) -> dict[str, dict]:

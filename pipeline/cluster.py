@@ -123,6 +123,7 @@ def kept_embeddings(cfg: Config, shard: str, joint: bool) -> tuple[list[str], np
 class ClusterStage(Stage):
     name = "cluster"
     inputs = ("embed", "balance")
+    shard_input = ("balance", "parquet")
     reads = ("cluster",)
 
     def __init__(self, cfg: Config, use_ray: bool = True):
@@ -132,7 +133,7 @@ class ClusterStage(Stage):
         self.on_ray = use_ray
 
     def units(self) -> list[str]:
-        return [n[:-len(".parquet")] for n in self.require("balance").glob("[0-9]*.parquet")]
+        return self.input_shards()
 
     def centroids(self) -> np.ndarray:
         """Fit on the seeded sample. The one read of each shard also keeps its rows (raw, float16 when exact)

@@ -21,7 +21,7 @@ from cidistill.core.progress import Progress
 from cidistill.core.runtime import embed_precision, require_resources
 from cidistill.core.models import (autocast, channels_last, configs_of, create, encode_text, fetch_pretrained,
                                    val_preprocess_cfg)
-from cidistill.core.schema import download_shards, embed_schema, shard_stats_name
+from cidistill.core.schema import embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store
 
@@ -183,6 +183,7 @@ def _to_table(rows: dict[str, list], dim: int) -> pa.Table:
 class EmbedStage(Stage):
     name = "embed"
     inputs = ("download",)
+    shard_input = ("download", "tar")
     reads = ("teacher",)
 
     def __init__(self, cfg: Config, use_ray: bool = True):
@@ -190,7 +191,7 @@ class EmbedStage(Stage):
         self.src = self.input_store("download")
 
     def units(self) -> list[str]:
-        return download_shards(self.require("download"))
+        return self.input_shards()
 
     def _expected(self, shard: str) -> int:
         t = self.src.read_table(f"{shard}.parquet", columns=["status"])

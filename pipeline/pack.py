@@ -206,6 +206,7 @@ def pack_dataset(cfg: Config, out: Store, src: Sources, use_ray: bool = True) ->
 class PackStage(Stage):
     name = "pack"
     inputs = ("download", "embed", "balance", "cluster")
+    shard_input = ("download", "tar")
     reads = ("pack", "data.extra_cols", "data.encode_format", "train.use_balanced") + HOLDOUT_FIELDS
 
     def run_unit(self, unit: str) -> dict:

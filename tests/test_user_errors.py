@@ -105,6 +105,28 @@ def test_a_train_config_that_cannot_train_fails_before_the_last_training_is_clea
         assert _err(capsys).endswith(msg) and (out / "model.safetensors").read_bytes() == b"the last training"
 
 
+def test_a_shard_removed_from_a_finished_stage_is_named_not_skipped(tmp_path, small_run, capsys):
+    """A download tar (or an embed parquet) removed or moved after its stage finished: the next stage globbed
+    what was left and carried on without those pairs (`embed done: 82 pairs embedded` of 132, exit 0)."""
+    import shutil
+
+    shutil.copytree(small_run.stage_dir("download"), tmp_path / "download")
+    shutil.copytree(small_run.stage_dir("embed"), tmp_path / "embed")
+    (tmp_path / "download" / "00001.tar").unlink()
+    (tmp_path / "embed" / "00002.parquet").rename(tmp_path / "00002.parquet")
+    d = to_dict(small_run)
+    d["workdir"], d["dirs"] = str(tmp_path), {}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    assert main(["embed", "-c", str(p), "--force", "--no-ray"]) == 2
+    assert _err(capsys).endswith(f"{tmp_path / 'download'} holds 2 shard files (0000N.tar) where its stats.json "
+                                 "counts 3: files were removed, moved or added since the stage finished; restore "
+                                 "them, or redo that stage with --force")
+    assert (tmp_path / "embed" / "_DONE").exists()  # the refused --force cleared nothing
+    assert main(["balance", "-c", str(p), "--no-ray"]) == 2
+    assert "embed holds 2 shard files (0000N.parquet) where its stats.json counts 3" in _err(capsys)
+
+
 def _embed_cfg(tmp_path, small_run, **teacher) -> str:
     d = to_dict(small_run)
     d["dirs"] = {"download": small_run.stage_dir("download"), "embed": str(tmp_path / "embed")}

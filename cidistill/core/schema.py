@@ -65,9 +65,23 @@ def shard_stats_name(shard: str) -> str:
     return f"{shard}_stats.json"
 
 
+def stage_shards(store, ext: str = "parquet") -> list[str]:
+    """The shard ids (`0000N.<ext>`) of a finished stage's folder, all that its stats.json counts: a shard
+    removed or moved since would otherwise be skipped in silence by every stage after it."""
+    from .errors import StageError
+
+    names = [n[:-len(ext) - 1] for n in store.glob(f"[0-9]*.{ext}")]
+    want = store.read_json("stats.json").get("shards") if store.exists("stats.json") else None
+    if isinstance(want, int) and len(names) != want:
+        raise StageError(f"{store.uri} holds {len(names)} shard files (0000N.{ext}) where its stats.json counts {want}: "
+                         "files were removed, moved or added since the stage finished; restore them, or redo that "
+                         "stage with --force")
+    return names
+
+
 def download_shards(store) -> list[str]:
     """The shard ids of a download folder (every later stage keeps them)."""
-    return [n[:-len(".tar")] for n in store.glob("*.tar")]
+    return stage_shards(store, "tar")
 
 
 def emb_matrix(col: pa.ChunkedArray | pa.Array):

@@ -21,7 +21,7 @@ from .progress import Progress
 from . import faults
 from .config import Config, flat_fields
 from .errors import StageError
-from .schema import shard_stats_name
+from .schema import shard_stats_name, stage_shards
 from .store import Store
 
 DONE = "_DONE"
@@ -126,6 +126,7 @@ class Stage:
     inputs: tuple[str, ...] = ()     # stages whose outputs this one reads
     reads: tuple[str, ...] = ()      # config fields or sections that shape its outputs
     ignores: tuple[str, ...] = ()    # fields under `reads` that this stage does not use
+    shard_input: tuple[str, str] | None = None  # (input stage, file extension): its shards are this one's units
 
     def __init__(self, cfg: Config, use_ray: bool = True):
         self.cfg, self.use_ray = cfg, use_ray
@@ -159,6 +160,10 @@ class Stage:
 
     def input_store(self, stage: str) -> Store:
         return Store(self.cfg.stage_dir(stage))
+
+    def input_shards(self) -> list[str]:
+        stage, ext = self.shard_input
+        return stage_shards(self.require(stage), ext)
 
     def require(self, stage: str) -> Store:
         """An input stage's folder; an error naming it when that stage has not finished."""
@@ -208,6 +213,8 @@ class Stage:
             print(f"[{self.name}] already done ({self.out.uri}); nothing to do")
             return self.out.read_json(STATS)
         self._check_owned()
+        if self.shard_input:  # a missing input fails before this stage's last outputs are cleared
+            self.input_shards()
         if force or state == "changed":
             self.out.clear()
         if not self.out.exists(RUN):
