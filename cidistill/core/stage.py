@@ -9,6 +9,7 @@ and of the fingerprints its input stages (`inputs`) recorded in their own `_DONE
 tasks: `run_tasks`) are kept apart from what a stage does."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -94,6 +95,7 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
     if faults.ray_env():  # reliability tests: kill points fire in the workers too
         job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars", {})
         ray_options["runtime_env"] = {"env_vars": dict(job_env, **faults.ray_env())}
+    @functools.wraps(fn)  # Ray's log prefixes and dashboard name the task by its function
     def refusing(item):
         try:
             return fn(item)
