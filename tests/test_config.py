@@ -53,6 +53,9 @@ def test_override_a_list_item_by_index(tmp_path):
     ("data: {url_col: link, extra_cols: [url]}\n", r"\['url'\] would clash"),
     ("data: {extra_cols: [vendor, vendor]}\n", "listed twice"),
     ("data: {holdout: vendor=twitter}\n", "'vendor' must be carried"),
+    # every image is resized to image_size: 22400 (for 224) asked for 1.5 GB an image, 16 threads at once
+    ("data: {image_size: 22400}\n", r"data.image_size: 22400 px a side is 501,760,000 pixels an image, above "
+                                     r"data.max_image_pixels \(89,478,485\)"),
     ("eval: {tasks: [retrieval, probe]}\n", r"eval.tasks: unknown task\(s\) \['probe'\]"),
     ("eval: {templates_en: [a photo]}\n", "eval.templates_en: each template needs one {}"),
     # numbers out of range: refused before any work (they failed deep inside a stage, with a traceback)

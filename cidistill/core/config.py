@@ -287,6 +287,9 @@ class Config:
             raise ConfigError(f"data.holdout: expected COLUMN=VALUE, got {self.data.holdout!r}")
         if not 0.0 <= self.data.holdout_fraction < 1.0:
             raise ConfigError(f"data.holdout_fraction: must be in [0, 1), got {self.data.holdout_fraction}")
+        if self.data.image_size ** 2 > self.data.max_image_pixels:  # every image is resized to it: a typo (22400)
+            raise ConfigError(f"data.image_size: {self.data.image_size} px a side is {self.data.image_size ** 2:,} pixels an "
+                              f"image, above data.max_image_pixels ({self.data.max_image_pixels:,})")
         self._validate_streams()
         self._validate_columns()
         if not self.train.phases:  # a train stage that could never train would still clear the last one's output
