@@ -336,16 +336,18 @@ class DownloadStage(Stage):
 
 
 def _download_one(item) -> str:
-    """One Ray task: img2dataset downloads one shard, fetching with pipeline/fetch.py. A shard whose failures
-    include transient ones (refused, reset, timeout, DNS, 5xx) is downloaded again, up to
-    data.transient_attempts times over all runs (counted in _tmp/); only then is its verdict written, which is
-    what marks it done, so a shard written while its run was dying is redone by the next run."""
+    """One Ray task: img2dataset downloads one shard, fetching with pipeline/fetch.py. The URLs of a shard
+    that failed for a transient reason (refused, reset, timeout, DNS, 5xx) are fetched again and merged in
+    (pipeline/retry.py), up to data.transient_attempts attempts over all runs (counted in _tmp/); only then is
+    its verdict written, which is what marks it done, so a shard written while its run was dying is redone
+    by the next run."""
     downloader, shard_id, feather, d = item
     set_env_defaults()
     os.environ.setdefault("CV_IO_MAX_IMAGE_PIXELS", str(d["max_image_pixels"]))  # OpenCV's own decode-size guard
     import img2dataset.downloader as i2d
 
     from .fetch import make_fetcher
+    from .retry import retry_transient
 
     # img2dataset calls this module function for every URL: ours checks redirects, a deadline and a size cap
     i2d.download_image = make_fetcher(d["allowed_schemes"], d["deadline"], d["max_bytes"])
@@ -354,14 +356,15 @@ def _download_one(item) -> str:
     shard = shard_name(shard_id)
     # attempts that ended with transient failures, over all runs (a run killed mid-shard does not count)
     failed_tries = tmp.read_json(f"{shard}.attempts") if tmp.exists(f"{shard}.attempts") else 0
+    _download_copy(downloader, shard_id, feather)
     while True:
-        _download_copy(downloader, shard_id, feather)
         verdict = shard_verdict(out, shard, failed_tries + 1)
         if not verdict["failed_transient"] or failed_tries + 1 >= d["transient_attempts"]:
             break
         failed_tries += 1
         tmp.write_json(f"{shard}.attempts", failed_tries)
-        time.sleep(min(2 ** failed_tries, 30))  # a server that was down for a moment: try the shard again
+        time.sleep(min(2 ** failed_tries, 30))  # a server that was down for a moment: try those URLs again
+        retry_transient(downloader, shard_id, feather, _download_copy)
     from cidistill.core import faults
 
     faults.point()

@@ -1,4 +1,5 @@
 """Download stage: real img2dataset over loopback HTTP, on Ray; failures counted by reason; resume."""
+import io
 import json
 import os
 from pathlib import Path
@@ -6,10 +7,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from cidistill.core.config import load_config
 from cidistill.app.demo_data import LoopbackServer
+from cidistill.core.packed import iter_tar_samples
 from cidistill.core.stage import RUN
+from cidistill.core.store import Store
 from pipeline.download import DownloadStage
 
 
@@ -50,7 +54,7 @@ def test_download_counts_failures_and_resumes(tmp_path, ray_session, small_data,
     assert stats["successes"] == n_good
     assert stats["failed_to_download"] + stats["failed_to_resize"] == 5        # 404, html, truncated, empty, dead host
     assert stats["urls_rejected"] == {"scheme_not_allowed": 1, "duplicate_url": 1, "empty_url": 1}
-    # the dead host (connection refused) is transient: its shard was fetched data.transient_attempts times
+    # the dead host (connection refused) is transient: that URL alone was fetched data.transient_attempts times
     assert stats["failed_transient"] == 1 and stats["failed_permanent"] == 4 and stats["shards_retried"] == 1
     assert stats["samples_lost"] == 0 and stats["count"] == n_good + 5
     reasons = " ".join(stats["status_dict"])
@@ -205,3 +209,62 @@ def test_carried_columns_of_any_type_arrive_and_a_sample_img2dataset_cannot_writ
     assert not (out2 / "_DONE").exists() and not (out2 / "00001_verdict.json").exists()
     monkeypatch.setattr(WebDatasetSampleWriter, "write", real_write)
     assert DownloadStage(cfg2, use_ray=False).run()["successes"] == 12
+
+
+def test_transient_failures_alone_are_fetched_again_and_merged_under_their_keys(tmp_path, small_data):
+    """A server that answers 503 to two images the first time: only those two URLs are fetched again (the
+    whole shard was, data.transient_attempts times: every good image three times over on a web-scale shard),
+    and they join the shard under the keys they had, in its parquet, its tar (image, caption, json) and its
+    counts, exactly as if they had come the first time."""
+    import functools
+    import http.server
+    import threading
+    from collections import Counter
+
+    from cidistill.core.images import read_tar_images
+
+    hits: Counter = Counter()
+    flaky = set()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            hits[self.path] += 1
+            if self.path in flaky and hits[self.path] == 1:
+                self.send_error(503)
+                return
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(small_data.root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        t = small_data.table.slice(0, 10)
+        paths = [f"/{p}" for p in t.column("path").to_pylist()]
+        flaky.update(paths[3:5])
+        urls = tmp_path / "urls.parquet"
+        pq.write_table(pa.table({"url": [f"http://127.0.0.1:{httpd.server_address[1]}{p}" for p in paths],
+                                 "caption": t.column("caption")}), urls)
+        cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.transient_attempts=3"])
+        stats = DownloadStage(cfg, use_ray=False).run()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert stats["successes"] == 10 and stats["failed_transient"] == 0 and stats["shards_retried"] == 1
+    assert stats["status_dict"] == {"success": 10} and stats["samples_lost"] == 0
+    assert [hits[p] for p in paths] == [1, 1, 1, 2, 2, 1, 1, 1, 1, 1]      # the others fetched once
+    out = Path(cfg.stage_dir("download"))
+    got = pq.read_table(out / "00000.parquet")
+    by_url = dict(zip([u.split(":", 2)[-1].split("/", 1)[-1] for u in got.column("url").to_pylist()],
+                      got.column("key").to_pylist()))
+    assert sorted(got.column("key").to_pylist()) == [f"{i:08d}" for i in range(10)]
+    assert [by_url[p[1:]] for p in paths] == [f"{i:08d}" for i in range(10)]  # each row keeps its own key
+    images = read_tar_images(Store(str(out)), "00000.tar")
+    assert sorted(images) == sorted(by_url.values())
+    for p in paths[3:5]:
+        assert Image.open(io.BytesIO(images[by_url[p[1:]]])).size == (64, 64)
+    samples = {s["__key__"]: s for s in iter_tar_samples(Store(str(out)), "00000.tar")}
+    for k, s in samples.items():
+        assert json.loads(s["json"])["key"] == k and s["txt"].decode() == t.column("caption")[int(k)].as_py()
+    assert json.loads((out / "00000_stats.json").read_text())["successes"] == 10

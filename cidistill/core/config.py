@@ -45,8 +45,8 @@ class DataConfig:
     max_bytes: int = 32 << 20           # a response larger than this is refused (and counted), never held whole
     retries: int = 0                    # per-URL retries inside img2dataset
     shard_retries: int = 2              # Ray task retries per shard (a worker that died)
-    # a shard with transient failures (refused, reset, timeout, DNS, 5xx) is fetched again, up to this many
-    # times over all runs; after that its failures are final (stats: failed_transient)
+    # URLs that failed for a transient reason (refused, reset, timeout, DNS, 5xx) are fetched again (those
+    # alone), up to this many attempts over all runs; after that their failures are final (failed_transient)
     transient_attempts: int = 3
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])  # URL schemes ever fetched
     # a response header (X-Robots-Tag) with one of these opts the image out: it is not downloaded
