@@ -90,9 +90,10 @@ def _json_native(tp: pa.DataType) -> bool:
     column into each sample's json and drops the sample (only printing why) when it cannot."""
     if pa.types.is_dictionary(tp):
         return _json_native(tp.value_type)
-    if pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp) or pa.types.is_map(tp):
-        return _json_native(tp.value_type if not pa.types.is_map(tp) else tp.item_type) and \
-            (not pa.types.is_map(tp) or _json_native(tp.key_type))
+    if pa.types.is_map(tp):
+        return _json_native(tp.key_type) and _json_native(tp.item_type)
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp) or pa.types.is_fixed_size_list(tp):
+        return _json_native(tp.value_type)
     if pa.types.is_struct(tp):
         return all(_json_native(tp.field(i).type) for i in range(tp.num_fields))
     return any(f(tp) for f in (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer,
@@ -119,14 +120,20 @@ def carry_as_text(table: pa.Table, columns: list[str], as_text: dict[str, str]) 
     return table
 
 
+def plain_text(table: pa.Table, name: str) -> pa.Table:
+    """A categorical (dictionary-encoded) text column as plain text."""
+    col = table.column(name)
+    if pa.types.is_dictionary(col.type) and _is_text(col.type):
+        table = table.set_column(table.column_names.index(name), name, col.cast(col.type.value_type))
+    return table
+
+
 def clean_text_columns(table: pa.Table, columns: list[str], max_chars: int, fixed: Counter) -> pa.Table:
     """Captions as valid UTF-8 strings of bounded length: binary columns (the only way a parquet file holds
     non-UTF-8 text) are decoded with replacement characters, over-long ones cut; both counted in `fixed`."""
     for name in columns:
+        table = plain_text(table, name)
         col = table.column(name)
-        if pa.types.is_dictionary(col.type) and _is_text(col.type):
-            col = col.cast(col.type.value_type)
-            table = table.set_column(table.column_names.index(name), name, col)
         if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type) or pa.types.is_string(col.type)
                 or pa.types.is_large_string(col.type)):
             continue
@@ -210,10 +217,7 @@ class DownloadStage(Stage):
         for _, batches in _read_url_batches(self.d.urls, columns, text):
             buffered: list[pa.Table] = []
             for table in batches:
-                url = table.column(self.d.url_col)
-                if pa.types.is_dictionary(url.type):
-                    table = table.set_column(table.column_names.index(self.d.url_col), self.d.url_col,
-                                             url.cast(url.type.value_type))
+                table = plain_text(table, self.d.url_col)
                 keep, seen = [], set()
                 for i, u in enumerate(table.column(self.d.url_col).to_pylist()):
                     reason = None
