@@ -77,3 +77,18 @@ def test_ray_worker_lines_in_a_log_carry_no_colour_codes(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
                          env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
     assert "hello from a worker" in out and "\x1b[" not in out, repr(out)
+
+
+def test_local_workers_get_a_checkout_on_their_path_but_never_site_packages(monkeypatch):
+    """An installed package's folder is site-packages: on the workers' PYTHONPATH it would come before the
+    standard library, and img2dataset's `dataclasses` backport there broke every Ray worker of a
+    non-editable install (each failed to start, five times, then the stage)."""
+    import site
+    from pathlib import Path
+
+    import cidistill.core.runtime as rt
+
+    root = Path(rt.__file__).resolve().parents[2]
+    assert rt.checkout_root() == str(root)                      # this checkout (an editable install)
+    monkeypatch.setattr(site, "getsitepackages", lambda: ["/nowhere", str(root)])
+    assert rt.checkout_root() is None                           # the same files, installed

@@ -226,6 +226,20 @@ def require_resources(per_unit: dict[str, float], units: int, setting: str, spar
     print(f"[cidistill] waiting: {msg} now; an autoscaling cluster adds nodes, another waits for ever", flush=True)
 
 
+def checkout_root() -> str | None:
+    """The folder above this package when it is a checkout that local Ray workers could not import otherwise;
+    None when the package is installed (site-packages: on PYTHONPATH it would come before the standard library,
+    and img2dataset's dependency `dataclasses`, a Python 3.6 backport, would then replace the real module in
+    every worker)."""
+    import site
+    import sysconfig
+
+    root = Path(__file__).resolve().parents[2]
+    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")} | set(site.getsitepackages())
+    installed.add(site.getusersitepackages())
+    return None if any(root == Path(p).resolve() for p in installed if p) else str(root)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join `address` (or RAY_ADDRESS) when given, else start a quiet local cluster on 127.0.0.1."""
     set_env_defaults()
@@ -261,8 +275,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         except ConnectionError as e:  # something else listens there
             raise no_cluster(str(e).splitlines()[0]) from None
     else:
-        # local workers import this package even when it is run from a checkout that is not pip-installed
-        root = str(Path(__file__).resolve().parents[2])
+        root = checkout_root()
         runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
