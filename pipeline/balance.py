@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from cidistill.core import faults
 from cidistill.core.config import Config
 from cidistill.core.errors import StageError
-from cidistill.core.schema import (BALANCE_SCHEMA, HOLDOUT_FIELDS, emb_matrix, has_holdout, holdout_mask,
+from cidistill.core.schema import (BALANCE_SCHEMA, HOLDOUT_FIELDS, as_float32, emb_matrix, has_holdout, holdout_mask,
                                    join_on_key, shard_stats_name)
 from cidistill.core.stage import Stage, run_tasks, sum_counters, task_slots
 from cidistill.core.store import Store, join, null_free
@@ -130,7 +130,7 @@ class BalanceStage(Stage):
     def rule_vectors(self, vec16: np.ndarray) -> np.ndarray:
         """The rule vectors from the stored float16 rows ([image | caption] when joint)."""
         d = vec16.shape[1] // 2 if self.joint else vec16.shape[1]
-        x = vec16.astype(np.float32)
+        x = as_float32(vec16)
         return rule_matrix(x[:, :d], x[:, d:] if self.joint else None, self.bc)
 
     def scan(self, s: str, cut: int, aside_hi: int) -> dict:
@@ -150,16 +150,16 @@ class BalanceStage(Stage):
         reason = np.full(len(keys), None, dtype=object)
         if has_holdout(self.cfg):
             reason[holdout_mask(self.cfg, t).to_numpy(zero_copy_only=False)] = "held_out"
-        image = emb_matrix(t.column("image_emb"))
-        reason[bad_embedding(image) & (reason == None)] = "bad_embedding"  # noqa: E711
+        image16 = emb_matrix(t.column("image_emb"), np.float16)                # the stored values, as stored
+        reason[bad_embedding(as_float32(image16)) & (reason == None)] = "bad_embedding"  # noqa: E711
         if text:
             reason[t.column("text_emb").is_null().to_numpy(zero_copy_only=False) & (reason == None)] = "no_caption"  # noqa: E711
         live = reason == None  # noqa: E711
-        vec16 = image[live].astype(np.float16)                                   # exact: the values were float16
+        vec16 = image16[live]
         if self.joint:
-            vec16 = np.concatenate([vec16, emb_matrix(t.column("text_emb"))[live].astype(np.float16)], axis=1)
+            vec16 = np.concatenate([vec16, emb_matrix(t.column("text_emb"), np.float16)[live]], axis=1)
         save_npy(self.work, f"vec/{s}.npy", vec16)
-        hash_sample(self.work, f"sample/{s}", [k for k, ok in zip(keys, live) if ok], self.rule_vectors(vec16),
+        hash_sample(self.work, f"sample/{s}", [k for k, ok in zip(keys, live) if ok], vec16, self.rule_vectors,
                     self.bc.seed, cut, aside_hi)
         self.work.write_table(f"scan/{s}.parquet", pa.table({"key": pa.array(keys, pa.string()),
                                                              "reason": pa.array(reason.tolist(), pa.string())}))

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from cidistill.core.config import Config
 from cidistill.core.errors import StageError
-from cidistill.core.schema import CLUSTER_SCHEMA, emb_matrix, join_on_key, shard_stats_name
+from cidistill.core.schema import CLUSTER_SCHEMA, as_float32, emb_matrix, join_on_key, shard_stats_name
 from cidistill.core.stage import Stage, run_tasks
 from cidistill.core.store import Store
 from .parts import hash_sample, load_npy, load_sample, raise_failed, sample_cuts, save_npy
@@ -149,7 +149,7 @@ class ClusterStage(Stage):
             keys, x = kept_embeddings(cfg, s, joint)
             save_npy(out, f"{WORK}/{s}.keys.npy", np.array(keys, dtype=str) if keys else np.zeros(0, "<U1"))
             save_npy(out, f"{WORK}/{s}.npy", x if joint else x.astype(np.float16))  # float16 in embed: exact
-            hash_sample(out, f"{WORK}/{s}.sample", keys, x, seed, cut, aside_hi)
+            hash_sample(out, f"{WORK}/{s}.sample", keys, x, lambda rows: rows, seed, cut, aside_hi)
 
         t0 = time.time()
         raise_failed("cluster: sample", run_tasks(sample, [s for s in shards if not out.exists(f"{WORK}/{s}.sample.npz")],
@@ -193,7 +193,7 @@ class ClusterStage(Stage):
         def assign_one(s: str) -> None:
             cent = load_npy(out, "centroids.npy")
             keys = load_npy(out, f"{WORK}/{s}.keys.npy").tolist()
-            x = load_npy(out, f"{WORK}/{s}.npy").astype(np.float32)
+            x = as_float32(load_npy(out, f"{WORK}/{s}.npy"))
             ids, sim = assign(x, cent, cfg.cluster.gpu) if keys else (np.zeros(0, np.int32), np.zeros(0, np.float32))
             out.write_table(f"{s}.parquet", pa.table({"key": keys, "cluster_id": ids, "cluster_sim": sim},
                                                      schema=CLUSTER_SCHEMA))

@@ -79,15 +79,21 @@ def load_npy(store: Store, name: str) -> np.ndarray:
         return np.load(f)
 
 
-def hash_sample(store: Store, name: str, keys: list[str], x: np.ndarray, seed: int, cut: int, aside_hi: int) -> None:
+def hash_sample(store: Store, name: str, keys: list[str], x: np.ndarray, prepare, seed: int, cut: int,
+                aside_hi: int) -> None:
     """A shard's rows of a seeded hash sample (key_hash < cut) and of the held-aside sample (cut <= key_hash <
-    aside_hi) as `name`.npz: `sample`, `sample_keys`, `aside`, `aside_keys` (plain arrays, no pickle)."""
-    h = [key_hash(seed, k) for k in keys]
+    aside_hi), `prepare`d (row by row: only the sampled rows are), as `name`.npz: `sample`, `sample_keys`,
+    `aside`, `aside_keys` (plain arrays, no pickle)."""
+    h = [key_hash(seed, k) for k in keys]  # Python ints: a cut may be 2**64 (everything sampled)
     s = np.array([v < cut for v in h], bool)
     a = np.array([cut <= v < aside_hi for v in h], bool)
     k = np.array(keys, dtype=str) if keys else np.zeros(0, "<U1")
+    rows = prepare(x[s | a])
+    picked = np.flatnonzero(s | a)
+    in_s = s[picked]
     buf = io.BytesIO()
-    np.savez(buf, sample=x[s].reshape(-1, x.shape[1]), sample_keys=k[s], aside=x[a].reshape(-1, x.shape[1]), aside_keys=k[a])
+    np.savez(buf, sample=rows[in_s].reshape(-1, rows.shape[1]), sample_keys=k[s],
+             aside=rows[~in_s].reshape(-1, rows.shape[1]), aside_keys=k[a])
     store.write_bytes(f"{name}.npz", buf.getvalue())
 
 
