@@ -329,3 +329,32 @@ def test_resources_the_local_cluster_can_never_give_fail_at_once(tmp_path, small
     with pytest.raises(StageError, match=r"a GPU each: train.use_gpu\) does not fit in this Ray cluster \(2 CPU, 0 GPU"):
         require_resources({"CPU": 1, "GPU": 1}, 1, "train.workers=1 × (train.cpus_per_worker=1, a GPU each: train.use_gpu)")
     require_resources({"CPU": 1, "GPU": 0}, 2, "two of one CPU fit in two")
+
+
+def test_a_user_without_a_writable_home_is_told_to_set_cidistill_cache(tmp_path, monkeypatch, capsys):
+    """A container's user often has no home to write in: the cache folder said so as a misleading "stage 'none'
+    could not write its output", then npm's own cache in ~/.npm failed the demo data with a traceback, and
+    matplotlib warned twice. With CIDISTILL_CACHE set, nothing else needs the home folder."""
+    import os
+    import tempfile
+
+    from cidistill.app.demo_data import _fetch_package
+    from cidistill.core import runtime
+    from cidistill.core.errors import StageError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("HOME", str(blocker / "home"))  # a file is in the way: not even root can make it
+    for var in ("XDG_CACHE_HOME", "CIDISTILL_CACHE", "MPLCONFIGDIR", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(runtime, "_writable", set())
+    assert main(["demo", "--small", "--workdir", str(tmp_path / "w")]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"cidistill: error: the cache folder {blocker}/home/.cache/cidistill cannot be written")
+    assert err.endswith("set CIDISTILL_CACHE to a writable folder"), err
+
+    runtime.set_env_defaults()
+    assert os.environ["MPLCONFIGDIR"].startswith(tempfile.gettempdir())
+    with pytest.raises(StageError, match=r"^`npm pack cldr-annotations-full@0.0.0-none` .* failed: npm"):
+        _fetch_package("cldr-annotations-full", "0.0.0-none", tmp_path / "packages")  # no such version
+    assert (tmp_path / "packages" / "npm-cache").is_dir()  # npm's cache was ours, not the missing home's

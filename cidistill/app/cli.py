@@ -154,10 +154,13 @@ def _main(argv: list[str] | None) -> int:
         return 128 + signal.SIGTERM if term else 130
     except OSError as e:
         if isinstance(e, PermissionError) or e.errno in WRITE_ERRNOS:  # disk full, unwritable folder: keep what finished
-            print(f"cidistill: error: stage {faults.current_stage()!r} could not write its output: {e}. Finished "
-                  "shards are kept; free space or fix permissions and rerun to resume.", file=sys.stderr)
+            stage = faults.current_stage()
+            where = f"stage {stage!r} could not write its output" if stage != "none" else "could not write"
+            print(f"cidistill: error: {where}: {e}. Finished shards are kept; free space or fix permissions and "
+                  "rerun to resume.", file=sys.stderr)
             return 3
-        print(f"cidistill: error: stage {faults.current_stage()!r}: {one_line(e)}", file=sys.stderr)
+        stage = faults.current_stage()
+        print(f"cidistill: error: {f'stage {stage!r}: ' if stage != 'none' else ''}{one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cidistill.core.runtime import cache_dir
+from cidistill.core.errors import StageError
+from cidistill.core.runtime import cache_dir, home
 from cidistill.core.store import Store, split_uri
 
 VENDORS = ("apple", "google", "twitter")
@@ -38,6 +40,15 @@ def _safe_members(tar: tarfile.TarFile, want):
             yield m
 
 
+def _writable(folder: Path) -> bool:
+    """Whether `folder` is (or can be made) a folder this user writes in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def _fetch_package(name: str, version: str, dest: Path) -> Path:
     """`npm pack` the package (registry only, no scripts run) and unpack the files we use."""
     out = dest / f"{name}-{version}"
@@ -48,9 +59,19 @@ def _fetch_package(name: str, version: str, dest: Path) -> Path:
     tgz = tgz_dir / f"{name}-{version}.tgz"
     if not tgz.exists():
         if shutil.which("npm") is None:
-            raise RuntimeError("the demo data needs `npm` (Node.js) to fetch the emoji packages from the npm registry")
-        subprocess.run(["npm", "pack", f"{name}@{version}", "--silent", "--pack-destination", str(tgz_dir)],
-                       check=True, stdout=subprocess.DEVNULL)
+            raise StageError("the demo data needs `npm` (Node.js) to fetch the emoji packages from the npm "
+                             "registry (Debian/Ubuntu: apt-get install npm)")
+        env = dict(os.environ)
+        if "npm_config_cache" not in {k.lower() for k in env} and not (home() and _writable(home() / ".npm")):
+            env["npm_config_cache"] = str(dest / "npm-cache")  # no writable home (a container's user): ours
+        r = subprocess.run(["npm", "pack", f"{name}@{version}", "--loglevel=error", "--pack-destination", str(tgz_dir)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        if r.returncode:  # npm's first line that says what went wrong (not its error code, not its log's path)
+            lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
+            why = next((ln for ln in lines if not any(w in ln for w in (" code ", "complete log", "A complete"))),
+                       f"exit status {r.returncode}")
+            raise StageError(f"`npm pack {name}@{version}` (the demo's data, from the npm registry) failed: "
+                             f"{why.strip()[:300]}")
     tmp = out.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     want = (lambda n: "/64/" in n and n.endswith(".png")) if "emoji-datasource" in name else (

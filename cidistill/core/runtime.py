@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -61,9 +62,33 @@ def quiet_logs() -> None:
 def cache_dir() -> Path:
     """Caches kept between runs (demo data, the demo teacher, compiled kernels): CIDISTILL_CACHE, else
     $XDG_CACHE_HOME/cidistill, else ~/.cache/cidistill. Local to each node, never in the work folder."""
-    root = os.environ.get("CIDISTILL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")), "cidistill")
+    from .errors import StageError
+
+    base = os.environ.get("XDG_CACHE_HOME") or (str(home() / ".cache") if home() else "")
+    root = os.environ.get("CIDISTILL_CACHE") or (os.path.join(base, "cidistill") if base else "")
+    if not root:
+        raise StageError("no cache folder: this user has no home folder; set CIDISTILL_CACHE to a writable folder")
+    if root not in _writable:  # a container's user often has no writable home: say so, and what to set
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as e:
+            raise StageError(f"the cache folder {root} cannot be written ({e.strerror or e}): set CIDISTILL_CACHE "
+                             "to a writable folder") from None
+        _writable.add(root)
     return Path(root)
+
+
+_writable: set[str] = set()
+
+
+def home() -> Path | None:
+    """The user's home folder; None where it cannot be known (no HOME, a user id with no passwd entry)."""
+    try:
+        return Path.home()
+    except (RuntimeError, KeyError):
+        return None
 
 
 def native_bf16_cpu() -> bool:
@@ -95,6 +120,14 @@ def set_env_defaults() -> None:
         os.environ.setdefault(k, v)
     if not sys.stdout.isatty():  # a log file: the Ray workers' line prefixes without colour escape codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if "MPLCONFIGDIR" not in os.environ and not os.environ.get("XDG_CONFIG_HOME") and not _home_writable():
+        # matplotlib would warn twice (the cards) and make a temporary folder per process: ours instead
+        os.environ["MPLCONFIGDIR"] = os.path.join(tempfile.gettempdir(), f"cidistill-matplotlib-{os.getuid()}")
+
+
+def _home_writable() -> bool:
+    h = home()
+    return bool(h) and os.access(h, os.W_OK | os.X_OK)
 
 
 # The demo needs nothing from a hub and runs with it off (no lookups); a user's run lets open_clip fetch the
