@@ -358,3 +358,14 @@ def test_a_user_without_a_writable_home_is_told_to_set_cidistill_cache(tmp_path,
     with pytest.raises(StageError, match=r"^`npm pack cldr-annotations-full@0.0.0-none` .* failed: npm"):
         _fetch_package("cldr-annotations-full", "0.0.0-none", tmp_path / "packages")  # no such version
     assert (tmp_path / "packages" / "npm-cache").is_dir()  # npm's cache was ours, not the missing home's
+
+
+def test_version_names_the_package_and_the_libraries_it_runs_on(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"cidistill {version('cidistill')} (torch {version('torch')}, ")
+    assert f"ray {version('ray')}" in out and "faiss" in out and "not installed" not in out

@@ -42,10 +42,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ray", action="store_true", help="run in this process (debugging)")
 
 
+def versions() -> str:
+    """`cidistill 0.1.0 (torch …, open_clip_torch …, …)` from the installed metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    faiss = next((n for n in ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss") if v(n) != "not installed"), "faiss")
+    libs = ("torch", "open_clip_torch", "ray", "img2dataset", faiss, "pyarrow")
+    return f"cidistill {v('cidistill')} ({', '.join(f'{n} {v(n)}' for n in libs)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cidistill", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-v", "--verbose", action="store_true", help="show every library's log lines and warnings")
+    ap.add_argument("--version", action="version", version=versions(),
+                    help="this package's version and those of the libraries it runs on")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for s in STAGES:
         _common(sub.add_parser(s, help=f"run the {s} stage"))
