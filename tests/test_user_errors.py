@@ -347,7 +347,7 @@ def test_a_user_without_a_writable_home_is_told_to_set_cidistill_cache(tmp_path,
     monkeypatch.setenv("HOME", str(blocker / "home"))  # a file is in the way: not even root can make it
     for var in ("XDG_CACHE_HOME", "CIDISTILL_CACHE", "MPLCONFIGDIR", "XDG_CONFIG_HOME"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(runtime, "_writable", set())
+    monkeypatch.setattr(runtime, "_checked_caches", set())
     assert main(["demo", "--small", "--workdir", str(tmp_path / "w")]) == 2
     err = _err(capsys)
     assert err.startswith(f"cidistill: error: the cache folder {blocker}/home/.cache/cidistill cannot be written")

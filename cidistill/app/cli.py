@@ -170,13 +170,12 @@ def _main(argv: list[str] | None) -> int:
               "again to resume", file=sys.stderr)
         return 128 + signal.SIGTERM if term else 130
     except OSError as e:
+        stage = faults.current_stage()
         if isinstance(e, PermissionError) or e.errno in WRITE_ERRNOS:  # disk full, unwritable folder: keep what finished
-            stage = faults.current_stage()
             where = f"stage {stage!r} could not write its output" if stage != "none" else "could not write"
             print(f"cidistill: error: {where}: {e}. Finished shards are kept; free space or fix permissions and "
                   "rerun to resume.", file=sys.stderr)
             return 3
-        stage = faults.current_stage()
         print(f"cidistill: error: {f'stage {stage!r}: ' if stage != 'none' else ''}{one_line(e)}", file=sys.stderr)
         return 2
     return 0

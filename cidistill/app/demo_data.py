@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from cidistill.core.errors import StageError
-from cidistill.core.runtime import cache_dir, home
+from cidistill.core.runtime import cache_dir, home, writable_folder
 from cidistill.core.store import Store, split_uri
 
 VENDORS = ("apple", "google", "twitter")
@@ -40,15 +40,6 @@ def _safe_members(tar: tarfile.TarFile, want):
             yield m
 
 
-def _writable(folder: Path) -> bool:
-    """Whether `folder` is (or can be made) a folder this user writes in."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK | os.X_OK)
-
-
 def _fetch_package(name: str, version: str, dest: Path) -> Path:
     """`npm pack` the package (registry only, no scripts run) and unpack the files we use."""
     out = dest / f"{name}-{version}"
@@ -62,7 +53,7 @@ def _fetch_package(name: str, version: str, dest: Path) -> Path:
             raise StageError("the demo data needs `npm` (Node.js) to fetch the emoji packages from the npm "
                              "registry (Debian/Ubuntu: apt-get install npm)")
         env = dict(os.environ)
-        if "npm_config_cache" not in {k.lower() for k in env} and not (home() and _writable(home() / ".npm")):
+        if "npm_config_cache" not in {k.lower() for k in env} and not (home() and writable_folder(home() / ".npm")):
             env["npm_config_cache"] = str(dest / "npm-cache")  # no writable home (a container's user): ours
         r = subprocess.run(["npm", "pack", f"{name}@{version}", "--loglevel=error", "--pack-destination", str(tgz_dir)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)

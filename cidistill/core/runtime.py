@@ -68,7 +68,7 @@ def cache_dir() -> Path:
     root = os.environ.get("CIDISTILL_CACHE") or (os.path.join(base, "cidistill") if base else "")
     if not root:
         raise StageError("no cache folder: this user has no home folder; set CIDISTILL_CACHE to a writable folder")
-    if root not in _writable:  # a container's user often has no writable home: say so, and what to set
+    if root not in _checked_caches:  # a container's user often has no writable home: say so, and what to set
         try:
             Path(root).mkdir(parents=True, exist_ok=True)
             if not os.access(root, os.W_OK | os.X_OK):
@@ -76,11 +76,20 @@ def cache_dir() -> Path:
         except OSError as e:
             raise StageError(f"the cache folder {root} cannot be written ({e.strerror or e}): set CIDISTILL_CACHE "
                              "to a writable folder") from None
-        _writable.add(root)
+        _checked_caches.add(root)
     return Path(root)
 
 
-_writable: set[str] = set()
+_checked_caches: set[str] = set()
+
+
+def writable_folder(folder: Path) -> bool:
+    """Whether `folder` is (or can be made) a folder this user writes in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def home() -> Path | None:
