@@ -436,6 +436,9 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel, done=lambda part: None) -> 
     return res, per
 
 
+BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
 def teacher_eval_key(cfg: Config) -> str:
     """Weights (an open_clip tag, or the files' names, sizes and times), the eval settings, and the packed
     splits by content: each split's manifest (every pair's key, captions, shard and row) and its shards' sizes."""
@@ -445,7 +448,10 @@ def teacher_eval_key(cfg: Config) -> str:
                                    # what its features were computed in: by the embed stage, then here
                                    "precision": [embed_precision(t.precision, "cuda" if t.gpus_per_actor else "cpu"),
                                                  resolve_precision(cfg.eval.precision, "cpu")],
-                                   "held_out": has_holdout(cfg)}, sort_keys=True, default=str).encode())
+                                   "held_out": has_holdout(cfg),
+                                   # the probe's lbfgs rounds as OpenBLAS's kernel does: one forced by these
+                                   # moved the small demo's probe by an image of 100
+                                   "blas": {k: os.environ.get(k) for k in BLAS_ENV}}, sort_keys=True, default=str).encode())
     for p in _weight_files(t.pretrained):
         st = p.stat()
         h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
