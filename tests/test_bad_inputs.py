@@ -17,6 +17,7 @@ from PIL import Image
 
 from cidistill.core.config import load_config, to_dict
 from cidistill.core.errors import StageError
+from conftest import cli_stderr
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -171,7 +172,7 @@ def test_a_truncated_weights_file_is_one_line(tmp_path, small_run, capsys):
         f.truncate(4096)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d, allow_unicode=True))
     assert main(["eval", "-c", str(tmp_path / "c.yaml"), "--no-ray"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr(capsys)
     assert "train/model.safetensors: not a readable safetensors file (Error while deserializing header" in err
     assert len(err.splitlines()) == 1, err
 

@@ -13,7 +13,7 @@ import pytest
 from cidistill.app.cli import main
 from cidistill.core.config import STAGES
 from cidistill.core.store import Store
-from conftest import free_port, start_moto
+from conftest import cli_stderr, free_port, start_moto
 
 
 def _by_key(store: Store, cols: list[str]) -> dict:
@@ -85,7 +85,7 @@ def test_wrong_secret_fails_in_seconds_in_one_line(tmp_path, monkeypatch, capsys
     finally:
         proc.terminate()
         proc.wait(10)
-    err = capsys.readouterr().err
+    err = cli_stderr(capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and seconds < 20, (rc, seconds, err)
     assert len(lines) == 1 and "Traceback" not in err, err

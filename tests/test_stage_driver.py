@@ -11,6 +11,7 @@ import pytest
 from cidistill.core.config import STAGES, load_config
 from cidistill.core.stage import DONE, RUN, Stage, plan
 from cidistill.core.store import Store, join
+from conftest import cli_stderr
 
 
 def test_join_keeps_the_scheme():
@@ -154,7 +155,7 @@ def test_second_run_on_a_work_folder_refuses_and_a_dead_holder_is_taken_over(tmp
                                                      "started": "2026-12-01 10:00:00"}))
         t0 = time.time()
         assert main(["balance", "--workdir", str(work), "--no-ray"]) == 2
-        err = capsys.readouterr().err.strip()
+        err = cli_stderr(capsys)
         assert time.time() - t0 < 30 and len(err.splitlines()) == 1
         assert f"pid {holder.pid}" in err and socket.gethostname() in err and "2026-12-01 10:00:00" in err
     finally:
