@@ -22,7 +22,7 @@ import torch.nn as nn
 from cidistill.core import faults
 from cidistill.core.config import Config, from_dict
 from cidistill.core.errors import StageError
-from cidistill.core.runtime import cache_dir, require_resources
+from cidistill.core.runtime import cache_dir, require_resources, torch_threads
 from cidistill.core.progress import Progress
 from cidistill.core.packed import iter_tar_samples, sample_fields
 from cidistill.core.models import autocast, by_length, channels_last, count_params, create, encode_text, trim_vocab
@@ -365,7 +365,8 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
     job = {"config": asdict(cfg), "out": absolute(out_dir), "lock_text": lock_text, "chinese": chinese,
            "stop_after": stop_after, "data": data or cfg.stage_dir("pack")}
     if cfg.train.workers <= 1 or not use_ray:
-        return train_worker(job)
+        with torch_threads(cfg.train.threads):
+            return train_worker(job)
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -18,7 +18,7 @@ from cidistill.core.config import Config, TeacherConfig
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
-from cidistill.core.runtime import embed_precision, require_resources
+from cidistill.core.runtime import embed_precision, require_resources, torch_threads
 from cidistill.core.models import (autocast, channels_last, configs_of, create, encode_text, fetch_pretrained,
                                    val_preprocess_cfg)
 from cidistill.core.schema import embed_schema, shard_stats_name
@@ -99,11 +99,12 @@ class TeacherEmbedder:
     """Loads the teacher once; embeds decoded batches (decode_batch). Also usable in-process (tests, eval) via
     `embed`, which decodes too."""
 
-    def __init__(self, teacher: dict, pp: dict | None = None):
+    def __init__(self, teacher: dict, pp: dict | None = None, threads: int = 0):
         import torch
 
         tc = TeacherConfig(**teacher)
-        torch.set_num_threads(max(1, int(tc.threads or tc.cpus_per_actor)))
+        if threads:  # an actor's own process; in-process callers scope it with torch_threads
+            torch.set_num_threads(threads)
         self.device = "cuda" if tc.gpus_per_actor and torch.cuda.is_available() else "cpu"
         self.lm = create(tc.model, tc.pretrained, tc.model_config, device=self.device)
         channels_last(self.lm.model).eval()
@@ -239,14 +240,17 @@ class EmbedStage(Stage):
         tc = self.cfg.teacher
         pp = val_preprocess_cfg(tc.model, tc.pretrained, tc.model_config)
         kwargs = {"teacher": vars(tc), "pp": pp}
+        threads = max(1, int(tc.threads or tc.cpus_per_actor))
         if not self.use_ray:
-            emb = TeacherEmbedder(**kwargs)
-            for s in shards:
-                rows = _read_shard({"shard": s, "folder": self.src.uri})
-                for i in range(0, len(rows), tc.batch_size):
-                    part = rows[i:i + tc.batch_size]
-                    yield emb(decode_batch({k: [r[k] for r in part] for k in part[0]}, pp))
+            with torch_threads(threads):
+                emb = TeacherEmbedder(**kwargs)
+                for s in shards:
+                    rows = _read_shard({"shard": s, "folder": self.src.uri})
+                    for i in range(0, len(rows), tc.batch_size):
+                        part = rows[i:i + tc.batch_size]
+                        yield emb(decode_batch({k: [r[k] for r in part] for k in part[0]}, pp))
             return
+        kwargs["threads"] = threads
         import ray
 
         ds = ray.data.from_items([{"shard": s, "folder": self.src.uri} for s in shards], override_num_blocks=len(shards))

@@ -27,7 +27,8 @@ def _cfg_file(tmp_path, workdir, urls, teacher) -> Path:
     cfg.data.urls = str(urls)
     cfg.teacher.pretrained = teacher
     cfg.stages = list(KILLED) + ["eval"]
-    cfg.train.threads = 1
+    # train.threads left at 0: a rerun that starts at train must train on the threads the uninterrupted run had
+    # after its in-process embed stage (which sets its own)
     cfg.train.ckpt_every = 2
     cfg.train.log_every = 1
     cfg.train.phases[0].steps, cfg.train.phases[1].steps = 3, 4

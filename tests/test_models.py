@@ -51,3 +51,21 @@ def test_encode_text_equals_hf_tower():
     scale = max(float(g.abs().max()) for g in g_want.values())
     for name in g_want:
         assert float((g_want[name] - g_got[name]).abs().max()) <= 1e-5 * scale, name
+
+
+def test_a_model_config_file_given_again_wins_over_one_given_since(tmp_path):
+    """open_clip holds one config per name: after a file B under the same name as an earlier file A, creating
+    from A must build A's model, not B's (one process training students of two runs: a test order, `compare`)."""
+    import json
+
+    from cidistill.core.models import CONFIG_DIR
+
+    base = json.loads((CONFIG_DIR / "cid-tiny-rn.json").read_text())
+    files = {}
+    for dim in (32, 48):
+        (tmp_path / str(dim)).mkdir()
+        files[dim] = tmp_path / str(dim) / "cid-arch-under-test.json"
+        files[dim].write_text(json.dumps(dict(base, embed_dim=dim)))
+    for dim in (32, 48, 32):
+        lm = create("cid-arch-under-test", model_config=str(files[dim]))
+        assert lm.model.text_projection.shape[-1] == dim

@@ -30,10 +30,11 @@ class ModelLoadError(StageError, ValueError):
 def register_configs(extra: str = "") -> None:
     """Make the packaged configs (and a user's JSON file/folder) known to open_clip by name."""
     oc = import_open_clip()
-    for p in [str(CONFIG_DIR)] + ([extra] if extra else []):
-        if p not in _registered:
-            oc.add_model_config(p)
-            _registered.add(p)
+    if str(CONFIG_DIR) not in _registered:
+        oc.add_model_config(CONFIG_DIR)
+        _registered.add(str(CONFIG_DIR))
+    if extra:  # every time: open_clip keeps one config per name, and the last file added under it wins (a
+        oc.add_model_config(extra)  # student trained after another run's arch in this process got that arch)
     if DEMO_TEACHER not in _registered:
         cfg = demo_teacher_config()
         if cfg is not None:

@@ -2,6 +2,7 @@
 op-schema fix, and Ray start/join."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -122,6 +123,22 @@ def embed_precision(precision: str, device: str) -> str:
     native bf16. There bf16 took the demo's embed from 115 to 73 s, but the student trained on those features
     scored EN 14.7 % / ZH 13.2 % against 17.5 % / 15.3 % on fp32 ones from the same teacher (docs/experiments.md)."""
     return "fp32" if precision == "auto" and device != "cuda" else resolve_precision(precision, device)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to n (0: left alone) for a block, then restored. A stage run in this process
+    must not hand its setting on: the next stage would run slower, and round differently (a float sum split over
+    another number of threads), e.g. `cidistill run --no-ray` trained on the embed stage's single thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def set_env_defaults() -> None:
