@@ -27,8 +27,9 @@ def _cfg_file(tmp_path, workdir, urls, teacher) -> Path:
     cfg.data.urls = str(urls)
     cfg.teacher.pretrained = teacher
     cfg.stages = list(KILLED) + ["eval"]
-    # train.threads left at 0: a rerun that starts at train must train on the threads the uninterrupted run had
-    # after its in-process embed stage (which sets its own)
+    # the embed stage on one thread, training on the process's own: a rerun that starts at train must train as
+    # the uninterrupted run did after its in-process embed (whose thread count once stayed set for the training)
+    cfg.teacher.threads = 1
     cfg.train.ckpt_every = 2
     cfg.train.log_every = 1
     cfg.train.phases[0].steps, cfg.train.phases[1].steps = 3, 4
