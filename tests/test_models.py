@@ -55,7 +55,7 @@ def test_encode_text_equals_hf_tower():
 
 def test_a_model_config_file_given_again_wins_over_one_given_since(tmp_path):
     """open_clip holds one config per name: after a file B under the same name as an earlier file A, creating
-    from A must build A's model, not B's (one process training students of two runs: a test order, `compare`)."""
+    from A must build A's model, not B's (one process training the students of two runs, A, B, then A again)."""
     import json
 
     from cidistill.core.models import CONFIG_DIR

@@ -33,8 +33,8 @@ def register_configs(extra: str = "") -> None:
     if str(CONFIG_DIR) not in _registered:
         oc.add_model_config(CONFIG_DIR)
         _registered.add(str(CONFIG_DIR))
-    if extra:  # every time: open_clip keeps one config per name, and the last file added under it wins (a
-        oc.add_model_config(extra)  # student trained after another run's arch in this process got that arch)
+    if extra:  # every time: open_clip keeps one config per name, the last file added under it, and a file
+        oc.add_model_config(extra)  # added before may have been overridden since by another of that name
     if DEMO_TEACHER not in _registered:
         cfg = demo_teacher_config()
         if cfg is not None:

@@ -128,8 +128,8 @@ def embed_precision(precision: str, device: str) -> str:
 @contextlib.contextmanager
 def torch_threads(n: int):
     """torch's intra-op threads set to n (0: left alone) for a block, then restored. A stage run in this process
-    must not hand its setting on: the next stage would run slower, and round differently (a float sum split over
-    another number of threads), e.g. `cidistill run --no-ray` trained on the embed stage's single thread."""
+    must not hand its setting on (`cidistill run --no-ray`: embed, then train): the next stage would run on
+    other threads, and round differently (a float sum split another way)."""
     import torch
 
     before = torch.get_num_threads()
