@@ -224,8 +224,6 @@ def setup(job: dict) -> Worker:
     cfg = from_dict(Config, job["config"])
     rank, world = worker_rank(job)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     out = Store(job["out"])
     if rank == 0:
@@ -402,6 +400,7 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
 def _ray_loop(config: dict) -> None:
     import ray.train
 
-    r = train_worker(config)
+    with torch_threads(config["config"]["train"]["threads"]):
+        r = train_worker(config)
     if ray.train.get_context().get_world_rank() == 0:
         Store(config["out"]).write_json("_worker_result.json", r)
