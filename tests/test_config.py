@@ -68,6 +68,11 @@ def test_override_a_list_item_by_index(tmp_path):
     ("balance: {semantic_eps: [0.1, 3]}\n", r"balance.semantic_eps.1: must be in \[0, 1\]"),
     ("data: {image_size: 0}\n", "data.image_size: must be >= 1"),
     ("data: {timeout: 0}\n", "data.timeout: must be > 0"),
+    # a negative seed failed inside a balance task ("expected non-negative integer"), one above 2**31-1 in faiss
+    ("balance: {seed: -5}\n", r"balance.seed: must be in \[0, 2147483647\], got -5"),
+    ("cluster: {seed: 4294967296}\n", r"cluster.seed: must be in \[0, 2147483647\]"),
+    ("train: {lr: .inf}\n", "train.lr: must be a finite number, got inf"),
+    ("data: {deadline: .nan}\n", "data.deadline: must be a finite number, got nan"),
     # YAML 1.1 reads an unquoted `no` as false: the message says so (img2dataset's resize_mode has a `no`)
     ("data: {resize_mode: no}\n", "expected a string, got bool False \\(YAML reads an unquoted no"),
     ("data: {resize_mode: crop}\n", "data.resize_mode: must be one of border, keep_ratio"),

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cidistill.app.cli import main
-from cidistill.core.config import to_dict
+from cidistill.core.config import ConfigError, to_dict
 from conftest import RAY_FORWARDED, cli_stderr
 
 
@@ -373,3 +373,16 @@ def test_version_names_the_package_and_the_libraries_it_runs_on(capsys):
     out = capsys.readouterr().out.strip()
     assert out.startswith(f"cidistill {version('cidistill')} (torch {version('torch')}, ")
     assert f"ray {version('ray')}" in out and "faiss" in out and "not installed" not in out
+
+
+def test_an_in_memory_work_folder_under_ray_is_one_line(tmp_path, capsys):
+    """`workdir: memory://…` (fsspec's in-memory filesystem): every Ray task failed on files it could not see,
+    with Ray's retries and tracebacks on the console. With --no-ray (one process) it is allowed."""
+    from cidistill.app.registry import run_stages
+    from cidistill.core.config import load_config
+
+    assert main(["download", "--workdir", f"memory://{tmp_path.name}/w"]) == 2
+    assert "memory://" in (err := _err(capsys)) and "use a local folder or object storage" in err
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"dirs.card=memory://{tmp_path.name}/card"])
+    with pytest.raises(ConfigError, match="dirs.card: memory://"):
+        run_stages(cfg, ["card"])

@@ -45,6 +45,8 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
     """Run `stages` in pipeline order: finished ones whose fingerprint still matches are skipped, the others
     (and what depends on them) are redone, with one line per cause first."""
     stages = checked_stages(stages)
+    if use_ray:
+        check_shared(cfg, stages)
     use_storage_options(cfg.storage_options)
     with work_lock(cfg.workdir):
         if use_ray:
@@ -61,6 +63,15 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
         faults.set_stage("none")  # not on an error: the CLI names the stage that failed
     print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
     return out
+
+
+def check_shared(cfg: Config, stages: list[str]) -> None:
+    """Ray workers write the stages' folders from other processes: a folder only this process can see
+    (fsspec's memory://) would fail inside every task with a traceback."""
+    for key, root in [("workdir", cfg.workdir)] + [(f"dirs.{s}", cfg.dirs[s]) for s in stages if s in cfg.dirs]:
+        if str(root).startswith("memory://"):
+            raise ConfigError(f"{key}: {root} is fsspec's in-memory filesystem, which this process alone sees; the "
+                              "stages run in Ray workers too: use a local folder or object storage (or --no-ray)")
 
 
 def check_upstream(cfg: Config, stages: list[str]) -> None:

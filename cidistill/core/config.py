@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,6 +230,7 @@ RANGES = {
             "train.loader_workers train.loss.margin_m train.loss.fd_weight train.loss.icl_weight",
     "in [0, 1]": "balance.apply_eps",
     "in [-1, 1]": "balance.near_dup_cos",
+    "in [0, 2147483647]": "seed balance.seed cluster.seed pack.seed train.seed",  # faiss takes a C int
 }
 
 
@@ -316,6 +318,8 @@ class Config:
                    for k, w in ph.losses.items()]
         values += [(f"balance.semantic_eps.{i}", "in [0, 1]", e) for i, e in enumerate(self.balance.semantic_eps)]
         for key, rule, v in values:
+            if not math.isfinite(v):  # YAML's .inf passes every lower bound; lr .inf trains NaN
+                raise ConfigError(f"{key}: must be a finite number, got {v!r}")
             if not _in_range(rule, v):
                 raise ConfigError(f"{key}: must be {rule}, got {v!r}")
 
