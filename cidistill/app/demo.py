@@ -154,6 +154,8 @@ def run_demo(args) -> dict:
     use_storage_options(cfg.storage_options)
     with work_lock(cfg.workdir):
         out = _demo_stages(args, cfg, stages)
-    print(f"[demo] done: results in {join(cfg.stage_dir('eval'), 'results.md')}, "
-          f"card in {join(cfg.stage_dir('card'), 'card.html')}, student in {join(cfg.stage_dir('export'), 'student')}")
+    made = [f"{what} in {join(cfg.stage_dir(stage), name)}" for what, stage, name in
+            (("results", "eval", "results.md"), ("card", "card", "card.html"), ("student", "export", "student"))
+            if stage in stages]  # only what this run made (`--stages download` makes none of them)
+    print(f"[demo] done: {', '.join(made) or ' '.join(stages) + ' in ' + cfg.workdir}")
     return out
