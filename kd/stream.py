@@ -11,6 +11,7 @@ item per step in turn. Memory: one block of encoded pairs per lane, plus the pre
 from __future__ import annotations
 
 import os
+import signal
 import unicodedata
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -298,6 +299,10 @@ def _one_thread(_):
     nice value its time slices still stall a step's threads at their next barrier). Should the step use every
     core all the time, the loader starves, the step waits on the queue, and then the cores are free for it."""
     torch.set_num_threads(1)
+    # A SIGTERM to the whole process group (`timeout`, `kill -- -PGID`, a scheduler) reaches the loaders too.
+    # torch's own handler exits quietly only when the trainer sent it; killed by the signal, a loader makes the
+    # trainer raise "DataLoader worker ... killed" over its one-line stop message. The trainer reports the stop.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux

@@ -219,13 +219,17 @@ def test_disk_full_while_checkpointing_is_the_exit_3_message(tmp_path, small_run
             subprocess.run(["umount", str(out)], check=False)
 
 
-@pytest.mark.parametrize("sig, ray, rc, said", [
-    ("SIGINT", False, 130, "interrupted"),
-    # `kill`, `timeout`, a scheduler stopping the job; under Ray, whose ray.init installs a bare sys.exit(15)
-    ("SIGTERM", True, 143, "stopped by SIGTERM")])
-def test_ctrl_c_or_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, small_run, sig, ray, rc, said):
-    """SIGINT (Ctrl-C) or SIGTERM mid-training: one line naming the stage, exit 130 (143), the lock released,
-    and the rerun resumes from the checkpoint the interrupted run wrote."""
+@pytest.mark.parametrize("sig, ray, to, rc, said", [
+    ("SIGINT", False, "group", 130, "interrupted"),  # Ctrl-C: the terminal signals the whole process group
+    # `kill PID`, a scheduler stopping the job; under Ray, whose ray.init installs a bare sys.exit(15)
+    ("SIGTERM", True, "pid", 143, "stopped by SIGTERM"),
+    # `timeout` signals the process, then its group: the data loader processes get it too (one killed by it made
+    # the trainer raise "DataLoader worker ... is killed by signal: Terminated"), and the second SIGTERM killed
+    # the cleaning-up run silently (the lock left behind)
+    ("SIGTERM", False, "timeout", 143, "stopped by SIGTERM")])
+def test_ctrl_c_or_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, small_run, sig, ray, to, rc, said):
+    """SIGINT (Ctrl-C) or SIGTERM mid-training, to the process or its whole group: one line naming the stage,
+    exit 130 (143), the lock released, and the rerun resumes from the checkpoint the interrupted run wrote."""
     import os
     import signal
     import sys
@@ -243,12 +247,17 @@ def test_ctrl_c_or_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, small_run
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     # a shell's background job (nohup, `&`) starts with SIGINT ignored, and Python then keeps it ignored
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=to != "pid")
     deadline = time.time() + 240
     while not list(out.glob("step-*/meta.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
-    proc.send_signal(getattr(signal, sig))
+    time.sleep(1)  # a step or two with the loaders busy
+    if to != "group":
+        os.kill(proc.pid, getattr(signal, sig))
+        time.sleep(0.05)  # `timeout` sends the second at once; here the first one's handler has had time to run
+    if to != "pid":
+        os.killpg(proc.pid, getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == rc, err
     said_last = [ln for ln in err.splitlines() if ln.strip() and not RAY_FORWARDED.match(ln)][-1]

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 
 from cidistill.core.runtime import go_offline, init_ray, quiet_logs, set_env_defaults
@@ -109,13 +110,17 @@ def one_line(e: BaseException) -> str:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
-_terminated: list[bool] = []  # set by _stop: a library may re-raise our Terminated as a plain KeyboardInterrupt
+_terminated: list[float] = []  # when _stop ran: a library may re-raise our Terminated as a plain KeyboardInterrupt
+SAME_STOP_S = 2.0  # `timeout` signals the process and then its whole group: one stop, two SIGTERMs
 
 
 def _stop(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM while cleaning up kills at once
-    _terminated.append(True)
-    raise Terminated()
+    if not _terminated:
+        _terminated.append(time.monotonic())
+        raise Terminated()
+    if time.monotonic() - _terminated[0] > SAME_STOP_S:  # asked again while cleaning up: stop at once
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if not _terminated:  # stopped: ours stays, so that the rest of the same stop arriving now is not fatal
+            signal.signal(signal.SIGTERM, before)
 
 
 def _main(argv: list[str] | None) -> int:
