@@ -361,7 +361,7 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
     """Train into out_dir (resuming from its last checkpoint) on the packed dataset in `data` (default: the
     pack stage's folder): in this process, or on Ray Train workers."""
     job = {"config": asdict(cfg), "out": absolute(out_dir), "lock_text": lock_text, "chinese": chinese,
-           "stop_after": stop_after, "data": data or cfg.stage_dir("pack")}
+           "stop_after": stop_after, "data": data or cfg.stage_dir("pack"), "cwd": os.getcwd()}
     if cfg.train.workers <= 1 or not use_ray:
         with torch_threads(cfg.train.threads):
             return train_worker(job)
@@ -400,6 +400,8 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
 def _ray_loop(config: dict) -> None:
     import ray.train
 
+    if os.path.isdir(config["cwd"]):  # Ray Train starts its workers in its run folder: the config's relative
+        os.chdir(config["cwd"])        # paths (`workdir: runs/x`, a model config file) mean the driver's folder
     with torch_threads(config["config"]["train"]["threads"]):
         r = train_worker(config)
     if ray.train.get_context().get_world_rank() == 0:

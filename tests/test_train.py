@@ -1,6 +1,8 @@
 """Trainer: resume reaches the same weights; a 2-worker Ray Train run works on CPU."""
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -39,7 +41,7 @@ def _losses(folder):
     return [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines()]
 
 
-def test_two_workers_follow_the_one_worker_loss_curve(small_run, ray_session, tmp_path):
+def test_two_workers_follow_the_one_worker_loss_curve(small_run, ray_session, tmp_path, monkeypatch):
     """Same global batch: Ray Train over 2 gloo workers (features gathered across them) vs one worker, fp32.
     The student is a BatchNorm-free ViT: a ResNet's BatchNorm normalises over each worker's half batch (no
     SyncBatchNorm on CPU), which alone moved the instance and cluster terms by 3–9 %. Its own text tower has
@@ -51,6 +53,10 @@ def test_two_workers_follow_the_one_worker_loss_curve(small_run, ray_session, tm
     cfg.train.streams = 2  # the batch sequence depends on the streams, not on the workers that read them
     one = train(cfg, str(tmp_path / "one"), use_ray=False)
     cfg.train.workers, cfg.train.loader_workers = 2, 1
+    # its inputs by relative paths (`workdir: runs/x`): Ray Train starts its workers in its own run folder
+    monkeypatch.chdir(Path(small_run.workdir))
+    cfg.dirs = {**cfg.dirs, "pack": os.path.relpath(small_run.stage_dir("pack")),
+                "cluster": os.path.relpath(small_run.stage_dir("cluster"))}
     two = train(cfg, str(tmp_path / "two"), use_ray=True)
     assert one["steps"] == two["steps"] == 6 and latest_checkpoint(Store(str(tmp_path / "two"))) == "step-0000006"
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
