@@ -395,3 +395,13 @@ def test_an_in_memory_work_folder_under_ray_is_one_line(tmp_path, capsys):
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"dirs.card=memory://{tmp_path.name}/card"])
     with pytest.raises(ConfigError, match="dirs.card: memory://"):
         run_stages(cfg, ["card"])
+
+
+def test_verbose_is_for_that_command_only(monkeypatch, capsys):
+    """`-v` (every library's log lines) stayed set in the process for every later `main()` of a library caller."""
+    import os
+
+    monkeypatch.delenv("CIDISTILL_VERBOSE", raising=False)
+    assert main(["-v", "config"]) == 0 and "CIDISTILL_VERBOSE" not in os.environ
+    monkeypatch.setenv("CIDISTILL_VERBOSE", "1")
+    assert main(["config"]) == 0 and os.environ["CIDISTILL_VERBOSE"] == "1"

@@ -124,15 +124,22 @@ def _stop(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is not threading.main_thread():
-        return _main(argv)
-    before = signal.signal(signal.SIGTERM, _stop)  # init_ray keeps it over Ray's own
-    _terminated.clear()
+    verbose = os.environ.get("CIDISTILL_VERBOSE")  # `-v` sets it for this command only (a library may call again)
     try:
-        return _main(argv)
+        if threading.current_thread() is not threading.main_thread():
+            return _main(argv)
+        before = signal.signal(signal.SIGTERM, _stop)  # init_ray keeps it over Ray's own
+        _terminated.clear()
+        try:
+            return _main(argv)
+        finally:
+            if not _terminated:  # stopped: ours stays, so that the rest of the same stop arriving now is not fatal
+                signal.signal(signal.SIGTERM, before)
     finally:
-        if not _terminated:  # stopped: ours stays, so that the rest of the same stop arriving now is not fatal
-            signal.signal(signal.SIGTERM, before)
+        if verbose is None:
+            os.environ.pop("CIDISTILL_VERBOSE", None)
+        else:
+            os.environ["CIDISTILL_VERBOSE"] = verbose
 
 
 def _main(argv: list[str] | None) -> int:
