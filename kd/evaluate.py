@@ -54,7 +54,7 @@ def image_size(lm: LoadedModel) -> int:
     return s if isinstance(s, int) else s[0]
 
 
-EVAL_VERSION = 4  # part of the teacher's cache key: raise it when a metric's computation changes
+EVAL_VERSION = 5  # part of the teacher's cache key: raise it when a metric's computation changes
 
 
 def label_columns(ec: EvalConfig) -> dict[str, str]:
@@ -105,15 +105,25 @@ class SplitView:
                                                  f"{label_columns(ec)[role]!r} value")
         return rows
 
-    def caption_features(self, lm: LoadedModel, zh: bool = False) -> torch.Tensor:
-        """Caption features (ZH: the EN caption where a pair has no Chinese one): the stored ones when every
-        pair has them, else computed by the model."""
-        texts = [c or e for c, e in zip(self.captions_zh, self.captions)] if zh else self.captions
+    def texts(self, zh: bool = False) -> list[str]:
+        """Each pair's caption in that language (ZH: the EN caption where a pair has no Chinese one)."""
+        return [c or e for c, e in zip(self.captions_zh, self.captions)] if zh else self.captions
+
+    def captioned(self, zh: bool = False) -> np.ndarray:
+        """The rows with a usable caption (not empty or blank, as the embed stage counts them): a pair
+        without one cannot be retrieved by its caption, so it takes no part in retrieval."""
+        return np.array([i for i, t in enumerate(self.texts(zh)) if t and t.strip()], np.int64)
+
+    def caption_features(self, lm: LoadedModel, zh: bool = False, rows=None) -> torch.Tensor:
+        """Caption features of `rows` (default all): the stored ones when every such pair has them, else
+        computed by the model."""
+        rows = range(len(self.keys)) if rows is None else rows
+        texts = self.texts(zh)
         stored = [z if c else e for z, c, e in zip(self.stored_txt_zh, self.captions_zh, self.stored_txt)] if zh \
             else self.stored_txt
-        if stored and all(v is not None for v in stored):
-            return F.normalize(torch.from_numpy(np.stack(stored).astype(np.float32)), dim=-1)
-        return text_features(lm, texts)
+        if stored and all(stored[i] is not None for i in rows):
+            return F.normalize(torch.from_numpy(np.stack([stored[i] for i in rows]).astype(np.float32)), dim=-1)
+        return text_features(lm, [texts[i] for i in rows])
 
 
 def run_in(lm: LoadedModel):
@@ -313,6 +323,21 @@ def zeroshot(lm: LoadedModel, test: SplitView, names: dict, ec: EvalConfig, res:
             res[f"zeroshot_{lang}_top5"] = float(topk_correct(img, cls, labels, 5).mean())
 
 
+def retrieval(lm: LoadedModel, test: SplitView, res: dict, skipped: dict) -> None:
+    """Recall@k both ways per language, over the pairs that have a caption (a note says on how many)."""
+    for lang, zh in (("en", False), ("zh", True)):
+        if zh and not any(test.captions_zh):
+            continue
+        rows = test.captioned(zh)
+        if not len(rows):
+            skipped[f"retrieval_{lang}"] = f"none of the {len(test.keys)} pairs has a caption"
+            continue
+        if len(rows) < len(test.keys):
+            res.setdefault("notes", {})[f"retrieval_{lang}"] = f"on the {len(rows)} of {len(test.keys)} images with a caption"
+        res[f"retrieval_{lang}"] = recall_at(test.img[rows], test.caption_features(lm, zh, rows))
+        release_freed_memory()
+
+
 def release_freed_memory() -> None:
     """Hand the heap's freed pages back to the OS (glibc keeps them otherwise, so the process's RSS only ever
     grows from one phase of the evaluation to the next)."""
@@ -372,10 +397,7 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False, don
     release_freed_memory()
     done("linear_probe")
     if "retrieval" in tasks:
-        res["retrieval_en"] = recall_at(test.img, test.caption_features(lm))
-        release_freed_memory()
-        if any(test.captions_zh):
-            res["retrieval_zh"] = recall_at(test.img, test.caption_features(lm, zh=True))
+        retrieval(lm, test, res, skipped)
     done("retrieval")
     res["image_throughput"] = throughput(lm)
     done("throughput")

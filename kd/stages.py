@@ -103,7 +103,8 @@ class EvalStage(Stage):
             parts.append(f"probe {100 * s['probe_top1']:.1f}%" + (f" ({notes['linear_probe']})" if "linear_probe" in notes else ""))
         for lang in ("en", "zh"):
             if f"retrieval_{lang}" in s:
-                parts.append(f"I→T R@1 {lang.upper()} {100 * s[f'retrieval_{lang}']['i2t_r@1']:.1f}%")
+                parts.append(f"I→T R@1 {lang.upper()} {100 * s[f'retrieval_{lang}']['i2t_r@1']:.1f}%"
+                             + (f" ({notes[f'retrieval_{lang}']})" if f"retrieval_{lang}" in notes else ""))
         where = "held-out" if stats.get("held_out_split") else "TRAINING (no held-out split: data.holdout_fraction=0)"
         skipped = "; skipped: " + ", ".join(f"{k} ({why})" for k, why in s["skipped"].items()) if s.get("skipped") else ""
         return f"student on {s.get('eval_images', 0)} {where} images: " + ", ".join(parts or ["no task ran"]) + skipped
@@ -112,10 +113,11 @@ class EvalStage(Stage):
 def ratios(s: dict, t: dict) -> dict:
     """The student against its teacher, for what both measured."""
     out = {}
-    if "zeroshot_en_top1" in s and "zeroshot_en_top1" in t:
-        out["zeroshot_en_retention"] = s["zeroshot_en_top1"] / max(t["zeroshot_en_top1"], 1e-9)
-    if "zeroshot_en_top1" in s and "zeroshot_zh_top1" in s:
-        out["student_zh_over_en"] = s["zeroshot_zh_top1"] / max(s["zeroshot_en_top1"], 1e-9)
+    # a ratio over a zero score is no measurement (it read 5e7 with a student at 0 % EN)
+    if "zeroshot_en_top1" in s and t.get("zeroshot_en_top1"):
+        out["zeroshot_en_retention"] = s["zeroshot_en_top1"] / t["zeroshot_en_top1"]
+    if "zeroshot_zh_top1" in s and s.get("zeroshot_en_top1"):
+        out["student_zh_over_en"] = s["zeroshot_zh_top1"] / s["zeroshot_en_top1"]
     out["params_ratio"] = s["params"] / t["params"]
     out["throughput_ratio"] = s["image_throughput"] / t["image_throughput"]
     return out

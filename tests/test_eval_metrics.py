@@ -193,3 +193,42 @@ def test_a_label_column_of_lists_or_mappings_is_a_reported_skip_not_a_crash():
     view = SplitView(torch.empty(0), keys=["a", "b"], meta=[{"class": "x", "probe": "x"}, {"class": ["x"], "probe": ["x"]}])
     assert view.missing("class", ec) == "'tags' holds list values, not class labels (strings or numbers)"
     assert view.not_labels("probe", ec) and not SplitView(torch.empty(0), ["a"], meta=[{"class": 3}]).missing("class", ec)
+
+
+def test_a_pair_without_a_caption_takes_no_part_in_retrieval_and_a_zero_score_makes_no_ratio(small_run):
+    """A held-out pair with an empty or blank caption (embed counts it, balance keeps held-out pairs) was a
+    query that could never be found: it is left out of that language's retrieval, with a note. And a student
+    at 0 % EN zero-shot reported a ZH/EN ratio of 5e7: a ratio over a zero score is left out."""
+    import kd.evaluate as ev
+    from kd.stages import EvalStage, ratios
+
+    lm = ev.load_for_eval(small_run, "student")
+    lm.model.eval()  # as evaluate() runs it (dropout off)
+    view = ev.split_view(lm, small_run.stage_dir("pack"), "eval", small_run.eval)
+    n = len(view.keys)
+    full, skipped = {}, {}
+    ev.retrieval(lm, view, full, skipped)
+    assert "notes" not in full and not skipped and full["retrieval_en"] == ev.recall_at(view.img, view.caption_features(lm))
+    blank = list(range(0, n, 4))
+    for i in blank:
+        view.captions[i] = "" if i % 8 else "   "
+    rows = [i for i in range(n) if i not in blank]
+    part = {}
+    ev.retrieval(lm, view, part, skipped)
+    assert view.captioned().tolist() == rows and not skipped
+    assert part["retrieval_en"] == ev.recall_at(view.img[rows], ev.text_features(lm, [view.captions[i] for i in rows]))
+    assert part["notes"]["retrieval_en"] == f"on the {len(rows)} of {n} images with a caption"
+    assert part["retrieval_zh"] == full["retrieval_zh"] and "retrieval_zh" not in part["notes"]  # ZH captions kept
+    line = EvalStage.summary(None, {"student": dict(part, eval_images=n), "held_out_split": True})
+    assert f"(on the {len(rows)} of {n} images with a caption)" in line
+    view.captions[:] = [""] * n
+    view.captions_zh[:] = [None] * n
+    none = {}
+    ev.retrieval(lm, view, none, skipped)
+    assert "retrieval_en" not in none and skipped == {"retrieval_en": f"none of the {n} pairs has a caption"}
+
+    s = {"zeroshot_en_top1": 0.0, "zeroshot_zh_top1": 0.05, "params": 1, "image_throughput": 2}
+    t = {"zeroshot_en_top1": 0.5, "params": 4, "image_throughput": 1}
+    assert ratios(s, t) == {"zeroshot_en_retention": 0.0, "params_ratio": 0.25, "throughput_ratio": 2.0}
+    assert "zeroshot_en_retention" not in ratios(t, dict(t, zeroshot_en_top1=0.0))
+    assert ratios(dict(s, zeroshot_en_top1=0.1), t)["student_zh_over_en"] == 0.5
