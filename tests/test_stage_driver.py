@@ -113,11 +113,16 @@ def test_changed_apply_eps_redoes_balance_and_downstream_only(small_run, tmp_pat
     assert (f"balance: config changed (balance.apply_eps {small_run.balance.apply_eps} → 0.01); "
             "redoing balance, cluster, pack, train, eval, export, card") in out
     assert "[download] already done" in out and "[embed] already done" in out and out.count("already done") == 2
+    # the closing line names the stages that did work (it listed download and embed as finished too)
+    assert "[cidistill] 7 stage(s) balance, cluster, pack, train, eval, export, card finished in " in out
+    assert out.rstrip().endswith("; 2 were done")
     after = json.loads((work / "balance" / "stats.json").read_text())
     assert after["apply_eps"] == 0.01 and after["removed"] != before["removed"]
     assert json.loads((work / "card" / "stats.json").read_text())["funnel"]["kept"] == after["kept"]
     run_stages(cfg, list(STAGES))
-    assert capsys.readouterr().out.count("already done") == len(STAGES)
+    out = capsys.readouterr().out
+    assert out.count("already done") == len(STAGES)
+    assert f"[cidistill] nothing to redo: the {len(STAGES)} stage(s) were done (" in out
 
 
 def test_one_stage_run_refuses_inputs_the_config_would_make_differently(small_run, tmp_path):

@@ -61,8 +61,16 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
             faults.set_stage(st.name)
             out[st.name] = st.run(force=force)
         faults.set_stage("none")  # not on an error: the CLI names the stage that failed
-    print(f"[cidistill] {len(stages)} stage(s) {', '.join(stages)} finished in {time.time() - t0:.1f}s")
+    print(closing_line([st.name for st in objs if st.redone], len(objs), time.time() - t0))
     return out
+
+
+def closing_line(ran: list[str], total: int, seconds: float) -> str:
+    """Names only the stages that did work (it listed the skipped ones as finished too)."""
+    if not ran:
+        return f"[cidistill] nothing to redo: the {total} stage(s) were done ({seconds:.1f}s)"
+    were_done = f"; {total - len(ran)} were done" if len(ran) < total else ""
+    return f"[cidistill] {len(ran)} stage(s) {', '.join(ran)} finished in {seconds:.1f}s{were_done}"
 
 
 def check_shared(cfg: Config, stages: list[str]) -> None:

@@ -133,6 +133,7 @@ class Stage:
     def __init__(self, cfg: Config, use_ray: bool = True):
         self.cfg, self.use_ray = cfg, use_ray
         self.out = Store(cfg.stage_dir(self.name))
+        self.redone = False  # set by run(): whether it did work
 
     # -- what a stage implements
     def units(self) -> list[str]:
@@ -211,7 +212,8 @@ class Stage:
     def run(self, force: bool = False) -> dict:
         fp = self.fingerprint()
         state, why = self.status(fp)
-        if state == "done" and not force:
+        self.redone = not (state == "done" and not force)
+        if not self.redone:
             print(f"[{self.name}] already done ({self.out.uri}); nothing to do")
             return self.out.read_json(STATS)
         self._check_owned()
