@@ -392,6 +392,8 @@ def test_an_in_memory_work_folder_under_ray_is_one_line(tmp_path, capsys):
 
     assert main(["download", "--workdir", f"memory://{tmp_path.name}/w"]) == 2
     assert "memory://" in (err := _err(capsys)) and "use a local folder or object storage" in err
+    assert main(["compare", "--workdir", f"memory://{tmp_path.name}/w"]) == 2  # compare starts Ray itself
+    assert "workdir: memory://" in _err(capsys)
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"dirs.card=memory://{tmp_path.name}/card"])
     with pytest.raises(ConfigError, match="dirs.card: memory://"):
         run_stages(cfg, ["card"])

@@ -30,7 +30,7 @@ from ray.exceptions import RayError
 
 from .compare import compare
 from .demo import demo_run_config, run_demo
-from .registry import run_stages
+from .registry import check_shared, run_stages
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -159,6 +159,7 @@ def _main(argv: list[str] | None) -> int:
             cfg = demo_run_config(args) if args.demo else make_config(args)
             use_storage_options(cfg.storage_options)
             if not args.no_ray:
+                check_shared(cfg, list(STAGES))
                 init_ray(cfg.ray_address or None)
             with work_lock(cfg.workdir):
                 compare(cfg, args.variants, use_ray=not args.no_ray)
