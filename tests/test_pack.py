@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from cidistill.core.packed import iter_tar_samples, sample_fields, split_shards
@@ -220,3 +221,16 @@ def test_tar_reader_reads_what_tarfile_reads_and_names_a_corrupt_shard(tmp_path)
     store.write_bytes("x.tar", bytes(data))
     with pytest.raises(StageError, match="x.tar: malformed pax header"):
         list(iter_tar_samples(store, "x.tar"))
+
+
+def test_a_batch_larger_than_a_stream_can_fill_without_repeats_is_one_line(small_run):
+    """`train.batch_size` above the training pairs (256 on 132 of a user's pairs) trained with each batch holding
+    pairs twice, each its own negative in the contrastive losses. It is refused before training, in one line."""
+    from cidistill.core.errors import StageError
+
+    shards = _spec(small_run).shards
+    fewest = sum(sorted(n for _, n in shards)[:len(shards) // 2])
+    assert _spec(small_run, batch=2 * fewest).lane_batch == fewest  # the most that fits
+    with pytest.raises(StageError, match=rf"train.batch_size={2 * fewest + 2} is more than .* as 2 stream\(s\) of "
+                                         rf"{fewest} or more; lower train.batch_size"):
+        _spec(small_run, batch=2 * fewest + 2)
