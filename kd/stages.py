@@ -16,6 +16,7 @@ from cidistill.core.store import Store, join
 from .checkpoint import latest_checkpoint
 from .evaluate import PARTS, evaluate, load_for_eval, results_markdown, teacher_evaluation
 from .export import export_local_dir, load_trained_student, model_card
+from .stream import StreamSpec
 from .train import train
 
 TEACHER_FIELDS = ("teacher.model", "teacher.pretrained", "teacher.model_config")
@@ -36,6 +37,9 @@ class TrainStage(Stage):
     inputs = ("pack", "cluster")
     reads = ("student", "train") + TEACHER_FIELDS
     ignores = ("train.use_balanced",)  # the pack stage applies it
+
+    def check_inputs(self) -> None:
+        StreamSpec.of(self.require("pack").uri, "train", self.cfg.train)  # the shards fill its streams and batches
 
     def run_unit(self, unit: str) -> dict:
         self.require("pack")

@@ -223,9 +223,14 @@ def test_tar_reader_reads_what_tarfile_reads_and_names_a_corrupt_shard(tmp_path)
         list(iter_tar_samples(store, "x.tar"))
 
 
-def test_a_batch_larger_than_a_stream_can_fill_without_repeats_is_one_line(small_run):
+def test_a_batch_larger_than_a_stream_can_fill_without_repeats_is_one_line(small_run, tmp_path):
     """`train.batch_size` above the training pairs (256 on 132 of a user's pairs) trained with each batch holding
-    pairs twice, each its own negative in the contrastive losses. It is refused before training, in one line."""
+    pairs twice, each its own negative in the contrastive losses. It is refused in one line, before the last
+    trained student is cleared."""
+    import dataclasses
+    import shutil
+
+    from cidistill.app.registry import run_stages
     from cidistill.core.errors import StageError
 
     shards = _spec(small_run).shards
@@ -234,3 +239,11 @@ def test_a_batch_larger_than_a_stream_can_fill_without_repeats_is_one_line(small
     with pytest.raises(StageError, match=rf"train.batch_size={2 * fewest + 2} is more than .* as 2 stream\(s\) of "
                                          rf"{fewest} or more; lower train.batch_size"):
         _spec(small_run, batch=2 * fewest + 2)
+    train = tmp_path / "train"  # the finished training, in a folder of its own beside the small run's inputs
+    shutil.copytree(small_run.stage_dir("train"), train)
+    before = (train / "model.safetensors").read_bytes()
+    cfg = dataclasses.replace(small_run, dirs={**small_run.dirs, "train": str(train)},
+                              train=dataclasses.replace(small_run.train, batch_size=10 ** 6))
+    with pytest.raises(StageError, match="train.batch_size=1000000 is more than"):
+        run_stages(cfg, ["train"], use_ray=False)
+    assert (train / "model.safetensors").read_bytes() == before and (train / "_DONE").exists()

@@ -164,6 +164,12 @@ class Stage:
     def input_store(self, stage: str) -> Store:
         return Store(self.cfg.stage_dir(stage))
 
+    def check_inputs(self) -> None:
+        """Fails when the inputs cannot serve this run (one missing, a setting they cannot fill): called before
+        the stage's last outputs are cleared, so that a run that cannot start deletes nothing."""
+        if self.shard_input:
+            self.input_shards()
+
     def input_shards(self) -> list[str]:
         stage, ext = self.shard_input
         return stage_shards(self.require(stage), ext)
@@ -217,8 +223,7 @@ class Stage:
             print(f"[{self.name}] already done ({self.out.uri}); nothing to do")
             return self.out.read_json(STATS)
         self._check_owned()
-        if self.shard_input:  # a missing input fails before this stage's last outputs are cleared
-            self.input_shards()
+        self.check_inputs()  # before this stage's last outputs are cleared
         if force or state == "changed":
             self.out.clear()
         if not self.out.exists(RUN):
