@@ -49,13 +49,17 @@ class StreamSpec:
         if len(shards) < tc.streams:
             raise StageError(f"the packed {split} split has {len(shards)} shard(s), fewer than train.streams="
                              f"{tc.streams}: lower pack.samples_per_shard or train.streams")
-        # a stream reads floor(shards / streams) shards or more an epoch: its batch must fit in the fewest pairs
-        fewest = sum(sorted(n for _, n in shards)[:len(shards) // tc.streams])
-        if tc.batch_size // tc.streams > fewest:
-            raise StageError(f"train.batch_size={tc.batch_size} is more than the packed {split} split fills without a "
-                             f"pair twice in a batch (its own negative): {sum(n for _, n in shards)} pairs in "
-                             f"{len(shards)} shard(s), as {tc.streams} stream(s) of {fewest} or more; lower train.batch_size")
         return cls(root, split, shards, tc.streams, tc.batch_size, tc.shuffle_block, tc.seed)
+
+    def check_batch(self) -> None:
+        """A batch holds no pair twice (each its own negative in the contrastive losses). A stream reads
+        floor(shards / streams) shards or more an epoch: its batch must fit in the fewest pairs."""
+        fewest = sum(sorted(n for _, n in self.shards)[:len(self.shards) // self.streams])
+        if self.lane_batch > fewest:
+            raise StageError(f"train.batch_size={self.batch_size} is more than the packed {self.split} split fills "
+                             f"without a pair twice in a batch (its own negative): {self.pairs} pairs in "
+                             f"{len(self.shards)} shard(s), as {self.streams} stream(s) of {fewest} or more; lower "
+                             "train.batch_size")
 
     @property
     def pairs(self) -> int:

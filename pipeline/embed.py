@@ -19,7 +19,7 @@ from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
 from cidistill.core.runtime import embed_precision, require_resources, torch_threads
-from cidistill.core.models import (autocast, channels_last, configs_of, create, encode_text, fetch_pretrained,
+from cidistill.core.models import (autocast, channels_last, check_weights, configs_of, create, encode_text, fetch_pretrained,
                                    val_preprocess_cfg)
 from cidistill.core.schema import embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
@@ -209,6 +209,7 @@ class EmbedStage(Stage):
                              "open_clip tag, a checkpoint file or local-dir:PATH (or `random` on purpose)")
         dim = int(configs_of(tc.model, tc.pretrained, tc.model_config)[0]["embed_dim"])  # checks name and tag
         fetch_pretrained(tc.model, tc.pretrained)
+        check_weights(tc.model, tc.pretrained)
         for s in [s for s in pending if expected[s] == 0]:  # a shard that downloaded nothing: an empty table
             self._write(s, {}, {}, dim)
         work = [s for s in pending if expected[s] > 0]

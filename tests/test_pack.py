@@ -235,10 +235,10 @@ def test_a_batch_larger_than_a_stream_can_fill_without_repeats_is_one_line(small
 
     shards = _spec(small_run).shards
     fewest = sum(sorted(n for _, n in shards)[:len(shards) // 2])
-    assert _spec(small_run, batch=2 * fewest).lane_batch == fewest  # the most that fits
+    _spec(small_run, batch=2 * fewest).check_batch()  # the most that fits
     with pytest.raises(StageError, match=rf"train.batch_size={2 * fewest + 2} is more than .* as 2 stream\(s\) of "
                                          rf"{fewest} or more; lower train.batch_size"):
-        _spec(small_run, batch=2 * fewest + 2)
+        _spec(small_run, batch=2 * fewest + 2).check_batch()
     train = tmp_path / "train"  # the finished training, in a folder of its own beside the small run's inputs
     shutil.copytree(small_run.stage_dir("train"), train)
     before = (train / "model.safetensors").read_bytes()

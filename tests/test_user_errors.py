@@ -171,6 +171,40 @@ def test_teacher_weights_that_cannot_be_fetched_fail_in_the_driver_in_one_line(t
     assert not list((tmp_path / "embed").glob("*.parquet"))
 
 
+def test_a_teacher_whose_weights_are_cut_short_fails_in_the_driver_in_one_line(tmp_path, small_run, capsys,
+                                                                               monkeypatch):
+    """A `local-dir:` teacher whose weights file was cut short (a copy that stopped, a damaged cache) failed
+    inside each Ray actor, with pages of tracebacks and "actors died during initialization"; the demo used its
+    cached teacher so damaged. Now the driver reads the file's header first, and the demo trains it again."""
+    import shutil
+
+    import cidistill.app.demo as demo
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(Path(small_run.stage_dir("export")) / "teacher", teacher)
+    with open(teacher / "open_clip_model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    assert main(["embed", "-c", _embed_cfg(tmp_path, small_run, model=f"local-dir:{teacher}", pretrained="")]) == 2
+    err = _err(capsys)
+    assert err.endswith("open_clip_model.safetensors: not a readable safetensors file (Error while deserializing "
+                        "header: incomplete metadata, file not fully covered)") and len(err.splitlines()) == 1, err
+    assert not list((tmp_path / "embed").glob("*.parquet"))
+
+    monkeypatch.setenv("CIDISTILL_CACHE", str(tmp_path / "cache"))
+    cfg = small_run
+    final = demo.teacher_recipe(cfg, True)[1]
+    assert str(final).startswith(str(tmp_path / "cache"))
+    shutil.copytree(teacher, final)
+
+    def stop(*a, **k):  # the retraining itself is the demo's (its tests train it); here only the decision
+        raise RuntimeError("retraining")
+
+    monkeypatch.setattr(demo, "pack_dataset", stop)
+    with pytest.raises(RuntimeError, match="retraining"):
+        demo.ensure_teacher(cfg, True, use_ray=False)
+    assert "[teacher] the cached teacher is damaged (" in capsys.readouterr().out and not final.exists()
+
+
 def test_pickle_teacher_refused_in_one_line_under_ray(tmp_path, small_run, capsys):
     """Refused inside a Ray actor: the user sees the cause in one line, and never advice to turn the check off."""
     import torch

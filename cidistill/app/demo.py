@@ -7,13 +7,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
 from cidistill.core import faults
 from cidistill.core.config import STAGES, Config, load_config, merge
 from cidistill.core.lock import work_lock
-from cidistill.core.models import create, demo_teacher_config
+from cidistill.core.models import ModelLoadError, check_weights, create, demo_teacher_config
 from cidistill.core.runtime import cache_dir, resolve_precision
 from cidistill.core.store import Store, join, use_storage_options
 from kd.checkpoint import latest_checkpoint, load_weights
@@ -93,9 +94,14 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
 def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
     """Train (once) and cache the demo's LiT teacher; returns its `local-dir:` path."""
     tcfg, final = teacher_recipe(cfg, small)
-    if (final / "open_clip_model.safetensors").exists():
-        print(f"[teacher] cached: {final}")
-        return f"local-dir:{final}"
+    if (final / "open_clip_config.json").exists():  # written last
+        try:
+            check_weights(f"local-dir:{final}", "")
+            print(f"[teacher] cached: {final}")
+            return f"local-dir:{final}"
+        except ModelLoadError as e:  # damaged after it was written (a disk error, a cut copy): made again
+            print(f"[teacher] the cached teacher is damaged ({e}); training it again")
+            shutil.rmtree(final)
     work = Store(join(cfg.workdir, "teacher_train"))
     faults.set_stage("teacher")
     start = time.perf_counter()

@@ -187,6 +187,29 @@ def require_weights(folder: Path) -> None:
         raise ModelLoadError(f"{folder}: no weights file (open_clip_model.safetensors) beside its open_clip_config.json")
 
 
+def check_weights(name: str, pretrained: str) -> None:
+    """A local safetensors weights file read in the driver before any work (its header and its length, not
+    its tensors): one cut short failed inside every Ray actor, with pages of tracebacks."""
+    from safetensors import SafetensorError, safe_open
+
+    where = pretrained if pretrained.startswith("local-dir:") else name if name.startswith("local-dir:") else ""
+    if "://" in where:  # on a store: each node fetches it, and `create` reads it there
+        return
+    if where:
+        folder = local_dir(where)
+        require_weights(folder)
+        path = folder / "open_clip_model.safetensors"
+    else:
+        path = Path(pretrained)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except SafetensorError as e:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def channels_last(model: nn.Module) -> nn.Module:
     """A ModifiedResNet image tower in NHWC, for the loops that run it (train, embed, eval): oneDNN's convolutions
     are faster so (1.2x a training step, 1.6x inference on a 2-core AVX2 EPYC). Inputs stay NCHW: a channels-last
