@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 import warnings
@@ -31,6 +32,19 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
+def whole_elf(path: Path) -> bool:
+    """A shared library cut short after it was built (a damaged cache) can pass dlopen's checks and then kill
+    the process with SIGBUS when a missing page is touched: its section header table, written last, must lie
+    inside the file."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:  # a 64-bit ELF, as cc -shared writes here
+        return False
+    end = "<" if head[5] == 1 else ">"
+    (shoff,), (shentsize, shnum) = struct.unpack_from(end + "Q", head, 0x28), struct.unpack_from(end + "HH", head, 0x3A)
+    return shoff + shentsize * shnum <= path.stat().st_size
+
+
 def build(src: Path = SRC, cc: str | None = None) -> Path:
     """Compile `src` into the cache (atomically: a temp file, then rename) unless it is there already."""
     cc = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -38,7 +52,7 @@ def build(src: Path = SRC, cc: str | None = None) -> Path:
         raise RuntimeError("no C compiler (cc/gcc) on PATH and CC is not set")
     key = hashlib.sha256("\n".join([src.read_text(), cc, " ".join(FLAGS), _cpu_id()]).encode()).hexdigest()[:16]
     out = cache_dir() / "native" / f"{src.stem}-{key}.so"
-    if out.exists():
+    if out.exists() and whole_elf(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)

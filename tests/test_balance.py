@@ -1,12 +1,13 @@
 """The SemDeDup rule on planted data, against a direct brute-force implementation."""
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 
 import pipeline.semdedup as semdedup
-from pipeline.native import SRC, build, semdedup_lib
+from pipeline.native import SRC, build, semdedup_lib, whole_elf
 
 from pipeline.balance_rules import balance_decisions
 from pipeline.semdedup import earlier_max, keep_order, quantise, screened_earlier_max, semdedup_reference
@@ -154,6 +155,15 @@ def test_c_kernels_build_once_per_source(tmp_path, monkeypatch):
     changed = tmp_path / "semdedup_kernels.c"
     changed.write_text(SRC.read_text() + "\n/* changed */\n")
     assert build(changed, cc=cc) != first and sorted(p.suffix for p in first.parent.iterdir()) == [".so", ".so"]
+    whole = first.read_bytes()
+    first.write_bytes(whole[:len(whole) - 100])  # cut short in the cache: loading it killed the process (SIGBUS)
+    semdedup_lib.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert semdedup_lib() is not None and whole_elf(first) and first.stat().st_size == len(whole)
+    finally:
+        semdedup_lib.cache_clear()
 
 
 def test_int8_screen_agrees_with_exact_kernel_at_every_threshold(kernel_path):
