@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,9 +439,14 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel, done=lambda part: None) -> 
     time, beside the student's, so that their ratio is taken under the same load."""
     folder = cache_dir() / "teacher_eval" / teacher_eval_key(cfg)
     if (folder / "results.json").is_file():
-        res = json.loads((folder / "results.json").read_text())
-        with np.load(folder / "correct.npz") as z:
-            per = {k: z[k] for k in z.files}
+        try:
+            res = json.loads((folder / "results.json").read_text())
+            with np.load(folder / "correct.npz") as z:
+                per = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # damaged after it was written
+            print(f"[eval] the cached teacher evaluation in {folder} is damaged ({type(e).__name__}); computing it again")
+            shutil.rmtree(folder, ignore_errors=True)
+            return teacher_evaluation(cfg, lm, done)
         for part in PARTS[:-1]:
             done(part)
         res["image_throughput"] = throughput(lm)

@@ -89,6 +89,12 @@ def test_teacher_scores_are_computed_once_per_teacher_data_and_settings(small_ru
                {k: v for k, v in wrote.items() if k != "image_throughput"}
         assert got["image_throughput"] > 0
     assert per1.keys() == per2.keys() and all(np.array_equal(per1[k], per2[k]) for k in per1)
+    npz = next((tmp_path / "cache" / "teacher_eval").glob("*/correct.npz"))
+    npz.write_bytes(npz.read_bytes()[:100])  # damaged in the cache (zipfile.BadZipFile, a traceback): computed again
+    third, per3 = ev.teacher_evaluation(small_run, lm)
+    assert len(calls) == 2 and all(np.array_equal(per1[k], per3[k]) for k in per1) and npz.stat().st_size > 100
+    assert {k: v for k, v in third.items() if k != "image_throughput"} == \
+           {k: v for k, v in first.items() if k != "image_throughput"}
 
     key = ev.teacher_eval_key(small_run)
     assert ev.teacher_eval_key(dataclasses.replace(small_run, eval=dataclasses.replace(small_run.eval, tasks=["retrieval"]))) != key
