@@ -40,7 +40,9 @@ def register_configs(extra: str = "") -> None:
         if cfg is not None:
             path = cache_dir() / "model_configs" / f"{DEMO_TEACHER}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cfg, indent=1))
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(cfg, indent=1))
+            os.replace(tmp, path)  # every process (each Ray actor) writes it: a reader never sees half a file
             oc.add_model_config(path)
         _registered.add(DEMO_TEACHER)
 
