@@ -441,3 +441,27 @@ def test_verbose_is_for_that_command_only(monkeypatch, capsys):
     assert main(["-v", "config"]) == 0 and "CIDISTILL_VERBOSE" not in os.environ
     monkeypatch.setenv("CIDISTILL_VERBOSE", "1")
     assert main(["config"]) == 0 and os.environ["CIDISTILL_VERBOSE"] == "1"
+
+
+def test_a_console_whose_reader_went_away_stops_the_output_not_the_run(tmp_path, small_run):
+    """`cidistill run … | head -1`, a `tee` that died, a terminal gone: the next progress line raised
+    BrokenPipeError and the run stopped with `error: stage 'download': [Errno 32] Broken pipe` (rc 2). Now the
+    console goes quiet after one line on stderr, and the run finishes (Ray's forwarded lines included)."""
+    import os
+    import sys
+
+    d = to_dict(small_run)
+    out = tmp_path / "eval"
+    d["workdir"] = str(tmp_path / "work")
+    d["dirs"] = {**{s: small_run.stage_dir(s) for s in ("download", "embed", "balance", "cluster", "pack", "train")},
+                 "eval": str(out)}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    proc = subprocess.run([sys.executable, "-m", "cidistill", "eval", "-c", str(p)], stdout=write,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=600)
+    os.close(write)
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip() and not RAY_FORWARDED.match(ln)]
+    assert proc.returncode == 0 and (out / "_DONE").exists(), proc.stderr
+    assert err == ["cidistill: the console reader went away (Broken pipe); the run goes on without console output"], err

@@ -22,6 +22,7 @@ from cidistill.core.runtime import go_offline, init_ray, quiet_logs, set_env_def
 set_env_defaults()  # before anything imports torch: OpenMP reads its settings when it loads
 
 from cidistill.core import faults  # noqa: E402
+from cidistill.core.console import guard_console, release_console
 from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load_config
 from cidistill.core.errors import StageError, Terminated
 from cidistill.core.lock import work_lock
@@ -125,6 +126,7 @@ def _stop(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     verbose = os.environ.get("CIDISTILL_VERBOSE")  # `-v` sets it for this command only (a library may call again)
+    streams = guard_console()
     try:
         if threading.current_thread() is not threading.main_thread():
             return _main(argv)
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop("CIDISTILL_VERBOSE", None)
         else:
             os.environ["CIDISTILL_VERBOSE"] = verbose
+        release_console(streams)
 
 
 def _main(argv: list[str] | None) -> int:
