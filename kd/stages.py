@@ -17,7 +17,7 @@ from .checkpoint import latest_checkpoint
 from .evaluate import PARTS, evaluate, load_for_eval, results_markdown, teacher_evaluation
 from .export import export_local_dir, load_trained_student, model_card
 from .stream import StreamSpec
-from .train import train
+from .train import require_workers, train
 
 TEACHER_FIELDS = ("teacher.model", "teacher.pretrained", "teacher.model_config")
 
@@ -41,6 +41,8 @@ class TrainStage(Stage):
     def check_inputs(self) -> None:
         # the shards fill its streams and batches (the small demo's teacher, trained by the demo itself on 200
         # pairs with batch 128, is a test fixture and does not pass here)
+        if self.use_ray and self.cfg.train.workers > 1:
+            require_workers(self.cfg.train)
         StreamSpec.of(self.require("pack").uri, "train", self.cfg.train).check_batch()
 
     def run_unit(self, unit: str) -> dict:

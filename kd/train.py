@@ -356,6 +356,13 @@ def worker_result(w: Worker, step: int, seconds: float, last: dict) -> dict:
     return result
 
 
+def require_workers(t) -> None:
+    """Ray Train's workers fit in the cluster (it retried for ever otherwise, a page of tracebacks a minute)."""
+    require_resources({"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0}, t.workers,
+                      f"train.workers={t.workers} × (train.cpus_per_worker={t.cpus_per_worker:g}"
+                      + (", a GPU each: train.use_gpu)" if t.use_gpu else ")"))
+
+
 def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lock_text: bool = False,
           chinese: bool = True, stop_after: int = 0) -> dict:
     """Train into out_dir (resuming from its last checkpoint) on the packed dataset in `data` (default: the
@@ -369,10 +376,7 @@ def train(cfg: Config, out_dir: str, *, data: str = "", use_ray: bool = True, lo
     from ray.train.torch import TorchConfig, TorchTrainer
 
     job["distributed"] = True
-    t = cfg.train
-    require_resources({"CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0}, t.workers,
-                      f"train.workers={t.workers} × (train.cpus_per_worker={t.cpus_per_worker:g}"
-                      + (", a GPU each: train.use_gpu)" if t.use_gpu else ")"))
+    require_workers(cfg.train)
     trainer = TorchTrainer(_ray_loop, train_loop_config=job,
                            scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
                                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
