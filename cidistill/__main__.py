@@ -1,6 +1,4 @@
 """`python -m cidistill ...` is the `cidistill` command."""
-import sys
+from cidistill.app.cli import cli
 
-from cidistill.app.cli import main
-
-sys.exit(main())
+cli()

@@ -465,3 +465,22 @@ def test_a_console_whose_reader_went_away_stops_the_output_not_the_run(tmp_path,
     err = [ln for ln in proc.stderr.splitlines() if ln.strip() and not RAY_FORWARDED.match(ln)]
     assert proc.returncode == 0 and (out / "_DONE").exists(), proc.stderr
     assert err == ["cidistill: the console reader went away (Broken pipe); the run goes on without console output"], err
+
+
+def test_the_command_ends_when_an_exit_handler_hangs(tmp_path):
+    """A run stopped by SIGTERM under Ray printed its line, had released its lock, and then hung in Ray's shutdown
+    at exit for minutes (once, in a full suite run). What runs after main() returns gets EXIT_GRACE_S, then the
+    process ends with main()'s exit code and its output flushed. Here an exit handler that sleeps an hour."""
+    import os
+    import sys
+    import time
+
+    from cidistill.app.cli import EXIT_GRACE_S
+
+    (tmp_path / "sitecustomize.py").write_text("import atexit, time\natexit.register(time.sleep, 3600)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.getcwd()}"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "cidistill", "config", "--check", str(tmp_path / "none.yaml")],
+                          capture_output=True, text=True, env=env, timeout=EXIT_GRACE_S + 60)
+    assert proc.returncode == 2 and EXIT_GRACE_S - 1 < time.time() - t0 < EXIT_GRACE_S + 30, proc.stderr
+    assert proc.stderr.strip().endswith("none.yaml: cannot read the config file (No such file or directory)")

@@ -124,6 +124,29 @@ def _stop(signum, frame):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+EXIT_GRACE_S = 30.0  # what the interpreter's exit (Ray's shutdown, loader processes) may take after main()
+
+
+def cli() -> None:
+    """The `cidistill` command. Its results are written and its lock released when main() returns; what the
+    exit handlers do after that gets EXIT_GRACE_S: a run stopped by SIGTERM under Ray printed its line and then
+    hung in Ray's shutdown for minutes once (a scheduler waits for that exit)."""
+    rc = main()
+
+    def end():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        os._exit(rc)
+
+    timer = threading.Timer(EXIT_GRACE_S, end)
+    timer.daemon = True
+    timer.start()
+    sys.exit(rc)
+
+
 def main(argv: list[str] | None = None) -> int:
     verbose = os.environ.get("CIDISTILL_VERBOSE")  # `-v` sets it for this command only (a library may call again)
     streams = guard_console()
