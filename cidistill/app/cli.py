@@ -134,6 +134,16 @@ def cli() -> None:
     rc = main()
 
     def end():
+        try:  # the local Ray cluster's processes and loader processes go with it (Ray's agents outlived it ~1 min)
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
+        except (ImportError, OSError):
+            pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
