@@ -438,15 +438,8 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel, done=lambda part: None) -> 
     resumed run all evaluate the same teacher on the same pairs. Its image throughput is measured again each
     time, beside the student's, so that their ratio is taken under the same load."""
     folder = cache_dir() / "teacher_eval" / teacher_eval_key(cfg)
-    if (folder / "results.json").is_file():
-        try:
-            res = json.loads((folder / "results.json").read_text())
-            with np.load(folder / "correct.npz") as z:
-                per = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # damaged after it was written
-            print(f"[eval] the cached teacher evaluation in {folder} is damaged ({type(e).__name__}); computing it again")
-            shutil.rmtree(folder, ignore_errors=True)
-            return teacher_evaluation(cfg, lm, done)
+    if cached := _cached_scores(folder):
+        res, per = cached
         for part in PARTS[:-1]:
             done(part)
         res["image_throughput"] = throughput(lm)
@@ -462,6 +455,21 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel, done=lambda part: None) -> 
     except OSError:  # another process cached the same evaluation first
         shutil.rmtree(tmp, ignore_errors=True)
     return res, per
+
+
+def _cached_scores(folder: Path) -> tuple[dict, dict] | None:
+    """A cached teacher evaluation, or None: none there, or one damaged after it was written (then removed,
+    to be computed again)."""
+    if not (folder / "results.json").is_file():
+        return None
+    try:
+        res = json.loads((folder / "results.json").read_text())
+        with np.load(folder / "correct.npz") as z:
+            return res, {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        print(f"[eval] the cached teacher evaluation in {folder} is damaged ({type(e).__name__}); computing it again")
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 BLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
