@@ -45,8 +45,7 @@ class TrainStage(Stage):
             require_workers(self.cfg.train)
         StreamSpec.of(self.require("pack").uri, "train", self.cfg.train).check_batch()
 
-    def run_unit(self, unit: str) -> dict:
-        self.require("pack")
+    def run_unit(self, unit: str) -> dict:  # check_inputs has required the pack stage
         result = train(self.cfg, self.out.uri, use_ray=self.use_ray)
         write_final(self.out, self.cfg, result)
         return result

@@ -218,7 +218,7 @@ class Stage:
     def run(self, force: bool = False) -> dict:
         fp = self.fingerprint()
         state, why = self.status(fp)
-        self.redone = not (state == "done" and not force)
+        self.redone = force or state != "done"
         if not self.redone:
             print(f"[{self.name}] already done ({self.out.uri}); nothing to do")
             return self.out.read_json(STATS)
