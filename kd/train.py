@@ -406,7 +406,8 @@ def _ray_loop(config: dict) -> None:
 
     if os.path.isdir(config["cwd"]):  # Ray Train starts its workers in its run folder: the config's relative
         os.chdir(config["cwd"])        # paths (`workdir: runs/x`, a model config file) mean the driver's folder
-    with torch_threads(config["config"]["train"]["threads"]):
+    t = config["config"]["train"]
+    with torch_threads(t["threads"] or max(1, int(t["cpus_per_worker"]))):  # a pool per core in each worker oversubscribes
         r = train_worker(config)
     if ray.train.get_context().get_world_rank() == 0:
         Store(config["out"]).write_json("_worker_result.json", r)

@@ -17,6 +17,24 @@ def test_open_clip_imports_in_ray_worker(ray_session):
     assert ray.get(probe.remote())
 
 
+def test_a_one_cpu_ray_task_runs_one_thread_per_pool(ray_session):
+    """The worker's set-up hook imports torch before Ray sets OMP_NUM_THREADS for a task, so torch's pool and
+    the OpenMP one faiss shares came up one thread per core: two one-CPU tasks at once ran a thread per core each
+    (the balance stage's SemDeDup kernels 14x slower). run_tasks holds them to the task's CPUs."""
+    from cidistill.core.stage import run_tasks
+
+    def pools(_):
+        import faiss
+        import torch
+        from threadpoolctl import threadpool_info
+
+        blas = {p["num_threads"] for p in threadpool_info() if p["user_api"] in ("blas", "openmp")}
+        return torch.get_num_threads(), faiss.omp_get_max_threads(), blas
+
+    got = run_tasks(pools, [0, 1], use_ray=True)
+    assert all(r.ok for r in got) and [r.value for r in got] == [(1, 1, {1})] * 2
+
+
 def test_the_cli_sets_openmps_spin_count_before_torch_loads():
     """OpenMP reads GOMP_SPINCOUNT once, when torch's libgomp loads: the CLI must set it before any import of
     torch (a user's own value is kept)."""

@@ -162,7 +162,7 @@ class TrainConfig:
     ckpt_every: int = 100               # steps between checkpoints (a killed run resumes from the last)
     log_every: int = 10                 # steps between lines of train/log.jsonl
     seed: int = 0                       # batches, augmentations and PartialFC samples are functions of (seed, step)
-    threads: int = 0                    # torch threads per worker; 0 = all
+    threads: int = 0                    # torch threads per worker; 0 = its CPUs (train.cpus_per_worker on Ray Train, all in this process)
     use_balanced: bool = True           # False: pack and train every embedded sample (ablation d)
     # the global batch is drawn from this many streams, each reading its own shards of the packed dataset: the
     # batch sequence is a function of (seed, streams), the same for any train.workers that divides it

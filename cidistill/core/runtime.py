@@ -141,6 +141,20 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def task_threads(cpus: float):
+    """A Ray task's thread pools (torch's intra-op pool, OpenMP, OpenBLAS) held to the CPUs it was given, for
+    the task, then restored. Ray sets OMP_NUM_THREADS for a task only after the worker's set-up hook has
+    imported torch (the torchvision fix), so without this every one-CPU task ran a pool per core: two balance
+    tasks on two cores ran their SemDeDup kernels 14x slower than one task on one thread."""
+    from threadpoolctl import threadpool_limits
+
+    n = max(1, int(cpus))
+    # torch's pool only when loaded: a library loaded later in the task reads the OMP_NUM_THREADS Ray set
+    with torch_threads(n) if "torch" in sys.modules else contextlib.nullcontext(), threadpool_limits(limits=n):
+        yield
+
+
 def set_env_defaults() -> None:
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)

@@ -95,10 +95,13 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
     if faults.ray_env():  # reliability tests: kill points fire in the workers too
         job_env = (ray.get_runtime_context().runtime_env or {}).get("env_vars", {})
         ray_options["runtime_env"] = {"env_vars": dict(job_env, **faults.ray_env())}
+    from .runtime import task_threads
+
     @functools.wraps(fn)  # Ray's log prefixes and dashboard name the task by its function
     def refusing(item):
         try:
-            return fn(item)
+            with task_threads(num_cpus):
+                return fn(item)
         except StageError as e:  # our own verdict on the data: no retry would change it, no traceback
             return _Refused(str(e))
 
