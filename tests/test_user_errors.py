@@ -385,7 +385,7 @@ def test_a_user_without_a_writable_home_is_told_to_set_cidistill_cache(tmp_path,
     import os
     import tempfile
 
-    from cidistill.app.demo_data import _fetch_package
+    from cidistill.app.demo_packages import fetch_package
     from cidistill.core import runtime
     from cidistill.core.errors import StageError
 
@@ -403,8 +403,33 @@ def test_a_user_without_a_writable_home_is_told_to_set_cidistill_cache(tmp_path,
     runtime.set_env_defaults()
     assert os.environ["MPLCONFIGDIR"].startswith(tempfile.gettempdir())
     with pytest.raises(StageError, match=r"^`npm pack cldr-annotations-full@0.0.0-none` .* failed: npm"):
-        _fetch_package("cldr-annotations-full", "0.0.0-none", tmp_path / "packages")  # no such version
+        fetch_package("cldr-annotations-full", "0.0.0-none", tmp_path / "packages")  # no such version
     assert (tmp_path / "packages" / "npm-cache").is_dir()  # npm's cache was ours, not the missing home's
+
+
+def test_the_demo_packages_come_down_with_the_standard_library_alone(tmp_path):
+    """setup_and_demo.sh fetches the demo's npm packages with the system's python3 while pip installs: the module
+    must import with no third-party package (python -S: no site-packages at all), and with the packages already
+    on disk it fetches nothing."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys, cidistill.app.demo_packages; print(sorted(m for m in ('numpy', 'pyarrow', 'torch', 'yaml') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    from cidistill.app.demo_packages import PACKAGES
+
+    for name, version in PACKAGES.items():  # as if fetched: .complete marks each unpacked package
+        (tmp_path / "demo" / "packages" / f"{name}-{version}").mkdir(parents=True)
+        (tmp_path / "demo" / "packages" / f"{name}-{version}" / ".complete").touch()
+    env = {"PATH": "/nonexistent", "CIDISTILL_CACHE": str(tmp_path), "HOME": str(tmp_path)}  # no npm reachable
+    done = subprocess.run([sys.executable, "-S", "-m", "cidistill.app.demo_packages"], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    (tmp_path / "demo" / "packages" / f"cldr-annotations-full-{PACKAGES['cldr-annotations-full']}" / ".complete").unlink()
+    failed = subprocess.run([sys.executable, "-S", "-m", "cidistill.app.demo_packages"], cwd=root, env=env,
+                            capture_output=True, text=True)
+    assert failed.returncode == 1 and failed.stderr.startswith("cidistill: the demo data needs `npm`"), failed.stderr
 
 
 def test_version_names_the_package_and_the_libraries_it_runs_on(capsys):

@@ -7,75 +7,18 @@ import functools
 import hashlib
 import http.server
 import json
-import os
 import random
-import shutil
-import subprocess
-import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
-from cidistill.core.errors import StageError
-from cidistill.core.runtime import cache_dir, home, writable_folder
+from cidistill.core.runtime import cache_dir
 from cidistill.core.store import Store, split_uri
+from cidistill.app.demo_packages import PACKAGES, VENDORS, fetch_package
 
-VENDORS = ("apple", "google", "twitter")
-PACKAGES = {
-    **{f"emoji-datasource-{v}": "16.0.0" for v in VENDORS},
-    "cldr-annotations-full": "48.2.0",
-    "cldr-annotations-derived-full": "48.2.0",
-}
 SMALL_BASES = 70          # base emoji in the small (test) variant, all vendors and skin tones of each
-
-
-def _safe_members(tar: tarfile.TarFile, want):
-    for m in tar.getmembers():
-        name = m.name
-        if not m.isfile() or name.startswith("/") or ".." in Path(name).parts:
-            continue  # a member name must not escape the output folder
-        if want(name):
-            yield m
-
-
-def _fetch_package(name: str, version: str, dest: Path) -> Path:
-    """`npm pack` the package (registry only, no scripts run) and unpack the files we use."""
-    out = dest / f"{name}-{version}"
-    if (out / ".complete").exists():
-        return out
-    tgz_dir = dest / "npm"
-    tgz_dir.mkdir(parents=True, exist_ok=True)
-    tgz = tgz_dir / f"{name}-{version}.tgz"
-    if not tgz.exists():
-        if shutil.which("npm") is None:
-            raise StageError("the demo data needs `npm` (Node.js) to fetch the emoji packages from the npm "
-                             "registry (Debian/Ubuntu: apt-get install npm)")
-        env = dict(os.environ)
-        if "npm_config_cache" not in {k.lower() for k in env} and not (home() and writable_folder(home() / ".npm")):
-            env["npm_config_cache"] = str(dest / "npm-cache")  # no writable home (a container's user): ours
-        r = subprocess.run(["npm", "pack", f"{name}@{version}", "--loglevel=error", "--pack-destination", str(tgz_dir)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        if r.returncode:  # npm's first line that says what went wrong (not its error code, not its log's path)
-            lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
-            why = next((ln for ln in lines if not any(w in ln for w in (" code ", "complete log", "A complete"))),
-                       f"exit status {r.returncode}")
-            raise StageError(f"`npm pack {name}@{version}` (the demo's data, from the npm registry) failed: "
-                             f"{why.strip()[:300]}")
-    tmp = out.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    want = (lambda n: "/64/" in n and n.endswith(".png")) if "emoji-datasource" in name else (
-        lambda n: n.endswith(".json") and ("/en/" in n or "/zh/" in n))
-    with tarfile.open(tgz) as tar:
-        members = list(_safe_members(tar, lambda n: want(n) or n.endswith("package/emoji.json")))
-        # members are vetted above; the "data" filter is a second guard where this Python has it (3.11.4+)
-        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(tmp, members=members, **extra)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    (out / ".complete").touch()
-    return out
 
 
 def _char(unified: str) -> str:
@@ -111,7 +54,7 @@ class DemoData:
 @functools.lru_cache(maxsize=2)
 def build_demo_data(small: bool = False) -> DemoData:
     root = cache_dir() / "demo"
-    pk = {n: _fetch_package(n, v, root / "packages") for n, v in PACKAGES.items()}
+    pk = {n: fetch_package(n, v, root / "packages") for n, v in PACKAGES.items()}
     en = _Annotations(pk["cldr-annotations-full"], pk["cldr-annotations-derived-full"], "en")
     zh = _Annotations(pk["cldr-annotations-full"], pk["cldr-annotations-derived-full"], "zh")
     emoji = json.loads(next(pk["emoji-datasource-apple"].rglob("emoji.json")).read_text())
