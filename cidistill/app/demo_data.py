@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from cidistill.core.runtime import cache_dir
 from cidistill.core.store import Store, split_uri
-from cidistill.app.demo_packages import PACKAGES, VENDORS, fetch_package
+from cidistill.app.demo_packages import VENDORS, fetch_all
 
 SMALL_BASES = 70          # base emoji in the small (test) variant, all vendors and skin tones of each
 
@@ -54,7 +54,7 @@ class DemoData:
 @functools.lru_cache(maxsize=2)
 def build_demo_data(small: bool = False) -> DemoData:
     root = cache_dir() / "demo"
-    pk = {n: fetch_package(n, v, root / "packages") for n, v in PACKAGES.items()}
+    pk = fetch_all()
     en = _Annotations(pk["cldr-annotations-full"], pk["cldr-annotations-derived-full"], "en")
     zh = _Annotations(pk["cldr-annotations-full"], pk["cldr-annotations-derived-full"], "zh")
     emoji = json.loads(next(pk["emoji-datasource-apple"].rglob("emoji.json")).read_text())

@@ -68,9 +68,9 @@ def fetch_package(name: str, version: str, dest: Path) -> Path:
     return out
 
 
-def fetch_all() -> None:
-    for name, version in PACKAGES.items():
-        fetch_package(name, version, cache_dir() / "demo" / "packages")
+def fetch_all() -> dict[str, Path]:
+    """Every package, fetched where missing: name -> its unpacked folder in the cache."""
+    return {n: fetch_package(n, v, cache_dir() / "demo" / "packages") for n, v in PACKAGES.items()}
 
 
 if __name__ == "__main__":
