@@ -110,3 +110,59 @@ def test_local_workers_get_a_checkout_on_their_path_but_never_site_packages(monk
     assert rt.checkout_root() == str(root)                      # this checkout (an editable install)
     monkeypatch.setattr(site, "getsitepackages", lambda: ["/nowhere", str(root)])
     assert rt.checkout_root() is None                           # the same files, installed
+
+
+def test_a_cache_entry_is_filled_by_one_process_and_a_killed_holder_frees_it(tmp_path):
+    """Two demos at once on one cache (or the tests beside a demo) raced: one unpacked a package while the other
+    deleted it. cache_lock makes the second wait, says for whom, and a SIGKILLed holder never leaves it held."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lock = tmp_path / "entry.lock"
+    take = ("import sys, time; from pathlib import Path; from cidistill.core.runtime import cache_lock\n"
+            "with cache_lock(Path(sys.argv[1]), 'filling the entry'):\n"
+            "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n")
+    holder = subprocess.Popen([sys.executable, "-S", "-c", take, str(lock), "300"], cwd=root, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    waiter = subprocess.Popen([sys.executable, "-S", "-c", take, str(lock), "0"], cwd=root, stdout=subprocess.PIPE, text=True)
+    first = waiter.stdout.readline().strip()
+    assert first == f"[cache] waiting for pid {holder.pid} on {__import__('socket').gethostname()}, which is filling the entry"
+    time.sleep(1.0)
+    assert waiter.poll() is None  # still waiting while the holder lives
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    out, _ = waiter.communicate(timeout=30)
+    assert out.strip() == "held" and waiter.returncode == 0
+
+
+def test_two_fetches_of_a_demo_package_at_once_and_a_tarball_cut_short(tmp_path):
+    """Two processes fetching one npm package into one cache both end with it whole (one fetched it, one
+    waited); a tarball cut short in the cache (a fetch stopped half-way, a full disk) is fetched again."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    name, version = "cldr-annotations-derived-full", "48.2.0"  # the smallest of the demo's packages (4 MB)
+    fetch = ("import sys; from pathlib import Path; from cidistill.app.demo_packages import fetch_package\n"
+             f"out = fetch_package({name!r}, {version!r}, Path(sys.argv[1])); print(len(list(out.rglob('*.json'))))\n")
+    runs = [subprocess.Popen([sys.executable, "-S", "-c", fetch, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [r.communicate(timeout=300) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [e[-2000:] for _, e in outs]
+    counts = [o.strip().splitlines()[-1] for o, _ in outs]
+    assert counts == ["2", "2"], outs  # its English and Chinese annotations
+    assert sum("[cache] waiting for" in o for o, _ in outs) == 1, outs
+    tgz = tmp_path / "npm" / f"{name}-{version}.tgz"
+    size = tgz.stat().st_size
+    with open(tgz, "r+b") as f:
+        f.truncate(size // 3)
+    (tmp_path / f"{name}-{version}" / ".complete").unlink()
+    again = subprocess.run([sys.executable, "-S", "-c", fetch, str(tmp_path)], cwd=root, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.strip() == counts[0], again.stderr[-2000:]
+    assert tgz.stat().st_size == size
+    assert sorted(p.name for p in (tmp_path / "npm").iterdir()) == [tgz.name]  # no temporary tarball left

@@ -509,3 +509,25 @@ def test_the_command_ends_when_an_exit_handler_hangs(tmp_path):
                           capture_output=True, text=True, env=env, timeout=EXIT_GRACE_S + 60)
     assert proc.returncode == 2 and EXIT_GRACE_S - 1 < time.time() - t0 < EXIT_GRACE_S + 30, proc.stderr
     assert proc.stderr.strip().endswith("none.yaml: cannot read the config file (No such file or directory)")
+
+
+def test_a_demo_cache_moved_elsewhere_still_builds_the_demo_data(tmp_path, monkeypatch):
+    """The demo's image folders are links into the cache's unpacked packages: after the cache folder moved
+    (CIDISTILL_CACHE pointed at a copy), the old links dangled and making them again failed with FileExistsError."""
+    import os
+
+    from cidistill.app.demo_data import build_demo_data
+    from cidistill.app.demo_packages import PACKAGES, fetch_all
+
+    packages = next(iter(fetch_all().values())).parent  # the node's cache, filled as the demo fills it
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "packages").symlink_to(packages)
+    images = tmp_path / "demo" / "images"
+    images.mkdir()
+    (images / "apple").symlink_to(tmp_path / "old-cache" / "apple" / "64")  # where the cache used to be
+    monkeypatch.setenv("CIDISTILL_CACHE", str(tmp_path))
+    data = build_demo_data.__wrapped__(small=True)
+    apple = f"emoji-datasource-apple-{PACKAGES['emoji-datasource-apple']}"
+    assert data.root == images
+    assert os.readlink(images / "apple") == str(tmp_path / "demo" / "packages" / apple / "package" / "img" / "apple" / "64")
+    assert all((images / p).is_file() for p in data.table.column("path").to_pylist()) and data.table.num_rows == 300

@@ -15,7 +15,7 @@ from cidistill.core import faults
 from cidistill.core.config import STAGES, Config, load_config, merge
 from cidistill.core.lock import work_lock
 from cidistill.core.models import ModelLoadError, check_weights, create, demo_teacher_config
-from cidistill.core.runtime import cache_dir, resolve_precision
+from cidistill.core.runtime import cache_dir, cache_lock, resolve_precision
 from cidistill.core.store import Store, join, use_storage_options
 from kd.checkpoint import latest_checkpoint, load_weights
 from kd.export import export_local_dir
@@ -92,8 +92,14 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
 
 
 def ensure_teacher(cfg: Config, small: bool, use_ray: bool = True) -> str:
-    """Train (once) and cache the demo's LiT teacher; returns its `local-dir:` path."""
+    """Train (once) and cache the demo's LiT teacher; returns its `local-dir:` path. One process of the node
+    trains a given teacher: another demo that needs it at the same time waits, then finds it cached."""
     tcfg, final = teacher_recipe(cfg, small)
+    with cache_lock(final.with_name(f".{final.name}.lock"), "training the same demo teacher"):
+        return _ensure_teacher(cfg, tcfg, final, small, use_ray)
+
+
+def _ensure_teacher(cfg: Config, tcfg: Config, final: Path, small: bool, use_ray: bool) -> str:
     if (final / "open_clip_config.json").exists():  # written last
         try:
             check_weights(f"local-dir:{final}", "")

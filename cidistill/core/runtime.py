@@ -84,6 +84,32 @@ def cache_dir() -> Path:
 _checked_caches: set[str] = set()
 
 
+@contextlib.contextmanager
+def cache_lock(path: Path, what: str):
+    """One process of this node at a time fills a cache entry (two demos at once, the tests beside a demo): the
+    others wait, then find it filled. An flock on the file `path`: the kernel drops it when its holder dies, so
+    a killed run never leaves it held. `what` names the work in the one line a waiting process prints."""
+    import fcntl
+    import socket
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.2)  # the holder writes its name just after it takes the lock
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            print(f"[cache] waiting for {holder}, which is {what}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def writable_folder(folder: Path) -> bool:
     """Whether `folder` is (or can be made) a folder this user writes in."""
     try:
