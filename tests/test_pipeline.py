@@ -196,6 +196,13 @@ def test_exported_student_loads_after_being_moved(small_run, tmp_path):
     assert np.abs(got - want_t).max() < 1e-5
     got_i, got_t = _embed_with_open_clip_alone(folder, tmp_path, texts, moved=True)
     assert np.abs(got_i - want_i).max() < 1e-4 and np.abs(got_t - want_t).max() < 1e-4
+    # as a teacher (a moved cache's demo teacher): the student's text tower is cut from the folder where it lies
+    from cidistill.core.models import configs_of
+    from kd.text_tower import build_student_text_tower
+
+    assert configs_of(f"local-dir:{folder}")[0]["text_cfg"]["hf_model_name"] == str(folder.resolve())
+    text_cfg, init = build_student_text_tower(moved.model_cfg, moved.model.state_dict(), texts, 1, tmp_path / "tower")
+    assert (tmp_path / "tower" / "config.json").is_file() and any(k.startswith("text.") for k in init)
 
 
 def test_onnx_encoders_match_torch(small_run, tmp_path):

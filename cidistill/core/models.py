@@ -157,7 +157,7 @@ def create(name: str, pretrained: str = "", model_config: str = "", device: str 
             except RuntimeError as e:
                 raise ModelLoadError(f"{folder}: weights do not fit its open_clip_config.json ({str(e)[:300]})") from e
             tok = oc.get_tokenizer(f"local-dir:{where}")
-        full = json.loads((folder / "open_clip_config.json").read_text())
+        full = local_dir_config(folder)
         model_cfg, pp_cfg = full["model_cfg"], full.get("preprocess_cfg", {})
     else:
         model_cfg = _builtin_config(oc, name)
@@ -239,18 +239,26 @@ def relocated(folder: Path):
     reads that config from `text_cfg.hf_model_name`, the path the folder was exported to. Wherever the folder
     lies now, load it through a temporary twin (links to its files) whose config names the folder itself."""
     cfg_path = folder / "open_clip_config.json"
-    full = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    text = full.get("model_cfg", {}).get("text_cfg", {})
-    if not text.get("hf_model_name") or not (folder / "config.json").is_file():
+    full = local_dir_config(folder) if cfg_path.is_file() else None
+    if full is None or full == json.loads(cfg_path.read_text()):  # nothing to rename: read as it is
         yield folder
         return
     with tempfile.TemporaryDirectory(prefix="cidistill-local-dir-") as tmp:
         for f in folder.iterdir():
             if f.name != "open_clip_config.json":
                 os.symlink(f.resolve(), Path(tmp) / f.name)
-        text.update(hf_model_name=str(folder.resolve()), hf_tokenizer_name=str(folder.resolve()))
         (Path(tmp) / "open_clip_config.json").write_text(json.dumps(full, ensure_ascii=False))
         yield Path(tmp)
+
+
+def local_dir_config(folder: Path) -> dict:
+    """A local-dir folder's open_clip_config.json, its Hugging Face text tower (config.json inside the folder)
+    named by where the folder lies now, not where it was exported."""
+    full = json.loads((folder / "open_clip_config.json").read_text())
+    text = full.get("model_cfg", {}).get("text_cfg", {})
+    if text.get("hf_model_name") and (folder / "config.json").is_file():
+        text.update(hf_model_name=str(folder.resolve()), hf_tokenizer_name=str(folder.resolve()))
+    return full
 
 
 def configs_of(name: str, pretrained: str = "", model_config: str = "") -> tuple[dict, dict]:
@@ -271,7 +279,7 @@ def configs_of(name: str, pretrained: str = "", model_config: str = "") -> tuple
         if not path.is_file():
             raise ModelLoadError(f"{name}: no open_clip_config.json in that folder")
         require_weights(path.parent)
-        full = json.loads(path.read_text())
+        full = local_dir_config(path.parent)
         model_cfg = full["model_cfg"]
         cfg = merge_preprocess_dict(cfg, full.get("preprocess_cfg", {}))
     else:
