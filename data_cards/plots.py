@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import io
+import re
+import warnings
 
 import numpy as np
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _plt():
@@ -17,7 +21,9 @@ def _plt():
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    with warnings.catch_warnings():  # a caption's emoji or script the font lacks is drawn as a box: no warning
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _plt().close(fig)
     return buf.getvalue()
 
@@ -100,7 +106,8 @@ def image_grid(rows: list[list[tuple[bytes, str]]], title: str = "") -> bytes:
             if j < len(r):
                 data, label = r[j]
                 ax.imshow(Image.open(io.BytesIO(data)).convert("RGBA"))
-                ax.set_title(label[:18], fontsize=6, parse_math=False)  # captions are data: "$" is no mathtext
+                # captions are data: "$" is no mathtext, and control characters (NUL, newlines) are spaces
+                ax.set_title(_CONTROL.sub(" ", label)[:18], fontsize=6, parse_math=False)
                 if j == 0:
                     ax.patch.set_edgecolor("green")
                     ax.axis("on")

@@ -55,7 +55,7 @@ def image_size(lm: LoadedModel) -> int:
     return s if isinstance(s, int) else s[0]
 
 
-EVAL_VERSION = 5  # part of the teacher's cache key: raise it when a metric's computation changes
+EVAL_VERSION = 6  # part of the teacher's cache key: raise it when a metric's computation changes
 
 
 def label_columns(ec: EvalConfig) -> dict[str, str]:
@@ -107,12 +107,13 @@ class SplitView:
         return rows
 
     def texts(self, zh: bool = False) -> list[str]:
-        """Each pair's caption in that language (ZH: the EN caption where a pair has no Chinese one)."""
-        return [c or e for c, e in zip(self.captions_zh, self.captions)] if zh else self.captions
+        """Each pair's caption in that language (None or empty where it has none)."""
+        return self.captions_zh if zh else self.captions
 
     def captioned(self, zh: bool = False) -> np.ndarray:
-        """The rows with a usable caption (not empty or blank, as the embed stage counts them): a pair
-        without one cannot be retrieved by its caption, so it takes no part in retrieval."""
+        """The rows with a usable caption in that language (not empty or blank, as the embed stage counts
+        them): a pair without one cannot be retrieved by it, so it takes no part in that retrieval (an English
+        caption standing in for a missing Chinese one would score English retrieval as Chinese)."""
         return np.array([i for i, t in enumerate(self.texts(zh)) if t and t.strip()], np.int64)
 
     def caption_features(self, lm: LoadedModel, zh: bool = False, rows=None) -> torch.Tensor:
@@ -120,8 +121,7 @@ class SplitView:
         computed by the model."""
         rows = range(len(self.keys)) if rows is None else rows
         texts = self.texts(zh)
-        stored = [z if c else e for z, c, e in zip(self.stored_txt_zh, self.captions_zh, self.stored_txt)] if zh \
-            else self.stored_txt
+        stored = self.stored_txt_zh if zh else self.stored_txt
         if stored and all(stored[i] is not None for i in rows):
             return F.normalize(torch.from_numpy(np.stack([stored[i] for i in rows]).astype(np.float32)), dim=-1)
         return text_features(lm, [texts[i] for i in rows])
@@ -329,12 +329,12 @@ def retrieval(lm: LoadedModel, test: SplitView, res: dict, skipped: dict) -> Non
     for lang, zh in (("en", False), ("zh", True)):
         if zh and not any(test.captions_zh):
             continue
-        rows = test.captioned(zh)
+        rows, what = test.captioned(zh), "Chinese caption" if zh else "caption"
         if not len(rows):
-            skipped[f"retrieval_{lang}"] = f"none of the {len(test.keys)} pairs has a caption"
+            skipped[f"retrieval_{lang}"] = f"none of the {len(test.keys)} pairs has a {what}"
             continue
         if len(rows) < len(test.keys):
-            res.setdefault("notes", {})[f"retrieval_{lang}"] = f"on the {len(rows)} of {len(test.keys)} images with a caption"
+            res.setdefault("notes", {})[f"retrieval_{lang}"] = f"on the {len(rows)} of {len(test.keys)} images with a {what}"
         res[f"retrieval_{lang}"] = recall_at(test.img[rows], test.caption_features(lm, zh, rows))
         release_freed_memory()
 

@@ -227,11 +227,24 @@ def test_a_pair_without_a_caption_takes_no_part_in_retrieval_and_a_zero_score_ma
     assert part["retrieval_zh"] == full["retrieval_zh"] and "retrieval_zh" not in part["notes"]  # ZH captions kept
     line = EvalStage.summary(None, {"student": dict(part, eval_images=n), "held_out_split": True})
     assert f"(on the {len(rows)} of {n} images with a caption)" in line
+    # a pair without a Chinese caption takes no part in ZH retrieval (its English one stood in: English
+    # retrieval scored as Chinese)
+    view.captions_zh[1] = None
+    view.captions_zh[2] = " "
+    zh_rows = [i for i in range(n) if i not in (1, 2)]
+    zh = {}
+    ev.retrieval(lm, view, zh, skipped)
+    assert view.captioned(zh=True).tolist() == zh_rows
+    assert zh["notes"]["retrieval_zh"] == f"on the {n - 2} of {n} images with a Chinese caption"
+    assert zh["retrieval_zh"] == ev.recall_at(view.img[zh_rows], view.caption_features(lm, True, zh_rows))
     view.captions[:] = [""] * n
     view.captions_zh[:] = [None] * n
     none = {}
     ev.retrieval(lm, view, none, skipped)
     assert "retrieval_en" not in none and skipped == {"retrieval_en": f"none of the {n} pairs has a caption"}
+    view.captions_zh[:] = [""] * (n - 1) + ["一个"]
+    ev.retrieval(lm, view, none, skipped)
+    assert none["notes"]["retrieval_zh"] == f"on the 1 of {n} images with a Chinese caption"
 
     s = {"zeroshot_en_top1": 0.0, "zeroshot_zh_top1": 0.05, "params": 1, "image_throughput": 2}
     t = {"zeroshot_en_top1": 0.5, "params": 4, "image_throughput": 1}
