@@ -75,14 +75,25 @@ def _read_url_batches(urls: str, columns: list[str], text: dict[str, str]):
     for f in files:
         with fs.open(f, "rb") as fh:
             pf = _parquet(fh, f)
-            schema = pf.schema_arrow
-            missing = [c for c in columns if c not in schema.names]
-            if missing:
-                raise StageError(f"{f}: missing column(s) {missing}; has {schema.names}")
-            for col, key in text.items():
-                if col in schema.names and not _is_text(schema.field(col).type):
-                    raise StageError(f"{f}: {key} {col!r} holds {schema.field(col).type} values, not text")
+            _check_schema(f, pf.schema_arrow, columns, text)
             yield f, (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=URL_BATCH, columns=columns))
+
+
+def _check_schema(f: str, schema: pa.Schema, columns: list[str], text: dict[str, str]) -> None:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise StageError(f"{f}: missing column(s) {missing}; has {schema.names}")
+    for col, key in text.items():
+        if col in schema.names and not _is_text(schema.field(col).type):
+            raise StageError(f"{f}: {key} {col!r} holds {schema.field(col).type} values, not text")
+
+
+def check_url_list(urls: str, columns: list[str], text: dict[str, str]) -> None:
+    """Every file of the URL list is parquet with the columns a shard carries (footers only, no rows read)."""
+    fs, files = url_files(urls)
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            _check_schema(f, _parquet(fh, f).schema_arrow, columns, text)
 
 
 def _json_native(tp: pa.DataType) -> bool:
@@ -175,20 +186,34 @@ class DownloadStage(Stage):
         fs, files = url_files(self.d.urls)
         return {"urls": [[f, fs.size(f)] for f in files]}
 
-    def carries_zh(self) -> bool:
-        """Whether the shards carry a Chinese caption: the plan's answer once made; before, the URL list's
-        (a `data.caption_zh_col` other than the default, or listed in extra_cols, must be there)."""
-        if self.out.exists("_plan.json"):
+    def carries_zh(self, planned: bool = True) -> bool:
+        """Whether the shards carry a Chinese caption: the plan's answer once made; before (or not `planned`),
+        the URL list's (a `data.caption_zh_col` other than the default, or listed in extra_cols, must be there)."""
+        if planned and self.out.exists("_plan.json"):
             return self.out.read_json("_plan.json").get("caption_zh", "caption_zh" in self.d.extra_cols)
         d = self.d
         return d.caption_zh_col != "caption_zh" or d.caption_zh_col in d.extra_cols \
             or d.caption_zh_col in _first_columns(d.urls)
 
+    def _columns(self, zh: bool) -> tuple[list[str], dict[str, str]]:
+        """The URL list's columns a shard carries (renamed there to url, caption, caption_zh and the extras),
+        and those that must hold text, with the setting that names each."""
+        d = self.d
+        text = {d.url_col: "data.url_col", d.caption_col: "data.caption_col"}
+        if zh:
+            text[d.caption_zh_col] = "data.caption_zh_col"
+        return [d.url_col, d.caption_col] + ([d.caption_zh_col] if zh else []) + d.extras(), text
+
     @property
     def columns(self) -> list[str]:
-        """The URL list's columns a shard carries (renamed there to url, caption, caption_zh and the extras)."""
-        d = self.d
-        return [d.url_col, d.caption_col] + ([d.caption_zh_col] if self.carries_zh() else []) + self.d.extras()
+        return self._columns(self.carries_zh())[0]
+
+    def check_inputs(self) -> None:
+        """The URL list as this config reads it, before a changed config clears the last download: a typo in
+        data.urls must not cost the shards already downloaded."""
+        if not self.d.urls:
+            raise StageError("data.urls is empty: give a parquet file/folder/glob with url and caption columns")
+        check_url_list(self.d.urls, *self._columns(self.carries_zh(planned=False)))
 
     # -- planning: split the URL list into shards once; a resumed run reuses the plan
     def units(self) -> list[str]:
@@ -209,11 +234,8 @@ class DownloadStage(Stage):
         self.shards, total = [], 0
         allowed = {s.lower() for s in self.d.allowed_schemes}
         zh = self.carries_zh()
-        columns = self.columns
+        columns, text = self._columns(zh)
         text_cols = columns[1:]
-        text = {self.d.url_col: "data.url_col", self.d.caption_col: "data.caption_col"}
-        if zh:
-            text[self.d.caption_zh_col] = "data.caption_zh_col"
         for _, batches in _read_url_batches(self.d.urls, columns, text):
             buffered: list[pa.Table] = []
             for table in batches:

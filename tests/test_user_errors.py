@@ -24,6 +24,11 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
     assert main(["balance", "-c", str(p)]) == 2
     err = _err(capsys)
     assert str(p) in err and "not valid YAML" in err and "line" in err
+    binary = tmp_path / "urls.parquet"  # the URL list given where the config goes: a UnicodeDecodeError traceback
+    pq.write_table(pa.table({"url": ["http://127.0.0.1/x.png"]}), binary)
+    for argv in (["config", "--check", str(binary)], ["run", str(binary)]):
+        assert main(argv) == 2
+        assert _err(capsys).startswith(f"cidistill: error: {binary}: not a YAML config file (not UTF-8 text: byte ")
 
 
 def test_a_key_given_twice_is_an_error_not_a_silent_override(tmp_path, capsys):
@@ -85,6 +90,9 @@ def test_download_inputs(tmp_path, capsys):
     cfg.write_text(f"workdir: {tmp_path / 'w6'}\n")
     assert main(["run", str(cfg), "--stages", "trian", "--no-ray"]) == 2
     assert "unknown stage(s) ['trian']; known: download embed" in _err(capsys)
+    with pytest.raises(SystemExit) as e:  # `--stages` with no name ran (with --force: redid) every stage
+        main(["run", str(cfg), "--force", "--stages"])
+    assert e.value.code == 2 and "argument --stages: expected at least one argument" in capsys.readouterr().err
     # the demo checked its stages only after building its data, then failed on a missing stats.json
     assert main(["demo", "--small", "--workdir", str(tmp_path / "w7"), "--stages", "trian", "--no-ray"]) == 2
     assert "unknown stage(s) ['trian']" in _err(capsys) and not (tmp_path / "w7").exists()
@@ -104,6 +112,26 @@ def test_a_train_config_that_cannot_train_fails_before_the_last_training_is_clea
         assert main(["train", "--workdir", str(tmp_path / "w"), "--set", "train.phases=[{steps: 3, losses: "
                      "{feature_distill: 1.0}}]", override, "--no-ray"]) == 2
         assert _err(capsys).endswith(msg) and (out / "model.safetensors").read_bytes() == b"the last training"
+
+
+def test_a_url_list_typo_fails_before_the_last_download_is_cleared(tmp_path, small_run, capsys):
+    """`--set data.urls=` a file that is not parquet (or lacks a column) on a finished download: it said
+    "config changed; redoing download, embed, …", deleted every downloaded shard, then failed on the file."""
+    import shutil
+
+    shutil.copytree(small_run.stage_dir("download"), tmp_path / "download")
+    before = sorted(p.name for p in (tmp_path / "download").iterdir())
+    d = to_dict(small_run)
+    d["workdir"], d["dirs"] = str(tmp_path), {}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    no_caption = tmp_path / "no_caption.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1/x.png"]}), no_caption)
+    for urls, msg, extra in ((p, "is not a parquet file", []), (no_caption, "missing column(s) ['caption'", []),
+                             (p, "is not a parquet file", ["--force"])):
+        assert main(["download", "-c", str(p), "--set", f"data.urls={urls}", "--no-ray", *extra]) == 2
+        assert msg in _err(capsys)
+        assert sorted(q.name for q in (tmp_path / "download").iterdir()) == before  # nothing cleared
 
 
 def test_a_shard_removed_from_a_finished_stage_is_named_not_skipped(tmp_path, small_run, capsys):

@@ -540,9 +540,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
     data: dict = dict(base or {})
     if path:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        except UnicodeDecodeError as e:  # a parquet or image given where the YAML goes
+            raise ConfigError(f"{path}: not a YAML config file (not UTF-8 text: byte {e.start})") from None
         try:
             loaded = yaml.load(text, Loader=_UniqueKeyLoader) or {}
             expanded_size(loaded)
