@@ -19,8 +19,8 @@ from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
 from cidistill.core.runtime import embed_precision, require_resources, torch_threads
-from cidistill.core.models import (autocast, channels_last, check_weights, configs_of, create, encode_text, fetch_pretrained,
-                                   val_preprocess_cfg)
+from cidistill.core.models import (autocast, channels_last, check_fit, check_weights, configs_of, create, encode_text,
+                                   fetch_pretrained, val_preprocess_cfg)
 from cidistill.core.schema import embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store
@@ -194,6 +194,19 @@ class EmbedStage(Stage):
     def units(self) -> list[str]:
         return self.input_shards()
 
+    def check_inputs(self) -> None:
+        """The teacher as well as the download, before a changed config clears the last embeddings: a wrong
+        name, tag or checkpoint fails here, in one line, not in every Ray actor after they are gone."""
+        super().check_inputs()
+        tc = self.cfg.teacher
+        if not tc.pretrained:
+            raise StageError("teacher.pretrained is empty: the teacher would embed with random weights. Give an "
+                             "open_clip tag, a checkpoint file or local-dir:PATH (or `random` on purpose)")
+        configs_of(tc.model, tc.pretrained, tc.model_config)  # checks name and tag
+        fetch_pretrained(tc.model, tc.pretrained)
+        check_weights(tc.model, tc.pretrained)
+        check_fit(tc.model, tc.pretrained, tc.model_config)
+
     def _expected(self, shard: str) -> int:
         t = self.src.read_table(f"{shard}.parquet", columns=["status"])
         return int(pc.sum(pc.equal(t.column("status"), "success")).as_py() or 0)
@@ -204,12 +217,7 @@ class EmbedStage(Stage):
         errors: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         seen: dict[str, int] = defaultdict(int)
         tc = self.cfg.teacher
-        if not tc.pretrained:
-            raise StageError("teacher.pretrained is empty: the teacher would embed with random weights. Give an "
-                             "open_clip tag, a checkpoint file or local-dir:PATH (or `random` on purpose)")
-        dim = int(configs_of(tc.model, tc.pretrained, tc.model_config)[0]["embed_dim"])  # checks name and tag
-        fetch_pretrained(tc.model, tc.pretrained)
-        check_weights(tc.model, tc.pretrained)
+        dim = int(configs_of(tc.model, tc.pretrained, tc.model_config)[0]["embed_dim"])
         for s in [s for s in pending if expected[s] == 0]:  # a shard that downloaded nothing: an empty table
             self._write(s, {}, {}, dim)
         work = [s for s in pending if expected[s] > 0]

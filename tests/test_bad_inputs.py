@@ -140,6 +140,12 @@ def test_checkpoint_of_the_wrong_shape_is_a_clear_error(tmp_path, small_run):
     save_file(sd, tmp_path / "bad.safetensors")
     with pytest.raises(ModelLoadError, match=f"{first}: checkpoint"):
         create(small_run.student.model, str(tmp_path / "bad.safetensors"))
+    # a trimmed-vocabulary checkpoint of another model (no token embedding this model has): was a KeyError
+    import torch
+
+    save_file({"vocab_new2old": torch.arange(5), "other.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ModelLoadError, match="weights do not fit the model: missing"):
+        create(small_run.student.model, str(tmp_path / "other.safetensors"))
     # a pickle that would run code: refused by weights_only loading, and the code never runs
     import torch
 

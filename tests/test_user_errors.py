@@ -134,6 +134,26 @@ def test_a_url_list_typo_fails_before_the_last_download_is_cleared(tmp_path, sma
         assert sorted(q.name for q in (tmp_path / "download").iterdir()) == before  # nothing cleared
 
 
+def test_a_teacher_checkpoint_of_another_model_fails_before_the_last_embeddings_are_cleared(tmp_path, small_run, capsys):
+    """`--set teacher.pretrained=` the student's weights (another model): embed said "config changed", deleted
+    every embedding, then each Ray actor died with a KeyError traceback (160 lines). Now the checkpoint's
+    names and shapes are checked against the model (a skeleton on the meta device) before anything is cleared."""
+    import shutil
+
+    for stage in ("download", "embed"):
+        shutil.copytree(small_run.stage_dir(stage), tmp_path / stage)
+    before = sorted(p.name for p in (tmp_path / "embed").iterdir())
+    d = to_dict(small_run)
+    d["workdir"], d["dirs"] = str(tmp_path), {}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    student = Path(small_run.stage_dir("train")) / "model.safetensors"
+    assert main(["embed", "-c", str(p), "--set", f"teacher.pretrained={student}"]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"cidistill: error: {student}: weights do not fit the model: visual.") and "\n" not in err
+    assert sorted(q.name for q in (tmp_path / "embed").iterdir()) == before  # nothing cleared
+
+
 def test_a_shard_removed_from_a_finished_stage_is_named_not_skipped(tmp_path, small_run, capsys):
     """A download tar (or an embed parquet) removed or moved after its stage finished: the next stage globbed
     what was left and carried on without those pairs (`embed done: 82 pairs embedded` of 132, exit 0)."""

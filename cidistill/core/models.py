@@ -117,15 +117,47 @@ def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> Non
     own = model.state_dict()
     if "vocab_new2old" in sd:
         sd = expand_vocab(sd, own)
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in sd and sd[k].shape != own[k].shape]
+    require_fit({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in sd.items()}, source)
+    model.load_state_dict(sd)
+
+
+def require_fit(own: dict[str, tuple], ckpt: dict[str, tuple], source: str) -> None:
+    """The checkpoint's tensor names and shapes are the model's, or an error naming the first differences."""
+    missing = [k for k in own if k not in ckpt]
+    unexpected = [k for k in ckpt if k not in own]
+    wrong = [f"{k}: checkpoint {ckpt[k]} vs model {own[k]}" for k in own if k in ckpt and ckpt[k] != own[k]]
     if wrong or missing or unexpected:
         raise ModelLoadError(f"{source}: weights do not fit the model: "
                              + "; ".join(wrong[:3] + [f"missing {missing[:3]}"] * bool(missing)
                                          + [f"unexpected {unexpected[:3]}"] * bool(unexpected)))
-    model.load_state_dict(sd)
+
+
+def check_fit(name: str, pretrained: str, model_config: str = "") -> None:
+    """A checkpoint file's tensor names and shapes against the model's, in the driver before any work: one of
+    another model failed inside every Ray actor, after the stage had cleared its last outputs. The model is
+    a skeleton on the meta device (no memory, no weights)."""
+    if not pretrained or name.startswith("local-dir:") or not os.path.isfile(pretrained):
+        return
+    if pretrained.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(pretrained, "pt") as f:
+            ckpt = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        ckpt = {k: tuple(v.shape) for k, v in read_state_dict(pretrained).items()}
+    oc = import_open_clip()
+    register_configs(model_config)
+    try:
+        with torch.device("meta"):
+            model = oc.create_model(name, pretrained=None, pretrained_text=False, device="meta")
+    except Exception:  # a skeleton that needs what this node lacks (an HF text tower's hub config): the load checks
+        return
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if "vocab_new2old" in ckpt:  # a trimmed vocabulary, expanded when loaded
+        ckpt.pop("vocab_new2old")
+        for k in [k for k in ckpt if k.endswith("token_embedding.weight") and k in own]:
+            ckpt[k] = own[k]
+    require_fit(own, ckpt, pretrained)
 
 
 def _builtin_config(oc, name: str) -> dict:
@@ -360,7 +392,9 @@ def expand_vocab(sd: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> 
     """A trimmed checkpoint back to the full open_clip vocabulary (unused tokens get the unknown row)."""
     sd = dict(sd)
     new2old = sd.pop("vocab_new2old")
-    key = next(k for k in sd if k.endswith("token_embedding.weight"))
+    key = next((k for k in sd if k.endswith("token_embedding.weight")), None)
+    if key is None or key not in full:  # weights of another model: load_into names what does not fit
+        return sd
     w = sd[key]
     big = w[0].expand(full[key].shape[0], w.shape[1]).clone()
     big[new2old[1:]] = w[1:]
