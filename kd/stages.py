@@ -8,7 +8,8 @@ import json
 import numpy as np
 
 from cidistill.core.config import Config
-from cidistill.core.models import count_params, create
+from cidistill.core.models import (check_fit, check_model_config, check_weights, configs_of, count_params, create,
+                                   fetch_pretrained)
 from cidistill.core.progress import Progress
 from cidistill.core.schema import HOLDOUT_FIELDS, has_holdout
 from cidistill.core.stage import Stage
@@ -17,6 +18,7 @@ from .checkpoint import latest_checkpoint
 from .evaluate import PARTS, evaluate, load_for_eval, results_markdown, teacher_evaluation
 from .export import export_local_dir, load_trained_student, model_card
 from .stream import StreamSpec
+from .text_tower import check_teacher_text
 from .train import require_workers, train
 
 TEACHER_FIELDS = ("teacher.model", "teacher.pretrained", "teacher.model_config")
@@ -44,6 +46,16 @@ class TrainStage(Stage):
         if self.use_ray and self.cfg.train.workers > 1:
             require_workers(self.cfg.train)
         StreamSpec.of(self.require("pack").uri, "train", self.cfg.train).check_batch()
+        # the student as configured can be built: a typo in its name, weights or config file, or more text
+        # layers than the teacher has, must fail before a changed config clears the last trained student
+        sc, tc = self.cfg.student, self.cfg.teacher
+        configs_of(sc.model, sc.pretrained, check_model_config(sc.model_config, "student.model_config"))
+        fetch_pretrained(sc.model, sc.pretrained)
+        check_weights(sc.model, sc.pretrained)
+        check_fit(sc.model, sc.pretrained, sc.model_config)
+        if sc.text_from_teacher:
+            teacher_cfg = configs_of(tc.model, tc.pretrained, check_model_config(tc.model_config, "teacher.model_config"))[0]
+            check_teacher_text(teacher_cfg, sc.text_from_teacher)
 
     def run_unit(self, unit: str) -> dict:  # check_inputs has required the pack stage
         result = train(self.cfg, self.out.uri, use_ray=self.use_ray)

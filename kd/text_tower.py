@@ -59,22 +59,32 @@ def teacher_text_cfg(teacher_cfg: dict) -> dict:
     return text
 
 
+def check_teacher_text(teacher_cfg: dict, layers: int):
+    """(the teacher's text_cfg, its HF config) when `layers` of its text tower can be cut for the student;
+    else the one-line error (from configs alone: the train stage checks it before clearing the last student)."""
+    from transformers import AutoConfig
+
+    text = teacher_text_cfg(teacher_cfg)
+    hf_cfg = AutoConfig.from_pretrained(Path(text["hf_model_name"]))
+    if not 1 <= layers <= hf_cfg.num_hidden_layers:
+        raise ModelLoadError(f"student.text_from_teacher={layers}: the teacher's text tower has "
+                             f"{hf_cfg.num_hidden_layers} layers")
+    return text, hf_cfg
+
+
 def build_student_text_tower(teacher_cfg: dict, teacher_sd: dict[str, torch.Tensor], texts: list[str],
                              layers: int, folder: Path, seed: int = 0, common: int = 3000
                              ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Writes folder/ (config.json, tokenizer files) and returns (the student's text_cfg, the initial
     state dict of its `text.` module, taken from the teacher's)."""
-    from transformers import AutoConfig, AutoTokenizer, BertTokenizerFast
+    from transformers import AutoTokenizer, BertTokenizerFast
 
-    text = teacher_text_cfg(teacher_cfg)
+    text, hf_cfg = check_teacher_text(teacher_cfg, layers)
     src = Path(text["hf_model_name"])
     tok = AutoTokenizer.from_pretrained(text.get("hf_tokenizer_name") or src)
     if not isinstance(tok, BertTokenizerFast):
         raise ModelLoadError(f"{src}: only WordPiece (BERT-family) tokenizers can be cut to the corpus")
-    hf_cfg = AutoConfig.from_pretrained(src)
     depth = hf_cfg.num_hidden_layers
-    if not 1 <= layers <= depth:
-        raise ModelLoadError(f"student.text_from_teacher={layers}: the teacher's text tower has {depth} layers")
     vocab = corpus_vocab(tok, texts, common)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")

@@ -19,8 +19,8 @@ from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
 from cidistill.core.runtime import embed_precision, require_resources, torch_threads
-from cidistill.core.models import (autocast, channels_last, check_fit, check_weights, configs_of, create, encode_text,
-                                   fetch_pretrained, val_preprocess_cfg)
+from cidistill.core.models import (autocast, channels_last, check_fit, check_model_config, check_weights, configs_of,
+                                   create, encode_text, fetch_pretrained, val_preprocess_cfg)
 from cidistill.core.schema import embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store
@@ -202,7 +202,7 @@ class EmbedStage(Stage):
         if not tc.pretrained:
             raise StageError("teacher.pretrained is empty: the teacher would embed with random weights. Give an "
                              "open_clip tag, a checkpoint file or local-dir:PATH (or `random` on purpose)")
-        configs_of(tc.model, tc.pretrained, tc.model_config)  # checks name and tag
+        configs_of(tc.model, tc.pretrained, check_model_config(tc.model_config, "teacher.model_config"))
         fetch_pretrained(tc.model, tc.pretrained)
         check_weights(tc.model, tc.pretrained)
         check_fit(tc.model, tc.pretrained, tc.model_config)

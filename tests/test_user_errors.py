@@ -154,6 +154,32 @@ def test_a_teacher_checkpoint_of_another_model_fails_before_the_last_embeddings_
     assert sorted(q.name for q in (tmp_path / "embed").iterdir()) == before  # nothing cleared
 
 
+def test_a_student_typo_fails_before_the_last_trained_student_is_cleared(tmp_path, small_run, capsys):
+    """A finished training rerun with a student that cannot be built (a mistyped model name, weights file or
+    config file, more text layers than the teacher has): it said "config changed; redoing train", deleted the
+    trained student and its checkpoints, then failed (a nonexistent weights file: a RuntimeError traceback; a
+    nonexistent model_config: silently ignored, and the student trained from the packaged config)."""
+    import shutil
+
+    for stage in ("download", "embed", "balance", "cluster", "pack", "train"):
+        shutil.copytree(small_run.stage_dir(stage), tmp_path / stage)
+    before = sorted(p.name for p in (tmp_path / "train").iterdir())
+    d = to_dict(small_run)
+    d["workdir"], d["dirs"] = str(tmp_path), {}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    teacher = small_run.teacher.pretrained.removeprefix("local-dir:") + "/open_clip_model.safetensors"
+    for override, msg in ((f"student.model={small_run.student.model}x", "unknown open_clip model"),
+                          ("student.pretrained=/no/such.safetensors", "pretrained '/no/such.safetensors' is neither a file nor"),
+                          ("student.model_config=/no/such.json", "student.model_config: no such file or folder: '/no/such.json'"),
+                          ("student.text_from_teacher=99", "student.text_from_teacher=99: the teacher's text tower has"),
+                          (f"student.pretrained={teacher}", "weights do not fit the model: visual.")):
+        assert main(["train", "-c", str(p), "--set", override, "--no-ray"]) == 2, override
+        err = _err(capsys)
+        assert msg in err and "\n" not in err, (override, err)
+        assert sorted(q.name for q in (tmp_path / "train").iterdir()) == before, override  # nothing cleared
+
+
 def test_a_shard_removed_from_a_finished_stage_is_named_not_skipped(tmp_path, small_run, capsys):
     """A download tar (or an embed parquet) removed or moved after its stage finished: the next stage globbed
     what was left and carried on without those pairs (`embed done: 82 pairs embedded` of 132, exit 0)."""

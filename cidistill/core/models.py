@@ -27,6 +27,14 @@ class ModelLoadError(StageError, ValueError):
     """A model or its weights cannot be loaded as named (unknown name, missing file, wrong shapes)."""
 
 
+def check_model_config(path: str, setting: str) -> str:
+    """A model_config setting names a JSON file or folder that is there (open_clip skips a missing one
+    without a word, and the model is then built from another config of that name, or fails later)."""
+    if path and "://" not in path and not os.path.exists(os.path.expanduser(path)):
+        raise ModelLoadError(f"{setting}: no such file or folder: {path!r}")
+    return path
+
+
 def register_configs(extra: str = "") -> None:
     """Make the packaged configs (and a user's JSON file/folder) known to open_clip by name."""
     oc = import_open_clip()
