@@ -58,6 +58,30 @@ class BalanceStage(Stage):
     def units(self) -> list[str]:
         return self.input_shards()
 
+    def check_inputs(self) -> None:
+        """A `data.holdout` value that no downloaded pair has fails here, before a changed config clears the last
+        balance (hours of work at web scale): the held-out column is read shard by shard until a pair matches."""
+        shards = self.input_shards()
+        d = self.cfg.data
+        if not d.holdout:
+            return
+        col, pairs = d.holdout.partition("=")[0], 0
+        download = self.input_store("download")
+        for s in shards:
+            with download.parquet(f"{s}.parquet") as pf:
+                names = pf.schema_arrow.names
+                if col not in names:
+                    raise StageError(f"data.holdout: column {col!r} is not in the download table (columns: "
+                                     f"{names}); add it to data.extra_cols")
+                t = pf.read(columns=[c for c in ("key", "status", col) if c in names])
+            if "status" in t.column_names:
+                t = t.filter(pc.equal(t.column("status"), "success"))
+            if pc.any(holdout_mask(self.cfg, t)).as_py():
+                return
+            pairs += t.num_rows
+        raise StageError(f"data.holdout={d.holdout!r} matched none of the {pairs} downloaded pairs: no evaluation "
+                         "split (data.holdout_fraction=0 evaluates on training pairs)")
+
     # -- the steps' driver: run the missing tasks of a step, return every task's stats
     def step(self, name: str, items: list[str], fn) -> dict[str, dict]:
         def task(item: str) -> dict:

@@ -272,10 +272,21 @@ def test_more_clusters_than_kept_samples_names_the_setting(small_run, tmp_path):
 
 def test_a_holdout_that_matches_no_pair_fails_at_pack_in_one_line(small_run, tmp_path):
     """data.holdout with a value no pair has would leave nothing to evaluate on: the pack stage says so,
-    before any training."""
+    before any training, and the balance stage before it clears its last outputs."""
     from pipeline.pack import PackStage
 
     dirs = [f"dirs.{s}={small_run.stage_dir(s)}" for s in ("download", "embed", "balance", "cluster")]
     cfg = load_config(None, [f"workdir={tmp_path}", *dirs, "data.extra_cols=[vendor]", "data.holdout=vendor=zzz"])
     with pytest.raises(StageError, match=r"data.holdout='vendor=zzz' matched none of the 300 downloaded pairs"):
         PackStage(cfg, use_ray=False).run()
+    # and balance says so before it clears its last outputs (hours of work at web scale)
+    import shutil
+
+    from pipeline.balance import BalanceStage
+
+    shutil.copytree(small_run.stage_dir("balance"), tmp_path / "balance")
+    before = sorted(p.name for p in (tmp_path / "balance").iterdir())
+    cfg = load_config(None, [f"workdir={tmp_path}", *dirs[:2], "data.extra_cols=[vendor]", "data.holdout=vendor=zzz"])
+    with pytest.raises(StageError, match=r"data.holdout='vendor=zzz' matched none of the 300 downloaded pairs"):
+        BalanceStage(cfg, use_ray=False).run()
+    assert sorted(p.name for p in (tmp_path / "balance").iterdir()) == before

@@ -114,17 +114,24 @@ def test_a_train_config_that_cannot_train_fails_before_the_last_training_is_clea
         assert _err(capsys).endswith(msg) and (out / "model.safetensors").read_bytes() == b"the last training"
 
 
-def test_a_url_list_typo_fails_before_the_last_download_is_cleared(tmp_path, small_run, capsys):
-    """`--set data.urls=` a file that is not parquet (or lacks a column) on a finished download: it said
-    "config changed; redoing download, embed, …", deleted every downloaded shard, then failed on the file."""
+def _copied_run(small_run, tmp_path: Path, stages: tuple[str, ...]) -> Path:
+    """The small demo's finished `stages` copied into tmp_path, and a config file for that work folder."""
     import shutil
 
-    shutil.copytree(small_run.stage_dir("download"), tmp_path / "download")
-    before = sorted(p.name for p in (tmp_path / "download").iterdir())
+    for stage in stages:
+        shutil.copytree(small_run.stage_dir(stage), tmp_path / stage)
     d = to_dict(small_run)
     d["workdir"], d["dirs"] = str(tmp_path), {}
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    return p
+
+
+def test_a_url_list_typo_fails_before_the_last_download_is_cleared(tmp_path, small_run, capsys):
+    """`--set data.urls=` a file that is not parquet (or lacks a column) on a finished download: it said
+    "config changed; redoing download, embed, …", deleted every downloaded shard, then failed on the file."""
+    p = _copied_run(small_run, tmp_path, ("download",))
+    before = sorted(q.name for q in (tmp_path / "download").iterdir())
     no_caption = tmp_path / "no_caption.parquet"
     pq.write_table(pa.table({"url": ["http://127.0.0.1/x.png"]}), no_caption)
     for urls, msg, extra in ((p, "is not a parquet file", []), (no_caption, "missing column(s) ['caption'", []),
@@ -138,15 +145,8 @@ def test_a_teacher_checkpoint_of_another_model_fails_before_the_last_embeddings_
     """`--set teacher.pretrained=` the student's weights (another model): embed said "config changed", deleted
     every embedding, then each Ray actor died with a KeyError traceback (160 lines). Now the checkpoint's
     names and shapes are checked against the model (a skeleton on the meta device) before anything is cleared."""
-    import shutil
-
-    for stage in ("download", "embed"):
-        shutil.copytree(small_run.stage_dir(stage), tmp_path / stage)
-    before = sorted(p.name for p in (tmp_path / "embed").iterdir())
-    d = to_dict(small_run)
-    d["workdir"], d["dirs"] = str(tmp_path), {}
-    p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    p = _copied_run(small_run, tmp_path, ("download", "embed"))
+    before = sorted(q.name for q in (tmp_path / "embed").iterdir())
     student = Path(small_run.stage_dir("train")) / "model.safetensors"
     assert main(["embed", "-c", str(p), "--set", f"teacher.pretrained={student}"]) == 2
     err = _err(capsys)
@@ -159,15 +159,8 @@ def test_a_student_typo_fails_before_the_last_trained_student_is_cleared(tmp_pat
     config file, more text layers than the teacher has): it said "config changed; redoing train", deleted the
     trained student and its checkpoints, then failed (a nonexistent weights file: a RuntimeError traceback; a
     nonexistent model_config: silently ignored, and the student trained from the packaged config)."""
-    import shutil
-
-    for stage in ("download", "embed", "balance", "cluster", "pack", "train"):
-        shutil.copytree(small_run.stage_dir(stage), tmp_path / stage)
-    before = sorted(p.name for p in (tmp_path / "train").iterdir())
-    d = to_dict(small_run)
-    d["workdir"], d["dirs"] = str(tmp_path), {}
-    p = tmp_path / "cfg.yaml"
-    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    p = _copied_run(small_run, tmp_path, ("download", "embed", "balance", "cluster", "pack", "train"))
+    before = sorted(q.name for q in (tmp_path / "train").iterdir())
     teacher = small_run.teacher.pretrained.removeprefix("local-dir:") + "/open_clip_model.safetensors"
     for override, msg in ((f"student.model={small_run.student.model}x", "unknown open_clip model"),
                           ("student.pretrained=/no/such.safetensors", "pretrained '/no/such.safetensors' is neither a file nor"),
