@@ -40,7 +40,8 @@ def main(argv=None):
     from cidistill.core.runtime import init_ray
     from cidistill.core.store import Store
     from cidistill.core.images import decode_rgb
-    from cidistill.core.models import autocast, encode_text
+    from cidistill.core.models import autocast
+    from cidistill.core.text_ops import encode_text
     from PIL import Image
 
     cfg = demo_config(a.workdir, small=False)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from cidistill.core.config import Config, EvalConfig
 from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb
-from cidistill.core.models import LoadedModel, autocast, channels_last, count_params, create, encode_text, local_dir
+from cidistill.core.models import LoadedModel, autocast, channels_last, count_params, create, local_dir
+from cidistill.core.text_ops import encode_text
 from cidistill.core.packed import image_member, iter_tar_samples, sample_fields, split_shards
 from cidistill.core.runtime import cache_dir, embed_precision, resolve_precision
 from cidistill.core.schema import has_holdout

@@ -13,7 +13,8 @@ import torch
 
 from cidistill.core.config import Config
 from cidistill.core.errors import StageError
-from cidistill.core.models import LoadedModel, count_params, create, state_dict_for_export
+from cidistill.core.models import LoadedModel, count_params, create
+from cidistill.core.text_ops import state_dict_for_export
 from cidistill.core.store import Store, absolute
 from .text_tower import ARCH, load_arch
 

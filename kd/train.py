@@ -25,7 +25,8 @@ from cidistill.core.errors import StageError
 from cidistill.core.runtime import cache_dir, require_resources, torch_threads
 from cidistill.core.progress import Progress
 from cidistill.core.packed import iter_tar_samples, sample_fields
-from cidistill.core.models import autocast, by_length, channels_last, count_params, create, encode_text, trim_vocab
+from cidistill.core.models import autocast, channels_last, count_params, create
+from cidistill.core.text_ops import by_length, encode_text, trim_vocab
 from cidistill.core.store import Store, absolute
 from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, read_log, save_checkpoint, write_log
 from .data import manifest_texts

@@ -20,7 +20,8 @@ from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
 from cidistill.core.runtime import embed_precision, require_resources, torch_threads
 from cidistill.core.models import (autocast, channels_last, check_fit, check_model_config, check_weights, configs_of,
-                                   create, encode_text, fetch_pretrained, val_preprocess_cfg)
+                                   create, fetch_pretrained, val_preprocess_cfg)
+from cidistill.core.text_ops import encode_text
 from cidistill.core.schema import embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store

@@ -2,7 +2,8 @@
 very different lengths, on the full and on a trimmed vocabulary."""
 import torch
 
-from cidistill.core.models import create, encode_text, trim_vocab
+from cidistill.core.models import create
+from cidistill.core.text_ops import encode_text, trim_vocab
 
 CAPTIONS = ["cat", "crying cat, animal, face, sad", "哭泣的猫，哭泣的猫脸，泪，猫脸", "a", "love-you gesture: light skin tone, "
             "fingers, hand, ILY, and a much longer tail of words to fill the context"]
@@ -34,7 +35,8 @@ def test_encode_text_equals_open_clip():
 def test_encode_text_equals_hf_tower():
     """HF towers (the demo teacher's MiniLM): rows sorted by length and cut per group give the tower's own
     padded-batch output and gradients, for Chinese and English captions of very different lengths."""
-    from cidistill.core.models import DEMO_TEACHER, token_lengths
+    from cidistill.core.models import DEMO_TEACHER
+    from cidistill.core.text_ops import token_lengths
 
     torch.manual_seed(0)
     lm = create(DEMO_TEACHER)

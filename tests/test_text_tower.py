@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from cidistill.core.models import DEMO_TEACHER, create, encode_text
+from cidistill.core.models import DEMO_TEACHER, create
+from cidistill.core.text_ops import encode_text
 from kd.text_tower import build_student_text_tower
 
 CORPUS = ["grinning face: smile, happy", "red heart: love", "笑脸: 开心，微笑", "红心: 爱", "瀑布的表情"]
