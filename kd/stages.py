@@ -46,8 +46,10 @@ class TrainStage(Stage):
         if self.use_ray and self.cfg.train.workers > 1:
             require_workers(self.cfg.train)
         StreamSpec.of(self.require("pack").uri, "train", self.cfg.train).check_batch()
-        # the student as configured can be built: a typo in its name, weights or config file, or more text
-        # layers than the teacher has, must fail before a changed config clears the last trained student
+
+    def check_config(self) -> None:
+        """The student as configured can be built: a typo in its name, weights or config file, or more text
+        layers than the teacher has, fails before the run's first stage and before the last student is cleared."""
         sc, tc = self.cfg.student, self.cfg.teacher
         configs_of(sc.model, sc.pretrained, check_model_config(sc.model_config, "student.model_config"))
         fetch_pretrained(sc.model, sc.pretrained)

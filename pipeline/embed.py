@@ -195,10 +195,9 @@ class EmbedStage(Stage):
     def units(self) -> list[str]:
         return self.input_shards()
 
-    def check_inputs(self) -> None:
-        """The teacher as well as the download, before a changed config clears the last embeddings: a wrong
-        name, tag or checkpoint fails here, in one line, not in every Ray actor after they are gone."""
-        super().check_inputs()
+    def check_config(self) -> None:
+        """The teacher, before any stage of the run works and before a changed config clears the last
+        embeddings: a wrong name, tag or checkpoint fails in one line, not in every Ray actor after they are gone."""
         tc = self.cfg.teacher
         if not tc.pretrained:
             raise StageError("teacher.pretrained is empty: the teacher would embed with random weights. Give an "

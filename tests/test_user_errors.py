@@ -173,6 +173,23 @@ def test_a_student_typo_fails_before_the_last_trained_student_is_cleared(tmp_pat
         assert sorted(q.name for q in (tmp_path / "train").iterdir()) == before, override  # nothing cleared
 
 
+def test_a_run_checks_every_stages_models_before_the_first_stage_works(tmp_path, small_run, capsys):
+    """`cidistill run` with a mistyped teacher or student downloaded everything first (days at web scale) and
+    failed at embed or train: the settings of every stage the run will work in are now checked up front."""
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/x.png"], "caption": ["an x"]}), urls)
+    for i, (override, msg) in enumerate((("teacher.pretrained=openai teacher.model=ViT-B-32x",
+                                          "unknown open_clip model 'ViT-B-32x'"),
+                                         ("student.model=cid-tiny-rnx", "unknown open_clip model 'cid-tiny-rnx'"),
+                                         ("student.model_config=/no/such.json", "student.model_config: no such file"))):
+        work = tmp_path / f"w{i}"
+        cfg = tmp_path / f"c{i}.yaml"
+        cfg.write_text(f"workdir: {work}\ndata: {{urls: {urls}}}\nteacher: {{pretrained: '{small_run.teacher.pretrained}'}}\n")
+        assert main(["run", str(cfg), "--set", *override.split(), "--no-ray"]) == 2
+        assert msg in _err(capsys)
+        assert not (work / "download" / "_RUN.json").exists()  # the download never started
+
+
 def test_a_shard_removed_from_a_finished_stage_is_named_not_skipped(tmp_path, small_run, capsys):
     """A download tar (or an embed parquet) removed or moved after its stage finished: the next stage globbed
     what was left and carried on without those pairs (`embed done: 82 pairs embedded` of 132, exit 0)."""

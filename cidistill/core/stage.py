@@ -167,6 +167,10 @@ class Stage:
     def input_store(self, stage: str) -> Store:
         return Store(self.cfg.stage_dir(stage))
 
+    def check_config(self) -> None:
+        """Settings this stage will use that can be checked without its inputs (a model's name, weights and
+        files): a run checks them for every stage it will work in before the first one starts."""
+
     def check_inputs(self) -> None:
         """Fails when the inputs cannot serve this run (one missing, a setting they cannot fill): called before
         the stage's last outputs are cleared, so that a run that cannot start deletes nothing."""
@@ -227,6 +231,7 @@ class Stage:
             return self.out.read_json(STATS)
         self._check_owned()
         self.check_inputs()  # before this stage's last outputs are cleared
+        self.check_config()
         if force or state == "changed":
             self.out.clear()
         if not self.out.exists(RUN):
@@ -305,13 +310,9 @@ def plan(stages: list[Stage]) -> list[str]:
     """Lines saying which finished stages a run redoes and why, one per stage whose own config or outside
     inputs changed: "balance: config changed (balance.apply_eps 0.05 → 0.1); redoing balance, cluster, …".
     `stages` in run order; each one's inputs that run before it get the fingerprint it will have."""
-    expected: dict[str, str] = {}
     origin: dict[str, str] = {}                        # a redone stage -> the stage whose change causes it
     roots: dict[str, tuple[str, list[str]]] = {}       # that stage -> (why, every stage it redoes)
-    for st in stages:
-        fp = st.fingerprint({s: expected[s] for s in st.inputs if s in expected})
-        expected[st.name] = fp["fingerprint"]
-        state, why = st.status(fp)
+    for st, state, why in states(stages):
         if state != "changed":
             continue
         upstream = [origin[s] for s in st.inputs if s in origin]
@@ -319,3 +320,22 @@ def plan(stages: list[Stage]) -> list[str]:
         origin[st.name] = root
         roots.setdefault(root, (why, []))[1].append(st.name)
     return [f"{root}: {why}; redoing {', '.join(names)}" for root, (why, names) in roots.items()]
+
+
+def states(stages: list[Stage]):
+    """(stage, state, why) for `stages` in run order, as a run would find them: each one's inputs that run
+    before it get the fingerprint it will have."""
+    expected: dict[str, str] = {}
+    for st in stages:
+        fp = st.fingerprint({s: expected[s] for s in st.inputs if s in expected})
+        expected[st.name] = fp["fingerprint"]
+        yield (st, *st.status(fp))
+
+
+def check_configs(stages: list[Stage], force: bool) -> None:
+    """Every later stage this run will work in checks its settings before the first one starts: a mistyped
+    teacher or student was otherwise found after the download (days at web scale). The first stage checks its
+    inputs, then its settings, when it runs (a stage run alone before its inputs says what to run first)."""
+    for i, (st, state, _) in enumerate(states(stages)):
+        if i and (force or state != "done"):
+            st.check_config()
