@@ -8,8 +8,7 @@ import json
 import numpy as np
 
 from cidistill.core.config import Config
-from cidistill.core.models import (check_fit, check_model_config, check_weights, configs_of, count_params, create,
-                                   fetch_pretrained)
+from cidistill.core.models import check_model, check_model_config, configs_of, count_params, create
 from cidistill.core.progress import Progress
 from cidistill.core.schema import HOLDOUT_FIELDS, has_holdout
 from cidistill.core.stage import Stage
@@ -51,10 +50,7 @@ class TrainStage(Stage):
         """The student as configured can be built: a typo in its name, weights or config file, or more text
         layers than the teacher has, fails before the run's first stage and before the last student is cleared."""
         sc, tc = self.cfg.student, self.cfg.teacher
-        configs_of(sc.model, sc.pretrained, check_model_config(sc.model_config, "student.model_config"))
-        fetch_pretrained(sc.model, sc.pretrained)
-        check_weights(sc.model, sc.pretrained)
-        check_fit(sc.model, sc.pretrained, sc.model_config)
+        check_model(sc.model, sc.pretrained, sc.model_config, "student")
         if sc.text_from_teacher:
             teacher_cfg = configs_of(tc.model, tc.pretrained, check_model_config(tc.model_config, "teacher.model_config"))[0]
             check_teacher_text(teacher_cfg, sc.text_from_teacher)

@@ -19,8 +19,7 @@ from cidistill.core.errors import StageError
 from cidistill.core.images import decode_rgb, read_tar_images
 from cidistill.core.progress import Progress
 from cidistill.core.runtime import embed_precision, require_resources, torch_threads
-from cidistill.core.models import (autocast, channels_last, check_fit, check_model_config, check_weights, configs_of,
-                                   create, fetch_pretrained, val_preprocess_cfg)
+from cidistill.core.models import autocast, channels_last, check_model, configs_of, create, val_preprocess_cfg
 from cidistill.core.text_ops import encode_text
 from cidistill.core.schema import embed_schema, shard_stats_name
 from cidistill.core.stage import Stage
@@ -202,10 +201,7 @@ class EmbedStage(Stage):
         if not tc.pretrained:
             raise StageError("teacher.pretrained is empty: the teacher would embed with random weights. Give an "
                              "open_clip tag, a checkpoint file or local-dir:PATH (or `random` on purpose)")
-        configs_of(tc.model, tc.pretrained, check_model_config(tc.model_config, "teacher.model_config"))
-        fetch_pretrained(tc.model, tc.pretrained)
-        check_weights(tc.model, tc.pretrained)
-        check_fit(tc.model, tc.pretrained, tc.model_config)
+        check_model(tc.model, tc.pretrained, tc.model_config, "teacher")
 
     def _expected(self, shard: str) -> int:
         t = self.src.read_table(f"{shard}.parquet", columns=["status"])

@@ -336,6 +336,17 @@ def configs_of(name: str, pretrained: str = "", model_config: str = "") -> tuple
     return dict(model_cfg), cfg
 
 
+def check_model(name: str, pretrained: str, model_config: str, role: str) -> dict:
+    """Everything about a configured model that can fail, checked in the driver before any work: its config
+    file, name and tag (`configs_of`), its weights fetched (a tag) or read (a file's header and its tensors'
+    names and shapes against the model). `role` ("teacher", "student") names the settings. Its model config."""
+    model_cfg = configs_of(name, pretrained, check_model_config(model_config, f"{role}.model_config"))[0]
+    fetch_pretrained(name, pretrained)
+    check_weights(name, pretrained)
+    check_fit(name, pretrained, model_config)
+    return model_cfg
+
+
 def fetch_pretrained(name: str, pretrained: str) -> None:
     """Fetch an open_clip tag's weights into open_clip's cache once, here: a failure (no internet) is one line
     before any work, not a traceback from every Ray actor, and the actors then load them from the cache."""
