@@ -28,7 +28,7 @@ from cidistill.core import faults
 from cidistill.core.config import Config
 from cidistill.core.errors import StageError
 from cidistill.core.schema import (BALANCE_SCHEMA, HOLDOUT_FIELDS, as_float32, emb_matrix, has_holdout, holdout_mask,
-                                   join_on_key, shard_stats_name)
+                                   join_on_key, require_holdout_column, shard_stats_name)
 from cidistill.core.stage import Stage, run_tasks, sum_counters, task_slots
 from cidistill.core.store import Store, join, null_free
 from .balance_rules import (KMEANS_POINTS_PER_CENTROID, balance_k, bad_embedding, decide_cluster, rule_matrix,
@@ -70,9 +70,7 @@ class BalanceStage(Stage):
         for s in shards:
             with download.parquet(f"{s}.parquet") as pf:
                 names = pf.schema_arrow.names
-                if col not in names:
-                    raise StageError(f"data.holdout: column {col!r} is not in the download table (columns: "
-                                     f"{names}); add it to data.extra_cols")
+                require_holdout_column(col, names)
                 t = pf.read(columns=[c for c in ("key", "status", col) if c in names])
             if "status" in t.column_names:
                 t = t.filter(pc.equal(t.column("status"), "success"))

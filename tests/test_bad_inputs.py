@@ -289,4 +289,5 @@ def test_a_holdout_that_matches_no_pair_fails_at_pack_in_one_line(small_run, tmp
     cfg = load_config(None, [f"workdir={tmp_path}", *dirs[:2], "data.extra_cols=[vendor]", "data.holdout=vendor=zzz"])
     with pytest.raises(StageError, match=r"data.holdout='vendor=zzz' matched none of the 300 downloaded pairs"):
         BalanceStage(cfg, use_ray=False).run()
-    assert sorted(p.name for p in (tmp_path / "balance").iterdir()) == before
+    # nothing cleared (the stage's constructor may add its empty scratch folder `_work`)
+    assert set(before) <= {p.name for p in (tmp_path / "balance").iterdir()} and "_DONE" in before

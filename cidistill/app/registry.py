@@ -9,7 +9,7 @@ from cidistill.core.config import STAGES, Config, ConfigError
 from cidistill.core.errors import StageError
 from cidistill.core.lock import work_lock
 from cidistill.core.runtime import init_ray
-from cidistill.core.stage import Stage, check_configs, plan
+from cidistill.core.stage import Stage, check_configs, plan, states
 from cidistill.core.store import use_storage_options
 from data_cards.render import CardStage
 from kd.stages import EvalStage, ExportStage, TrainStage
@@ -53,9 +53,10 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
             init_ray(cfg.ray_address or None)
         objs = [make_stage(s, cfg, use_ray) for s in stages]
         check_upstream(cfg, stages)
-        check_configs(objs, force)
+        found = list(states(objs))  # each stage's fingerprint once (the download's lists the URL files)
+        check_configs(found, force)
         if not force:
-            for line in plan(objs):
+            for line in plan(objs, found):
                 print(f"[cidistill] {line}")
         t0, out = time.time(), {}
         for st in objs:

@@ -141,6 +141,14 @@ def has_holdout(cfg) -> bool:
     return bool(cfg.data.holdout) or cfg.data.holdout_fraction > 0
 
 
+def require_holdout_column(col: str, names: list[str]) -> None:
+    from .errors import StageError
+
+    if col not in names:
+        raise StageError(f"data.holdout: column {col!r} is not in the download table (columns: {names}); add it "
+                         "to data.extra_cols")
+
+
 def holdout_mask(cfg, table: pa.Table) -> pa.Array:
     """Which rows of a table (with `key`, and the `data.holdout` column when set) are the held-out evaluation
     split: `data.holdout` = COL=VALUE, else a `data.holdout_fraction` of keys chosen by a seeded hash (the same
@@ -153,9 +161,7 @@ def holdout_mask(cfg, table: pa.Table) -> pa.Array:
     holdout, fraction = cfg.data.holdout, cfg.data.holdout_fraction
     if holdout:
         col, _, value = holdout.partition("=")
-        if col not in table.column_names:
-            raise StageError(f"data.holdout: column {col!r} is not in the download table "
-                             f"(columns: {table.column_names}); add it to data.extra_cols")
+        require_holdout_column(col, table.column_names)
         values = table.column(col)
         if not pa.types.is_string(values.type):  # `group=1` on an integer column compares its text
             try:

@@ -306,13 +306,14 @@ def _short(v) -> str:
     return s if len(s) <= 40 else s[:37] + "…"
 
 
-def plan(stages: list[Stage]) -> list[str]:
+def plan(stages: list[Stage], found: list | None = None) -> list[str]:
     """Lines saying which finished stages a run redoes and why, one per stage whose own config or outside
     inputs changed: "balance: config changed (balance.apply_eps 0.05 → 0.1); redoing balance, cluster, …".
-    `stages` in run order; each one's inputs that run before it get the fingerprint it will have."""
+    `stages` in run order; each one's inputs that run before it get the fingerprint it will have (or `found`:
+    `states(stages)` already taken)."""
     origin: dict[str, str] = {}                        # a redone stage -> the stage whose change causes it
     roots: dict[str, tuple[str, list[str]]] = {}       # that stage -> (why, every stage it redoes)
-    for st, state, why in states(stages):
+    for st, state, why in found if found is not None else states(stages):
         if state != "changed":
             continue
         upstream = [origin[s] for s in st.inputs if s in origin]
@@ -332,10 +333,10 @@ def states(stages: list[Stage]):
         yield (st, *st.status(fp))
 
 
-def check_configs(stages: list[Stage], force: bool) -> None:
+def check_configs(found: list, force: bool) -> None:
     """Every later stage this run will work in checks its settings before the first one starts: a mistyped
     teacher or student was otherwise found after the download (days at web scale). The first stage checks its
     inputs, then its settings, when it runs (a stage run alone before its inputs says what to run first)."""
-    for i, (st, state, _) in enumerate(states(stages)):
+    for i, (st, state, _) in enumerate(found):  # found: states(the run's stages)
         if i and (force or state != "done"):
             st.check_config()
