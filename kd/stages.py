@@ -14,7 +14,8 @@ from cidistill.core.schema import HOLDOUT_FIELDS, has_holdout
 from cidistill.core.stage import Stage
 from cidistill.core.store import Store, join
 from .checkpoint import latest_checkpoint
-from .evaluate import PARTS, evaluate, load_for_eval, results_markdown, teacher_evaluation
+from .evaluate import PARTS, evaluate, load_for_eval, teacher_evaluation
+from .metrics import results_markdown
 from .export import export_local_dir, load_trained_student, model_card
 from .stream import StreamSpec
 from .text_tower import check_teacher_text

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kd.evaluate import linear_probe, mean_per_class, paired_test, recall_at, topk_correct
+from kd.metrics import linear_probe, mean_per_class, paired_test, recall_at, topk_correct
 
 
 def test_recall_perfect_for_matching_pairs_and_chance_for_shuffled():

@@ -21,7 +21,8 @@ import numpy as np
 
 from cidistill.core.config import Config, ConfigError, PhaseConfig
 from cidistill.core.store import Store, join
-from kd.evaluate import evaluate, load_for_eval, lookup, paired_test
+from kd.evaluate import evaluate, load_for_eval
+from kd.metrics import lookup, paired_test
 from .registry import run_stage
 
 VARIANTS = ("config", "clip", "cid", "instance", "dcclip", "cid_unbalanced")  # cheapest evidence first
