@@ -141,6 +141,7 @@ def test_every_config_field_has_a_comment():
     import dataclasses
 
     from cidistill.core import config as C
+    from cidistill.core.config_io import field_docs
 
     seen, todo, missing = set(), [C.Config], []
     while todo:
@@ -148,7 +149,7 @@ def test_every_config_field_has_a_comment():
         if cls in seen:
             continue
         seen.add(cls)
-        docs = C.field_docs(cls)
+        docs = field_docs(cls)
         for f in dataclasses.fields(cls):
             if not docs.get(f.name):
                 missing.append(f"{cls.__name__}.{f.name}")
