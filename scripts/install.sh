@@ -8,21 +8,30 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -n "${VIRTUAL_ENV:-}" ]; then
   PY="$VIRTUAL_ENV/bin/python"
 else
-  if [ ! -x "$root/.venv/bin/python" ]; then
-    python3 -m venv "$root/.venv" || { echo "cidistill: could not create .venv: install your Python's venv module (Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
-  fi
   PY="$root/.venv/bin/python"
+  # a .venv whose making was stopped (Ctrl-C while venv installed pip) is made again, not used as it is
+  if [ ! -x "$PY" ] || ! "$PY" -m pip --version >/dev/null 2>&1; then
+    [ ! -e "$root/.venv" ] || echo "cidistill: $root/.venv is incomplete (no pip in it): making it again"
+    python3 -m venv --clear "$root/.venv" || { echo "cidistill: could not create .venv: install your Python's venv module (Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
+  fi
 fi
 export NO_ALBUMENTATIONS_UPDATE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+pip_install() {  # pip's own exit status decides: an earlier install that still imports must not hide a failed one
+  local rc=0 log; log="$(mktemp)"
+  "$PY" -m pip install -q "${nc[@]}" -c "$root/constraints.txt" "$@" > "$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  rm -f "$log"
+  [ "$rc" = 0 ] || { echo "cidistill: pip could not install $* (its messages are above)" >&2; exit 1; }
+}
 stamp="$root/.venv-installed-$(echo "$extras" | tr ',' '-')"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ] || [ "$root/constraints.txt" -nt "$stamp" ]; then
   echo "cidistill: installing (extras: $extras) into $(dirname "$(dirname "$PY")")"
   # pip byte-compiles every module it installs (~45 s of a 2-core first install); Python compiles only what is
   # imported, once, unless told not to write bytecode
   nc=(); [ -n "${PYTHONDONTWRITEBYTECODE:-}" ] || nc=(--no-compile)
-  "$PY" -m pip install -q "${nc[@]}" -c "$root/constraints.txt" torch 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -m pip install -q "${nc[@]}" -c "$root/constraints.txt" -e "$root[$extras]" 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -c "from cidistill.core.runtime import import_open_clip; import_open_clip()" 2>/dev/null || { echo "cidistill: the install failed (see pip's messages above)" >&2; exit 1; }
+  pip_install torch
+  pip_install -e "$root[$extras]"
+  "$PY" -c "from cidistill.core.runtime import import_open_clip; import_open_clip()" 2>/dev/null || { echo "cidistill: the install failed: open_clip does not import (see pip's messages above)" >&2; exit 1; }
   touch "$stamp"
 fi
 export PY

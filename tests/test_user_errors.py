@@ -516,6 +516,32 @@ def test_the_demo_packages_come_down_with_the_standard_library_alone(tmp_path):
     assert failed.returncode == 1 and failed.stderr.startswith("cidistill: the demo data needs `npm`"), failed.stderr
 
 
+def test_an_install_stopped_while_making_the_venv_is_made_again_and_a_failed_pip_is_not_marked_done(tmp_path):
+    """Ctrl-C during the first command's first seconds left a .venv with no pip in it: every rerun then failed
+    the same way. And a pip that failed was hidden whenever an earlier install still imported (its exit status
+    went into a pipe): the install was marked done without the packages. Here pip's index is a dead address."""
+    import os
+    import shutil
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    for f in ("scripts/install.sh", "pyproject.toml", "constraints.txt"):
+        shutil.copy(root / f, tmp_path / f)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--without-pip", str(tmp_path / ".venv")], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    env.update(PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_CONFIG_FILE=os.devnull, PIP_NO_CACHE_DIR="1",
+               PIP_RETRIES="0", PIP_TIMEOUT="2", PATH=f"{Path(base).parent}:{env['PATH']}")
+    out = subprocess.run(["bash", "-c", "source scripts/install.sh cpu"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"{tmp_path}/.venv is incomplete (no pip in it): making it again" in out.stdout
+    assert out.stderr.rstrip().endswith("cidistill: pip could not install torch (its messages are above)"), out.stderr
+    assert subprocess.run([str(tmp_path / ".venv/bin/python"), "-m", "pip", "--version"], capture_output=True).returncode == 0
+    assert not list(tmp_path.glob(".venv-installed-*"))
+
+
 def test_version_names_the_package_and_the_libraries_it_runs_on(capsys):
     from importlib.metadata import version
 
