@@ -436,6 +436,14 @@ def test_a_stage_run_before_its_inputs_says_what_to_run(tmp_path, capsys, stage,
     assert not (tmp_path / "w" / stage / "_DONE").exists()
 
 
+def test_a_file_given_as_the_work_folder_is_named_as_a_file(tmp_path, capsys):
+    """`--workdir urls.parquet` (a file where the folder goes) said `FileExistsError: [Errno 17] File exists`."""
+    (tmp_path / "urls.parquet").write_bytes(b"PAR1")
+    assert main(["eval", "--workdir", str(tmp_path / "urls.parquet"), "--no-ray"]) == 2
+    assert _err(capsys) == f"cidistill: error: cannot use {tmp_path}/urls.parquet: {tmp_path}/urls.parquet is a file, not a folder"
+    assert (tmp_path / "urls.parquet").read_bytes() == b"PAR1"
+
+
 def test_resources_the_local_cluster_can_never_give_fail_at_once(tmp_path, small_run, capsys):
     """More actors or training workers than the local cluster's CPUs (or a GPU on a CPU box): Ray's actor pool
     waited for ever without a word, Ray Train retried with a page of tracebacks a minute. One line, no work."""

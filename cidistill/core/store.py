@@ -73,6 +73,8 @@ def open_checked(root: str, probe: bool = True) -> Store:
 def access_error(root: str, e: BaseException) -> str:
     scheme, _, rest = str(root).partition("://")
     where = f"bucket {rest.split('/', 1)[0]!r} of {root}" if rest else root
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and not rest:  # a file given where a folder goes
+        return f"cannot use {root}: {getattr(e, 'filename', None) or root} is a file, not a folder"
     cause = " ".join(str(e).split()) or type(e).__name__
     for secret in _secrets():
         cause = cause.replace(secret, "***")
