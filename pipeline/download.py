@@ -8,6 +8,7 @@ after a check that img2dataset wrote a row for every URL it was given."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import re
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cidistill.core.config import Config
-from cidistill.core.errors import StageError
+from cidistill.core.errors import StageError, is_write_error
 from cidistill.core.runtime import set_env_defaults
 from cidistill.core.schema import OOM_SHARD, shard_name
 from cidistill.core.stage import STATS, Stage, run_tasks
@@ -185,6 +186,9 @@ class DownloadStage(Stage):
         items = [(downloader, int(s), self.tmp.url(f"{int(s)}.feather"), d) for s in pending]
         results = run_tasks(_download_one, items, use_ray=self.use_ray, retries=self.d.shard_retries,
                             desc="download")
+        full = [r.exc for r in results if not r.ok and is_write_error(r.exc)]
+        if full:  # img2dataset's writer on a full disk: the CLI's exit-3 message; finished shards stay done
+            raise full[0]
         return {shard_name(r.item[1]): r.error for r in results if not r.ok}
 
     def finish(self, stats: dict) -> dict:
@@ -196,7 +200,7 @@ class DownloadStage(Stage):
         stats["urls_total"] = plan["urls_accepted"] + sum(plan["urls_rejected"].values())
         # img2dataset catches per-sample exceptions and only prints them: check nothing went missing
         rows = sum(pq.read_metadata(self.out.fs.open(self.out.path(f"{s}.parquet"), "rb")).num_rows
-                   for s in plan["shards"] if self.out.exists(f"{s}.parquet"))
+                   for s in plan["shards"] if self.unit_done(s))  # a failed shard's files may be cut short
         stats["rows_written"] = rows
         verdicts = [self.out.read_json(f"{s}_verdict.json") for s in plan["shards"] if self.unit_done(s)]
         for k in ("failed_transient", "failed_permanent"):
@@ -268,14 +272,20 @@ def _download_copy(downloader, shard_id: int, feather: str) -> None:
     fs, path = fsspec.core.url_to_fs(feather)
     attempt = f"{path}.attempt-{uuid.uuid4().hex[:8]}"
     fs.copy(path, attempt)
-    printed = io.StringIO()
+    printed, failed = io.StringIO(), None
     try:
         # img2dataset prints a traceback for each sample it could not write, and counts it as a success
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-            downloader.download_shard((shard_id, feather.replace(path, attempt) if feather.endswith(path) else attempt))
+            try:
+                downloader.download_shard((shard_id, feather.replace(path, attempt) if feather.endswith(path) else attempt))
+            except Exception as e:  # e.g. its writer on a full disk, which leaves the shard's tar open
+                failed = _without_frames(e)
+                gc.collect()  # ... closed here, its "Exception ignored" tracebacks printed into `printed`
     finally:
         if fs.exists(attempt):
             fs.rm(attempt)
+    if failed is not None:
+        raise failed
     with fs.open(path, "rb") as fh:
         expected = pa.ipc.open_file(fh).read_all().num_rows
     out = Store(downloader.output_folder)
@@ -285,7 +295,20 @@ def _download_copy(downloader, shard_id: int, feather: str) -> None:
         why = Counter(m.group(1).strip() for m in re.finditer(r"^Sample \d+ failed to download: (.*)$",
                                                               printed.getvalue(), re.M))
         top = "; ".join(f"{n}x {msg[:200]}" for msg, n in why.most_common(2)) or "no reason printed"
+        codes = [int(m.group(1)) for msg in why for m in [re.match(r"\[Errno (\d+)\]", msg)] if m]
+        codes = [n for n in codes if is_write_error(OSError(n, ""))]
+        if codes:  # its writer failed sample by sample on a full disk: the CLI's exit-3 message
+            raise OSError(codes[0], os.strerror(codes[0]), out.path(f"{shard}.tar"))
         raise StageError(f"download shard {shard}: img2dataset wrote {written} of its {expected} samples ({top})")
+
+
+def _without_frames(e: BaseException) -> BaseException:
+    """The exception (and those it chains) without the tracebacks that keep the failed call's objects alive."""
+    x = e
+    while x is not None:
+        x.__traceback__ = None
+        x = x.__cause__ or x.__context__
+    return e
 
 
 def shard_verdict(out: Store, shard: str, attempt: int) -> dict:

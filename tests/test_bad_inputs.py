@@ -228,6 +228,53 @@ def test_disk_full_is_a_clear_error_and_no_done_marker(tmp_path, small_run, caps
             subprocess.run(["umount", str(out)], check=False)
 
 
+def test_a_download_onto_a_full_disk_is_the_exit_3_message_and_resumes_with_room(tmp_path, ray_session, small_data,
+                                                                                  server, capsys, monkeypatch):
+    """img2dataset's writer on a full disk (a real 600 kB tmpfs, shards of ~460 kB, under Ray): the download went on
+    to its summary and died there on a cut-off shard (`ArrowInvalid: Parquet file size is 0 bytes`, a traceback),
+    after Ray had retried each shard with a traceback apiece, and its leaked tar files printed "Exception ignored"
+    tracebacks at exit. Now: the exit-3 message, no retry, and once there is room the rerun completes."""
+    import errno
+    import os
+
+    from cidistill.app.cli import main
+
+    t = small_data.table.slice(0, 200)
+    rows = [{"url": f"{server.base_url}/{p}", "caption": c} for p, c in zip(t.column("path").to_pylist(), t.column("caption").to_pylist())]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
+    out = tmp_path / "dl"
+    mounted = _tiny_disk(out, 600)
+    if not mounted:  # where mounting is not allowed: img2dataset's writer fails as on a full disk, in this process
+        from img2dataset.writer import WebDatasetSampleWriter
+
+        real, full = WebDatasetSampleWriter.write, [True]
+
+        def write(self, *a, **kw):
+            if full[0] and self.shard_id != 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(WebDatasetSampleWriter, "write", write)
+    args = ["download", "--set", f"workdir={tmp_path / 'w'}", f"dirs.download={out}", f"data.urls={tmp_path / 'urls.parquet'}",
+            "data.samples_per_shard=50"] + ([] if mounted else ["--no-ray"])
+    try:
+        assert main(args) == 3
+        err = cli_stderr(capsys)
+        assert err.startswith("cidistill: error: stage 'download' could not write its output: [Errno 28] No space left on "
+                              "device") and err.endswith("rerun to resume.") and len(err.splitlines()) == 1, err
+        assert not (out / "_DONE").exists()
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=20m", "tmpfs", str(out)], check=True)
+        else:
+            full[0] = False
+        assert main(args) == 0
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["successes"] == 200 and stats["samples_lost"] == 0 and stats["failed_shards"] == {}
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(out)], check=False)
+
+
 def test_nan_embedding_and_duplicate_keys(tmp_path, small_run):
     """A NaN teacher embedding is dropped as bad_embedding; an embed folder that repeats keys is refused."""
     import shutil

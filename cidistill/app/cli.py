@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ set_env_defaults()  # before anything imports torch: OpenMP reads its settings w
 from cidistill.core import faults  # noqa: E402
 from cidistill.core.console import guard_console, release_console
 from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load_config
-from cidistill.core.errors import StageError, Terminated
+from cidistill.core.errors import StageError, Terminated, is_write_error
 from cidistill.core.lock import work_lock
 from cidistill.core.store import use_storage_options
 from ray.exceptions import RayError
@@ -106,9 +105,6 @@ def one_line(e: BaseException) -> str:
         raised = [ln.split("Error: ", 1)[1] for ln in lines if "Error: " in ln and not ln.startswith(" ")]
         lines = raised[-1:] or lines
     return lines[0] if lines else type(e).__name__
-
-
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
 _terminated: list[float] = []  # when _stop ran: a library may re-raise our Terminated as a plain KeyboardInterrupt
@@ -221,7 +217,7 @@ def _main(argv: list[str] | None) -> int:
         return 128 + signal.SIGTERM if term else 130
     except OSError as e:
         stage = faults.current_stage()
-        if isinstance(e, PermissionError) or e.errno in WRITE_ERRNOS:  # disk full, unwritable folder: keep what finished
+        if is_write_error(e):  # disk full, unwritable folder: keep what finished
             where = f"stage {stage!r} could not write its output" if stage != "none" else "could not write"
             print(f"cidistill: error: {where}: {e}. Finished shards are kept; free space or fix permissions and "
                   "rerun to resume.", file=sys.stderr)

@@ -21,7 +21,7 @@ from .progress import Progress
 
 from . import faults
 from .config import Config, flat_fields
-from .errors import StageError
+from .errors import StageError, is_write_error
 from .schema import shard_stats_name, stage_shards
 from .store import Store
 
@@ -73,6 +73,7 @@ def task_slots(use_ray: bool) -> int:
 @dataclass
 class _Refused:
     message: str
+    exc: BaseException | None = None  # a write error (disk full), re-raised as itself in the driver
 
 
 def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, desc: str = "",
@@ -104,6 +105,10 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
                 return fn(item)
         except StageError as e:  # our own verdict on the data: no retry would change it, no traceback
             return _Refused(str(e))
+        except OSError as e:
+            if is_write_error(e):  # a full disk or an unwritable folder: no retry would change it either
+                return _Refused(f"{type(e).__name__}: {e}", e)
+            raise
 
     remote = ray.remote(refusing).options(max_retries=retries, retry_exceptions=True, num_cpus=num_cpus, **ray_options)
     pending = {remote.remote(it): it for it in items}
@@ -114,7 +119,7 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
             try:
                 out = ray.get(ref)
                 if isinstance(out, _Refused):
-                    raise StageError(out.message)
+                    raise out.exc or StageError(out.message)
                 results.append(TaskResult(it, True, out))
             except Exception as e:
                 results.append(TaskResult(it, False, error=f"{type(e).__name__}: {str(e)[-2000:]}",
