@@ -226,6 +226,24 @@ def test_disk_full_is_a_clear_error_and_no_done_marker(tmp_path, small_run, caps
     finally:
         if mounted:
             subprocess.run(["umount", str(out)], check=False)
+    # the export's folders (copied whole: copytree gathered every file's error into one shutil.Error, a page of
+    # text, exit 2, and left its half-copied folder behind)
+    out = tmp_path / "export"
+    mounted = _tiny_disk(out, 64)
+    if not mounted:
+        def enospc_copy(src, dst, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+        monkeypatch.setattr("cidistill.core.store.shutil.copy2", enospc_copy)
+    try:
+        assert main(["export", "-c", str(_small_cfg_file(tmp_path, small_run, export=out))]) == 3
+        err = cli_stderr(capsys)
+        assert err.startswith("cidistill: error: stage 'export' could not write its output: [Errno 28] No space left on "
+                              "device") and len(err.splitlines()) == 1, err
+        assert not (out / "_DONE").exists() and not list(out.glob(".*.tmp-*")) and not list(out.glob("*.tmp-*"))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(out)], check=False)
 
 
 def test_a_download_onto_a_full_disk_is_the_exit_3_message_and_resumes_with_room(tmp_path, ray_session, small_data,

@@ -214,11 +214,18 @@ class Store:
         if self.local:
             final = Path(self.path(name))
             tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-            shutil.copytree(src, tmp)
-            faults.point()
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
+            try:
+                tmp.mkdir(parents=True)
+                for p in files:  # file by file: the first error raised as itself (copytree gathers them all
+                    dest = tmp / p.relative_to(src)  # into one shutil.Error, a page of text on a full disk)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(p, dest)
+                faults.point()
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             return
         self.rm(name)
         for p in sorted(files, key=lambda p: p.name == last):
