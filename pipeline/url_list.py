@@ -1,6 +1,7 @@
-"""The input URL list: the parquet files `data.urls` names, their schema checked from the footers, read as a
-stream of bounded batches, and its text columns made plain UTF-8 strings (categorical columns, binary
-captions, over-long captions, carried values a json cannot hold: each counted)."""
+"""The input URL list: the files `data.urls` names (parquet; csv or tsv with a header row; JSON lines: the formats
+img2dataset reads), their columns checked from footers or header rows, read as a stream of bounded batches,
+and its text columns made plain UTF-8 strings (categorical columns, binary captions, over-long captions,
+carried values a json cannot hold: each counted)."""
 from __future__ import annotations
 
 import json
@@ -13,38 +14,113 @@ import pyarrow.parquet as pq
 from cidistill.core.errors import StageError
 
 
+# the formats img2dataset reads a URL list in (with a header row), each optionally compressed (.gz, .zst, …)
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json"}
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _format(f: str) -> str:
+    """A file's format by its name; a name we do not know is read as parquet (its check says if it is not)."""
+    name = f.lower()
+    for c in COMPRESSED:
+        name = name.removesuffix(c)
+    return next((k for ext, k in FORMATS.items() if name.endswith(ext)), "parquet")
+
+
 def url_files(urls: str):
-    """(filesystem, the parquet files data.urls names: a file, a folder or a glob)."""
+    """(filesystem, the files data.urls names: a file, a folder (its files of the formats above) or a glob)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(urls)
     if fs.isdir(path):
-        files = sorted(fs.glob(path.rstrip("/") + "/*.parquet"))
+        files = sorted(f for f in fs.glob(path.rstrip("/") + "/*")
+                       if any(f.lower().removesuffix(c).endswith(ext) for ext in FORMATS for c in COMPRESSED + ("",)))
     elif any(c in path for c in "*?["):
         files = sorted(fs.glob(path))
     else:
         files = [path] if fs.exists(path) else []
     if not files:
         where = "" if "://" in urls or os.path.isabs(urls) else f" (relative paths start at the current folder, {os.getcwd()})"
-        raise StageError(f"data.urls: no parquet file found at {urls!r}{where}")
+        raise StageError(f"data.urls: no URL list (parquet, csv, tsv or jsonl) found at {urls!r}{where}")
     return fs, files
 
 
 URL_BATCH = 65536   # rows of the URL list read at a time (repeated URLs are rejected within a batch)
+TEXT_BLOCK = 8 << 20  # bytes of a csv/tsv/jsonl file parsed at a time
 
 
-def _parquet(fh, f: str) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(fh)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise StageError(f"data.urls: {f} is not a parquet file ({str(e).splitlines()[0][:120]})") from None
+def _unreadable(f: str, kind: str, e: Exception) -> StageError:
+    what = "a parquet file" if kind == "parquet" else f"readable as {kind} with a header row" if kind != "json" \
+        else "readable as JSON lines"
+    return StageError(f"data.urls: {f} is not {what} ({str(e).splitlines()[0][:160]})")
+
+
+def _open(fs, f: str):
+    return fs.open(f, "rb", compression=None if _format(f) == "parquet" else "infer")
+
+
+def _text_reader(fh, f: str, kind: str, types: dict[str, pa.DataType] | None = None, block: int = TEXT_BLOCK):
+    """A streaming reader of a csv/tsv/jsonl file; `types`: columns read as those types, the others (csv: none
+    read; jsonl: inferred) as they come."""
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+
+    if kind == "json":
+        schema = pa.schema(list(types.items())) if types else None
+        return pjson.open_json(fh, read_options=pjson.ReadOptions(block_size=block),
+                               parse_options=pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer"))
+    # quoted values may hold newlines and delimiters, as pandas writes them (img2dataset reads with pandas)
+    parse = pcsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", newlines_in_values=True)
+    convert = pcsv.ConvertOptions(column_types=types or {}, include_columns=list(types or {}))
+    return pcsv.open_csv(fh, read_options=pcsv.ReadOptions(block_size=block), parse_options=parse, convert_options=convert)
+
+
+def _schema(fs, f: str) -> pa.Schema:
+    """A file's columns: a parquet file's from its footer; a text file's from its header row (csv, tsv: every
+    value is text) or its first block of lines (jsonl)."""
+    kind = _format(f)
+    with _open(fs, f) as fh:
+        try:
+            if kind == "parquet":
+                return pq.ParquetFile(fh).schema_arrow
+            names = _text_reader(fh, f, kind, block=1 << 20).schema
+            return names if kind == "json" else pa.schema([(n, pa.string()) for n in names.names])
+        except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
+            raise _unreadable(f, kind, e) from None
+
+
+def _batches(fs, f: str, columns: list[str], text: list[str]):
+    """The file's rows of `columns` as tables of at most URL_BATCH rows. A csv/tsv file's URLs (text[0]) are read
+    as text and its other columns as bytes, which clean_text_columns decodes (invalid UTF-8 replaced and
+    counted, as in parquet); a JSON file's `text` columns as text, the others as their JSON types."""
+    kind = _format(f)
+    with _open(fs, f) as fh:
+        try:
+            if kind == "parquet":
+                for b in pq.ParquetFile(fh).iter_batches(batch_size=URL_BATCH, columns=columns):
+                    yield pa.Table.from_batches([b])
+                return
+            types = {c: pa.string() for c in text} if kind == "json" else \
+                {c: pa.string() if c == text[0] else pa.binary() for c in columns}
+            reader = _text_reader(fh, f, kind, types)
+            pending, rows = [], 0
+            for b in reader:
+                pending.append(b.select(columns))
+                rows += b.num_rows
+                while rows >= URL_BATCH:  # the same batches as a parquet list: repeats are caught within one
+                    t = pa.Table.from_batches(pending).combine_chunks()
+                    yield t.slice(0, URL_BATCH)
+                    pending, rows = t.slice(URL_BATCH).to_batches(), rows - URL_BATCH
+            if rows:
+                yield pa.Table.from_batches(pending).combine_chunks()
+        except (pa.ArrowInvalid, OSError, EOFError, UnicodeDecodeError) as e:
+            raise _unreadable(f, kind, e) from None
 
 
 def first_columns(urls: str) -> list[str]:
     """The column names of the URL list's first file."""
     fs, files = url_files(urls)
-    with fs.open(files[0], "rb") as fh:
-        return _parquet(fh, files[0]).schema_arrow.names
+    return _schema(fs, files[0]).names
 
 
 def _is_text(tp: pa.DataType) -> bool:
@@ -56,13 +132,11 @@ def _is_text(tp: pa.DataType) -> bool:
 
 def read_url_batches(urls: str, columns: list[str], text: dict[str, str]):
     """Each file of the URL list as a stream of tables of at most URL_BATCH rows (bounded memory). `text`:
-    the columns that must hold text (the setting naming each)."""
+    the columns that must hold text (the setting naming each; the first is the URL's)."""
     fs, files = url_files(urls)
     for f in files:
-        with fs.open(f, "rb") as fh:
-            pf = _parquet(fh, f)
-            _check_schema(f, pf.schema_arrow, columns, text)
-            yield f, (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=URL_BATCH, columns=columns))
+        _check_schema(f, _schema(fs, f), columns, text)
+        yield f, _batches(fs, f, columns, list(text))
 
 
 def _check_schema(f: str, schema: pa.Schema, columns: list[str], text: dict[str, str]) -> None:
@@ -75,11 +149,11 @@ def _check_schema(f: str, schema: pa.Schema, columns: list[str], text: dict[str,
 
 
 def check_url_list(urls: str, columns: list[str], text: dict[str, str]) -> None:
-    """Every file of the URL list is parquet with the columns a shard carries (footers only, no rows read)."""
+    """Every file of the URL list is readable with the columns a shard carries (parquet footers, text files'
+    header rows: no rows read)."""
     fs, files = url_files(urls)
     for f in files:
-        with fs.open(f, "rb") as fh:
-            _check_schema(f, _parquet(fh, f).schema_arrow, columns, text)
+        _check_schema(f, _schema(fs, f), columns, text)
 
 
 def _json_native(tp: pa.DataType) -> bool:
@@ -149,7 +223,8 @@ def clean_text_columns(table: pa.Table, columns: list[str], max_chars: int, fixe
             values = out
         long = sum(1 for v in values if v is not None and len(v) > max_chars)
         if long or not pa.types.is_string(col.type):
-            fixed[f"{name}_truncated"] += long
+            if long:
+                fixed[f"{name}_truncated"] += long
             values = [v[:max_chars] if v is not None else None for v in values]
             table = table.set_column(table.column_names.index(name), name, pa.array(values, pa.string()))
     return table

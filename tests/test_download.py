@@ -140,6 +140,58 @@ def test_the_chinese_caption_comes_from_data_caption_zh_col_without_listing_it(t
                       use_ray=False).run()
 
 
+def test_a_url_list_in_csv_tsv_or_json_lines_downloads_as_its_parquet_twin(tmp_path, small_data, server):
+    """img2dataset's users keep URL lists as csv, tsv or JSON lines (CC3M and CC12M ship as tsv): each, with a
+    header row, gzipped or not, gives the same shards as the same rows in parquet; captions that hold commas,
+    quotes, tabs, newlines or Chinese arrive whole. Non-UTF-8 bytes in a caption are replaced and counted, as in
+    parquet; a broken row or a missing column is one line naming the file."""
+    import csv
+    import gzip
+
+    from cidistill.core.errors import StageError
+
+    t = small_data.table.slice(0, 14)
+    odd = ['a "quoted", comma', "tab\there", "two\nlines", "  spaces  ", "", "emoji 🍎 and 中文"]
+    rows = [{"url": f"{server.base_url}/{p}", "caption": (odd[i] if i < len(odd) else c), "caption_zh": z, "group": str(i % 3)}
+            for i, (p, c, z) in enumerate(zip(t.column("path").to_pylist(), t.column("caption").to_pylist(),
+                                               t.column("caption_zh").to_pylist()))]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "urls.parquet")
+    for name, delim in (("urls.csv", ","), ("urls.tsv", "\t")):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delim)
+            w.writeheader()
+            w.writerows(rows)
+    (tmp_path / "urls.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (tmp_path / "urls.csv.gz").write_bytes(gzip.compress((tmp_path / "urls.csv").read_bytes()))
+
+    def download(name: str, *extra: str) -> pa.Table:
+        cfg = load_config(None, [f"workdir={tmp_path / ('w-' + name)}", f"data.urls={tmp_path / name}",
+                                 "data.extra_cols=[group]", "data.timeout=3", "data.samples_per_shard=8", *extra])
+        assert DownloadStage(cfg, use_ray=False).run()["successes"] == len(rows)
+        got = pa.concat_tables(pq.read_table(p) for p in sorted(Path(cfg.stage_dir("download")).glob("0*.parquet")))
+        return got.select(["key", "url", "caption", "caption_zh", "group", "status", "sha256"]).sort_by("key")
+
+    twin = download("urls.parquet")
+    assert twin.column("caption").to_pylist()[:len(odd)] == odd
+    for name in ("urls.csv", "urls.tsv", "urls.jsonl", "urls.csv.gz"):
+        assert download(name).equals(twin), name
+
+    (tmp_path / "latin1.csv").write_bytes(b"url,caption\n" + f"{rows[0]['url']},caf".encode() + b"\xe9\n")
+    cfg = load_config(None, [f"workdir={tmp_path / 'w-latin1'}", f"data.urls={tmp_path / 'latin1.csv'}"])
+    stats = DownloadStage(cfg, use_ray=False).run()
+    assert stats["text_fixed"] == {"caption_not_utf8": 1}
+    assert pq.read_table(Path(cfg.stage_dir("download")) / "00000.parquet").column("caption").to_pylist() == ["caf\ufffd"]
+
+    (tmp_path / "broken.csv").write_text(f"url,caption\n{rows[0]['url']},one,too many\n")
+    with pytest.raises(StageError, match=r"^data.urls: .*broken.csv is not readable as csv with a header row \(CSV parse error"):
+        DownloadStage(load_config(None, [f"workdir={tmp_path / 'w-broken'}", f"data.urls={tmp_path / 'broken.csv'}"]),
+                      use_ray=False).run()
+    (tmp_path / "nocap.tsv").write_text(f"url\ttext\n{rows[0]['url']}\thi\n")
+    with pytest.raises(StageError, match=r"nocap.tsv: missing column\(s\) \['caption'\]; has \['url', 'text'\]"):
+        DownloadStage(load_config(None, [f"workdir={tmp_path / 'w-nocap'}", f"data.urls={tmp_path / 'nocap.tsv'}"]),
+                      use_ray=False).run()
+
+
 def test_a_download_with_no_success_fails_in_one_line_and_is_not_done(tmp_path):
     """Every URL refused (the server is down): the stage writes its stats but no done-marker, and says so in
     one line (embed then ran on nothing and balance died with an IndexError in each task)."""

@@ -81,7 +81,7 @@ def test_download_inputs(tmp_path, capsys):
     assert main(["download", "--workdir", str(tmp_path / "w3"), "--set", "data.samples_per_shard=0"]) == 2
     assert "data.samples_per_shard" in _err(capsys)
     assert main(["download", "--workdir", str(tmp_path / "w4"), "--set", "data.urls=no/such.parquet", "--no-ray"]) == 2
-    assert "no parquet file found at 'no/such.parquet' (relative paths start at the current folder" in _err(capsys)
+    assert "no URL list (parquet, csv, tsv or jsonl) found at 'no/such.parquet' (relative paths start at the current folder" in _err(capsys)
     numbers = tmp_path / "numbers.parquet"                # captions that are not text
     pq.write_table(pa.table({"url": ["http://127.0.0.1/x.png"], "caption": pa.array([7], pa.int64())}), numbers)
     assert main(["download", "--workdir", str(tmp_path / "w5"), "--set", f"data.urls={numbers}", "--no-ray"]) == 2

@@ -22,7 +22,7 @@ LOSS_NAMES = ("clip", "align", "instance", "feature_distill", "cluster")
 
 @dataclass
 class DataConfig:
-    urls: str = ""                      # the URL list: a parquet file, a folder of them or a glob (any fsspec URI)
+    urls: str = ""                      # the URL list: a file (parquet; csv, tsv with a header row; jsonl; .gz), a folder of them or a glob (any fsspec URI)
     url_col: str = "url"                # column of the image URL
     caption_col: str = "caption"        # column of the English caption
     # column of the Chinese caption: carried when the URL list has it (a name other than the default must be there)
