@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from cidistill.core.config import Config, public_dict
 from cidistill.core.images import read_tar_images
 from cidistill.core.schema import H_SPAN, download_shards, emb_matrix, join_on_key, key_hash
-from cidistill.core.store import Store, split_uri
+from cidistill.core.store import Store, redact, split_uri
 
 PACKAGES = ("cidistill", "torch", "open_clip_torch", "img2dataset", "ray", "faiss-cpu", "pyarrow", "scikit-learn")
 
@@ -85,7 +85,7 @@ def _url_facts(urls: str) -> dict | None:
     if not fs.isfile(p):
         return None
     folder, name = split_uri(urls)
-    return {"path": urls, "sha256": _sha256_file(Store(folder), name)}
+    return {"path": redact(urls), "sha256": _sha256_file(Store(folder), name)}
 
 
 LEN_BIN, LEN_MAX = 4, 400      # caption-length histogram: 4-character bins, the last one open-ended

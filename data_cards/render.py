@@ -10,6 +10,7 @@ import time
 from cidistill.core.config import Config
 from cidistill.core.schema import HOLDOUT_FIELDS
 from cidistill.core.stage import Stage
+from cidistill.core.store import redact
 from . import plots
 from .collect import CURATION, collect
 
@@ -136,7 +137,7 @@ def _provenance_section(cfg: Config, f: dict) -> list[str]:
     md = ["## Lineage", "", "Why was a sample dropped?", "", "```python",
           "from cidistill.core.config import load_config", "from data_cards.collect import why",
           "why(load_config('CONFIG'), '0000042')  # -> drop_reason, dup_of, cluster_id, caption, url", "```", ""]
-    md += ["## Provenance", "", f"- URL list: `{md_text(f.get('urls', {}).get('path', cfg.data.urls))}` "
+    md += ["## Provenance", "", f"- URL list: `{md_text(f.get('urls', {}).get('path', redact(cfg.data.urls)))}` "
            f"sha256 `{f.get('urls', {}).get('sha256', '?')}`"]
     for s, v in f["stages"].items():
         if v.get("finished"):

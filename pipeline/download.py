@@ -24,7 +24,7 @@ from cidistill.core.errors import StageError, is_write_error
 from cidistill.core.runtime import set_env_defaults
 from cidistill.core.schema import OOM_SHARD, shard_name
 from cidistill.core.stage import STATS, Stage, run_tasks
-from cidistill.core.store import Store
+from cidistill.core.store import Store, redact
 
 from .url_list import (carry_as_text, check_url_list, clean_text_columns, first_columns, plain_text,
                        read_url_batches, url_files)
@@ -45,7 +45,7 @@ class DownloadStage(Stage):
         if not self.d.urls:
             return {}
         fs, files = url_files(self.d.urls)
-        return {"urls": [[f, fs.size(f)] for f in files]}
+        return {"urls": [[redact(f), fs.size(f)] for f in files]}  # a presigned list signed again: the same
 
     def carries_zh(self, planned: bool = True) -> bool:
         """Whether the shards carry a Chinese caption: the plan's answer once made; before (or not `planned`),

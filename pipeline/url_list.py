@@ -31,14 +31,18 @@ def url_files(urls: str):
     """(filesystem, the files data.urls names: a file, a folder (its files of the formats above) or a glob)."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(urls)
-    if fs.isdir(path):
-        files = sorted(f for f in fs.glob(path.rstrip("/") + "/*")
-                       if any(f.lower().removesuffix(c).endswith(ext) for ext in FORMATS for c in COMPRESSED + ("",)))
-    elif any(c in path for c in "*?["):
-        files = sorted(fs.glob(path))
-    else:
-        files = [path] if fs.exists(path) else []
+    try:
+        fs, path = fsspec.core.url_to_fs(urls)
+        if fs.isdir(path):
+            files = sorted(f for f in fs.glob(path.rstrip("/") + "/*")
+                           if any(f.lower().removesuffix(c).endswith(ext) for ext in FORMATS for c in COMPRESSED + ("",)))
+        elif any(c in path for c in "*?["):
+            files = sorted(fs.glob(path))
+        else:
+            files = [path] if fs.exists(path) else []
+    except Exception as e:  # a host that does not answer, a bucket without access, an unknown protocol
+        cause = " ".join(str(e).split()) or type(e).__name__
+        raise StageError(f"data.urls: cannot read {urls!r}: {type(e).__name__}: {cause[:300]}") from None
     if not files:
         where = "" if "://" in urls or os.path.isabs(urls) else f" (relative paths start at the current folder, {os.getcwd()})"
         raise StageError(f"data.urls: no URL list (parquet, csv, tsv or jsonl) found at {urls!r}{where}")

@@ -192,6 +192,47 @@ def test_a_url_list_in_csv_tsv_or_json_lines_downloads_as_its_parquet_twin(tmp_p
                       use_ray=False).run()
 
 
+def test_a_uri_s_password_signature_or_token_is_never_shown_or_written(tmp_path, small_data, server, capsys):
+    """A URL list served over http with a password and a presigned signature in its URL (a checkpoint with a
+    token): they were printed by `cidistill config` and in errors, and written into every stage's _RUN.json and
+    _DONE fields and the data card's provenance. Now masked everywhere; the same list with a new token is the
+    same input."""
+    from cidistill.app.cli import main
+    from cidistill.core.config import flat_fields, public_dict
+
+    t = small_data.table.slice(0, 6)
+    site = tmp_path / "site"
+    site.mkdir()
+    pq.write_table(pa.table({"url": [f"{server.base_url}/{p}" for p in t.column("path").to_pylist()],
+                             "caption": t.column("caption")}), site / "urls.parquet")
+    secrets = ("hunter2", "abc123def", "tok456")
+    with LoopbackServer(site) as lists:
+        host = lists.base_url.split("//", 1)[1]
+        urls = f"http://alice:hunter2@{host}/urls.parquet?X-Amz-Signature=abc123def&X-Amz-Date=20261204"
+        sets = [f"data.urls={urls}", "teacher.pretrained=https://127.0.0.1:9/w.safetensors?token=tok456"]
+        assert main(["config", "--set", *sets]) == 0
+        shown = capsys.readouterr().out
+        assert f"http://alice:***@{host}/urls.parquet?X-Amz-Signature=***&X-Amz-Date=20261204" in shown
+        cfg = load_config(None, sets)
+        assert not any(s in json.dumps([shown, flat_fields(cfg, ("data", "teacher")), public_dict(cfg)]) for s in secrets)
+
+        w = tmp_path / "w"
+        assert main(["download", "--workdir", str(w), "--set", sets[0], "data.timeout=3", "--no-ray"]) == 0
+        again = f"http://alice:hunter2@{host}/urls.parquet?X-Amz-Signature=zzz999&X-Amz-Date=20261204"
+        assert main(["download", "--workdir", str(w), "--set", f"data.urls={again}", "data.timeout=3", "--no-ray"]) == 0
+        assert "already done" in capsys.readouterr().out
+        from data_cards.collect import _url_facts  # the card's provenance line
+
+        assert _url_facts(urls)["path"] == f"http://alice:***@{host}/urls.parquet?X-Amz-Signature=***&X-Amz-Date=20261204"
+        written = b"".join(p.read_bytes() for p in w.rglob("*") if p.is_file())
+        assert b"alice:***@" in written and not any(s.encode() in written for s in secrets + ("zzz999",))
+    gone = f"http://alice:hunter2@{host}/urls.parquet?X-Amz-Signature=abc123def"  # its server stopped
+    assert main(["download", "--workdir", str(tmp_path / "w2"), "--set", f"data.urls={gone}", "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cidistill: error: data.urls: cannot read 'http://alice:***@{host}/urls.parquet?X-Amz-Signature=***'")
+    assert not any(s in err for s in secrets)
+
+
 def test_a_download_with_no_success_fails_in_one_line_and_is_not_done(tmp_path):
     """Every URL refused (the server is down): the stage writes its stats but no done-marker, and says so in
     one line (embed then ran on nothing and balance died with an IndexError in each task)."""

@@ -25,7 +25,7 @@ from cidistill.core.console import guard_console, release_console
 from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load_config
 from cidistill.core.errors import StageError, Terminated, is_write_error
 from cidistill.core.lock import work_lock
-from cidistill.core.store import use_storage_options
+from cidistill.core.store import redact, use_storage_options
 from ray.exceptions import RayError
 
 from .compare import compare
@@ -104,7 +104,7 @@ def one_line(e: BaseException) -> str:
     if len(lines) > 1:  # a remote traceback: its last "SomeError: message" line is the cause
         raised = [ln.split("Error: ", 1)[1] for ln in lines if "Error: " in ln and not ln.startswith(" ")]
         lines = raised[-1:] or lines
-    return lines[0] if lines else type(e).__name__
+    return redact(lines[0]) if lines else type(e).__name__  # a URI's password or token never shown
 
 
 _terminated: list[float] = []  # when _stop ran: a library may re-raise our Terminated as a plain KeyboardInterrupt
@@ -219,7 +219,7 @@ def _main(argv: list[str] | None) -> int:
         stage = faults.current_stage()
         if is_write_error(e):  # disk full, unwritable folder: keep what finished
             where = f"stage {stage!r} could not write its output" if stage != "none" else "could not write"
-            print(f"cidistill: error: {where}: {e}. Finished shards are kept; free space or fix permissions and "
+            print(f"cidistill: error: {where}: {redact(str(e))}. Finished shards are kept; free space or fix permissions and "
                   "rerun to resume.", file=sys.stderr)
             return 3
         print(f"cidistill: error: {f'stage {stage!r}: ' if stage != 'none' else ''}{one_line(e)}", file=sys.stderr)

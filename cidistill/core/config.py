@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config_io import ConfigError, from_dict, masked, merge, parse_overrides, read_config_file, to_yaml
-from .store import join
+from .store import join, redacted
 
 STAGES = ("download", "embed", "balance", "cluster", "pack", "train", "eval", "export", "card")
 # the loss terms a training phase may weigh (kd/losses.py implements each)
@@ -353,13 +353,15 @@ def to_dict(cfg) -> dict:
 
 
 def public_dict(cfg) -> dict:
-    """The config as a mapping that outputs (the data card) may record."""
-    return dict(dataclasses.asdict(cfg), storage_options=masked(cfg.storage_options))
+    """The config as a mapping that outputs (the data card) may record: no storage secret, no URI's password,
+    signature or token."""
+    return redacted(dict(dataclasses.asdict(cfg), storage_options=masked(cfg.storage_options)))
 
 
 def flat_fields(cfg, sections: tuple[str, ...]) -> dict[str, Any]:
     """The config's leaves under each dotted name in `sections` ("balance", "data.holdout"), as
-    {"balance.apply_eps": 0.05, ...}; lists and mappings (train.phases) are one JSON value each."""
+    {"balance.apply_eps": 0.05, ...}; lists and mappings (train.phases) are one JSON value each. A URI's secrets
+    are left out (a presigned URL signed again is the same input), as everywhere the fields are recorded."""
     out: dict[str, Any] = {}
 
     def walk(obj, key: str):
@@ -367,8 +369,8 @@ def flat_fields(cfg, sections: tuple[str, ...]) -> dict[str, Any]:
             for f in dataclasses.fields(obj):
                 walk(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
         else:
-            out[key] = json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj,
-                                             default=lambda o: dataclasses.asdict(o)))
+            out[key] = redacted(json.loads(json.dumps(dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj,
+                                                      default=lambda o: dataclasses.asdict(o))))
 
     for sec in sections:
         node = cfg

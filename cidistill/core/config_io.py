@@ -12,7 +12,7 @@ from typing import Any, Union
 
 import yaml
 
-from .store import SECRET_WORDS
+from .store import SECRET_WORDS, redacted
 
 
 class ConfigError(ValueError):
@@ -218,7 +218,8 @@ def field_docs(cls) -> dict[str, str]:
 
 
 def to_yaml(cfg) -> str:
-    """The whole config as YAML, every field preceded by its comment; `load_config` reads it back."""
+    """The whole config as YAML, every field preceded by its comment (secrets masked, in storage options and
+    in URIs); `load_config` reads it back."""
     lines: list[str] = []
 
     def emit(obj, indent: str) -> None:
@@ -233,7 +234,7 @@ def to_yaml(cfg) -> str:
             else:
                 if f.name == "storage_options":
                     value = masked(value)
-                plain = json.loads(json.dumps(value, default=dataclasses.asdict))
+                plain = redacted(json.loads(json.dumps(value, default=dataclasses.asdict)))
                 dumped = yaml.safe_dump(plain, default_flow_style=True, allow_unicode=True, width=10 ** 6).strip()
                 lines.append(f"{indent}{f.name}: {dumped.removesuffix(chr(10) + '...').strip()}")
 

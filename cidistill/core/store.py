@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -75,10 +76,8 @@ def access_error(root: str, e: BaseException) -> str:
     where = f"bucket {rest.split('/', 1)[0]!r} of {root}" if rest else root
     if isinstance(e, (FileExistsError, NotADirectoryError)) and not rest:  # a file given where a folder goes
         return f"cannot use {root}: {getattr(e, 'filename', None) or root} is a file, not a folder"
-    cause = " ".join(str(e).split()) or type(e).__name__
-    for secret in _secrets():
-        cause = cause.replace(secret, "***")
-    return f"cannot use {where}: {type(e).__name__}: {cause[:300]}"
+    cause = redact(" ".join(str(e).split()) or type(e).__name__)
+    return redact(f"cannot use {where}: {type(e).__name__}: {cause[:300]}")
 
 
 SECRET_WORDS = ("secret", "key", "token", "password", "credential")  # storage options never shown
@@ -87,6 +86,32 @@ SECRET_WORDS = ("secret", "key", "token", "password", "credential")  # storage o
 def split_uri(uri: str) -> tuple[str, str]:
     """(folder, file name) of a local path or a URI, the scheme kept on the folder."""
     return tuple(str(uri).rstrip("/").rsplit("/", 1)) if "/" in str(uri) else (".", str(uri))
+
+
+# secrets a URI may carry: a password in its user part, a signature or token in its query (presigned S3, GCS
+# and Azure SAS URLs, `?token=`): never printed or written (a URL list or a checkpoint given as such a URL)
+_URI_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^/\s:@'\"]*):([^/\s@'\"]+)@")
+_URI_SECRET_PARAM = re.compile(r"(?i)([?&;][^=&\s'\"#?]*(?:sig|token|secret|key|credential|password|auth)[^=&\s'\"#?]*=)"
+                               r"[^&\s'\"#]+")
+
+
+def redact(text: str) -> str:
+    """`text` with the secrets of any URI in it (and the environment's storage secrets) replaced by ***."""
+    text = _URI_SECRET_PARAM.sub(r"\1***", _URI_PASSWORD.sub(r"\1:***@", text))
+    for secret in _secrets():
+        text = text.replace(secret, "***")
+    return text
+
+
+def redacted(value: Any) -> Any:
+    """A config value (a string, or lists and mappings of them) with redact() applied to every string."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redacted(v) for k, v in value.items()}
+    return value
 
 
 def _secrets() -> list[str]:
