@@ -356,7 +356,7 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel, done=lambda part: None) -> 
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     np.savez(tmp / "correct.npz", **per)
-    (tmp / "results.json").write_text(json.dumps(res))  # written last: a folder without it is never read
+    (tmp / "results.json").write_text(json.dumps(res), encoding="utf-8")  # written last: a folder without it is never read
     try:
         tmp.rename(folder)
     except OSError:  # another process cached the same evaluation first
@@ -370,7 +370,7 @@ def _cached_scores(folder: Path) -> tuple[dict, dict] | None:
     if not (folder / "results.json").is_file():
         return None
     try:
-        res = json.loads((folder / "results.json").read_text())
+        res = json.loads((folder / "results.json").read_text(encoding="utf-8"))
         with np.load(folder / "correct.npz") as z:
             return res, {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:

@@ -46,10 +46,10 @@ def export_local_dir(lm: LoadedModel, out: str | Path, readme: str = "", onnx: b
             shutil.copyfile(hf_model / "config.json", tmp / "config.json")
             text["hf_model_name"] = out
         cfg = {"model_cfg": model_cfg, "preprocess_cfg": _jsonable(lm.preprocess_cfg)}
-        (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
         vocab = lm.model_cfg.get("text_cfg", {}).get("vocab_size", 49408)
         save_file(state_dict_for_export(lm.model, vocab), str(tmp / "open_clip_model.safetensors"))
-        (tmp / "README.md").write_text(readme or f"# {out.rsplit('/', 1)[-1]}\n\nopen_clip model exported by cidistill.\n")
+        (tmp / "README.md").write_text(readme or f"# {out.rsplit('/', 1)[-1]}\n\nopen_clip model exported by cidistill.\n", encoding="utf-8")
         if onnx:
             diffs = export_onnx(lm, tmp)
         parent, name = out.rstrip("/").rsplit("/", 1)

@@ -117,7 +117,7 @@ def build_student_text_tower(teacher_cfg: dict, teacher_sd: dict[str, torch.Tens
     student_text = dict(text, hf_model_name=str(folder.resolve()), hf_tokenizer_name=str(folder.resolve()),
                         hf_model_pretrained=False)
     (folder / "teacher_layers.json").write_text(json.dumps({"teacher": str(src), "layers": keep,
-                                                            "vocab": len(vocab), "teacher_vocab": len(old_vocab)}))
+                                                            "vocab": len(vocab), "teacher_vocab": len(old_vocab)}), encoding="utf-8")
     return student_text, sd
 
 
@@ -139,7 +139,7 @@ def student_with_teacher_text(cfg, lm: LoadedModel, texts: list[str], out: Store
         text_cfg.update(hf_model_name="text_tower", hf_tokenizer_name="text_tower",
                         context_length=cfg.student.context_length)
         model_cfg = dict(lm.model_cfg, embed_dim=teacher.embed_dim, text_cfg=text_cfg, custom_text=True)
-        (Path(tmp) / f"{name}.json").write_text(json.dumps(model_cfg, indent=1))
+        (Path(tmp) / f"{name}.json").write_text(json.dumps(model_cfg, indent=1), encoding="utf-8")
         del teacher
         if publish:
             out.put_folder(Path(tmp), ARCH, last=f"{name}.json")
@@ -173,7 +173,7 @@ def arch_config(folder: Path, name: str) -> str:
     """A config file open_clip can load for the student_arch folder at `folder` (a local path): the stored
     config names its tower relative to the folder; open_clip needs absolute paths, written into a copy in
     this node's cache (the work folder is never written to)."""
-    cfg = json.loads((folder / f"{name}.json").read_text())
+    cfg = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
     text = cfg["text_cfg"]
     for k in ("hf_model_name", "hf_tokenizer_name"):
         if text.get(k) and not Path(text[k]).is_absolute():
@@ -183,7 +183,7 @@ def arch_config(folder: Path, name: str) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(body)
+        tmp.write_text(body, encoding="utf-8")
         os.replace(tmp, path)
     return str(path)
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cidistill.app.cli import main
-from cidistill.core.config import ConfigError, to_dict
+from cidistill.core.config import ConfigError, load_config, to_dict
 from conftest import RAY_FORWARDED, cli_stderr
 
 
@@ -548,6 +548,32 @@ def test_an_install_stopped_while_making_the_venv_is_made_again_and_a_failed_pip
     assert out.stderr.rstrip().endswith("cidistill: pip could not install torch (its messages are above)"), out.stderr
     assert subprocess.run([str(tmp_path / ".venv/bin/python"), "-m", "pip", "--version"], capture_output=True).returncode == 0
     assert not list(tmp_path.glob(".venv-installed-*"))
+
+
+def test_a_console_and_locale_that_are_not_utf8_neither_end_a_run_nor_change_a_file(tmp_path, small_run):
+    """LC_ALL=C with Python's UTF-8 mode off (or a Latin-1 locale): the export died on its README's `→`
+    (UnicodeEncodeError: text files were written in the locale's encoding), and `cidistill config` on its first
+    Chinese prompt template. Files are UTF-8 whatever the locale; the console gets escapes for what it lacks, and
+    `cidistill config`'s YAML then uses YAML's own escapes, so that it still loads back as the defaults."""
+    import os
+    import sys
+
+    from cidistill.core.config import Config
+
+    d = to_dict(small_run)
+    d["dirs"] = {s: small_run.stage_dir(s) for s in ("train", "eval")} | {"export": str(tmp_path / "export")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d, allow_unicode=True), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIOENCODING"))}
+    env.update(LC_ALL="C", LANG="C", PYTHONUTF8="0")
+    run = [sys.executable, "-m", "cidistill"]
+    out = subprocess.run(run + ["config"], env=env, capture_output=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.isascii() and b"templates_zh" in out.stdout, out.stderr[-2000:]
+    (tmp_path / "printed.yaml").write_bytes(out.stdout)
+    assert load_config(str(tmp_path / "printed.yaml")) == Config().validate()
+    out = subprocess.run(run + ["export", "-c", str(tmp_path / "c.yaml"), "--no-ray"], env=env, capture_output=True,
+                         timeout=600)
+    assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "→" in (tmp_path / "export" / "student" / "README.md").read_text(encoding="utf-8")
 
 
 def test_version_names_the_package_and_the_libraries_it_runs_on(capsys):

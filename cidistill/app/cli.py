@@ -184,7 +184,8 @@ def _main(argv: list[str] | None) -> int:
     quiet_logs()
     try:
         if args.cmd == "config":
-            print(config_yaml(load_config(args.check, args.overrides)), end="")
+            utf8 = (sys.stdout.encoding or "utf-8").lower().replace("-", "") == "utf8"  # else YAML's own escapes
+            print(config_yaml(load_config(args.check, args.overrides), unicode=utf8), end="")
         elif args.cmd == "demo":
             run_demo(args)
         elif args.cmd == "compare":

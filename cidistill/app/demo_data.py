@@ -31,7 +31,7 @@ class _Annotations:
         self.maps = []
         for root, key in ((root_full, "annotations"), (root_derived, "annotationsDerived")):
             f = next(root.rglob(f"{key}/{lang}/annotations.json"))
-            self.maps.append(json.loads(f.read_text())[key]["annotations"])
+            self.maps.append(json.loads(f.read_text(encoding="utf-8"))[key]["annotations"])
 
     def lookup(self, ch: str) -> tuple[str, list[str]]:
         for c in (ch, ch.replace("\ufe0f", "")):
@@ -58,7 +58,7 @@ def build_demo_data(small: bool = False) -> DemoData:
     pk = fetch_all()
     en = _Annotations(pk["cldr-annotations-full"], pk["cldr-annotations-derived-full"], "en")
     zh = _Annotations(pk["cldr-annotations-full"], pk["cldr-annotations-derived-full"], "zh")
-    emoji = json.loads(next(pk["emoji-datasource-apple"].rglob("emoji.json")).read_text())
+    emoji = json.loads(next(pk["emoji-datasource-apple"].rglob("emoji.json")).read_text(encoding="utf-8"))
     emoji.sort(key=lambda e: e["sort_order"])
     if small:  # a spread over categories, skin-tone emoji included: natural near-duplicates
         rnd = random.Random(0)

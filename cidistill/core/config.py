@@ -388,6 +388,6 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
     return from_dict(Config, data).validate()
 
 
-def config_yaml(cfg: Config) -> str:
+def config_yaml(cfg: Config, unicode: bool = True) -> str:
     """The whole config as YAML, every field preceded by its comment (secrets masked); `load_config` reads it back."""
-    return to_yaml(cfg)
+    return to_yaml(cfg, unicode)

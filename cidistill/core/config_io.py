@@ -217,9 +217,9 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def to_yaml(cfg) -> str:
+def to_yaml(cfg, unicode: bool = True) -> str:
     """The whole config as YAML, every field preceded by its comment (secrets masked, in storage options and
-    in URIs); `load_config` reads it back."""
+    in URIs); `load_config` reads it back. Not `unicode`: other characters as YAML escapes (ASCII only)."""
     lines: list[str] = []
 
     def emit(obj, indent: str) -> None:
@@ -235,7 +235,7 @@ def to_yaml(cfg) -> str:
                 if f.name == "storage_options":
                     value = masked(value)
                 plain = redacted(json.loads(json.dumps(value, default=dataclasses.asdict)))
-                dumped = yaml.safe_dump(plain, default_flow_style=True, allow_unicode=True, width=10 ** 6).strip()
+                dumped = yaml.safe_dump(plain, default_flow_style=True, allow_unicode=unicode, width=10 ** 6).strip()
                 lines.append(f"{indent}{f.name}: {dumped.removesuffix(chr(10) + '...').strip()}")
 
     emit(cfg, "")

@@ -47,7 +47,7 @@ def register_configs(extra: str = "") -> None:
             path = cache_dir() / "model_configs" / f"{DEMO_TEACHER}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(cfg, indent=1))
+            tmp.write_text(json.dumps(cfg, indent=1), encoding="utf-8")
             os.replace(tmp, path)  # every process (each Ray actor) writes it: a reader never sees half a file
             oc.add_model_config(path)
         _registered.add(DEMO_TEACHER)
@@ -278,21 +278,21 @@ def relocated(folder: Path):
     lies now, load it through a temporary twin (links to its files) whose config names the folder itself."""
     cfg_path = folder / "open_clip_config.json"
     full = local_dir_config(folder) if cfg_path.is_file() else None
-    if full is None or full == json.loads(cfg_path.read_text()):  # nothing to rename: read as it is
+    if full is None or full == json.loads(cfg_path.read_text(encoding="utf-8")):  # nothing to rename: read as it is
         yield folder
         return
     with tempfile.TemporaryDirectory(prefix="cidistill-local-dir-") as tmp:
         for f in folder.iterdir():
             if f.name != "open_clip_config.json":
                 os.symlink(f.resolve(), Path(tmp) / f.name)
-        (Path(tmp) / "open_clip_config.json").write_text(json.dumps(full, ensure_ascii=False))
+        (Path(tmp) / "open_clip_config.json").write_text(json.dumps(full, ensure_ascii=False), encoding="utf-8")
         yield Path(tmp)
 
 
 def local_dir_config(folder: Path) -> dict:
     """A local-dir folder's open_clip_config.json, its Hugging Face text tower (config.json inside the folder)
     named by where the folder lies now, not where it was exported."""
-    full = json.loads((folder / "open_clip_config.json").read_text())
+    full = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
     text = full.get("model_cfg", {}).get("text_cfg", {})
     if text.get("hf_model_name") and (folder / "config.json").is_file():
         text.update(hf_model_name=str(folder.resolve()), hf_tokenizer_name=str(folder.resolve()))
