@@ -38,6 +38,7 @@ def export_local_dir(lm: LoadedModel, out: str | Path, readme: str = "", onnx: b
                 if (src / f).exists():
                     shutil.copyfile(src / f, tmp / f)
             text["hf_model_pretrained"] = False  # weights come from the safetensors file
+            text["hf_tokenizer_name"] = out  # the folder's own copy (it named the train stage's folder)
         hf_model = Path(text.get("hf_model_name") or "")
         if text.get("hf_model_name") and (hf_model / "config.json").exists():
             # the HF tower's architecture travels with the folder; open_clip reads it from hf_model_name,

@@ -185,6 +185,9 @@ def test_exported_student_loads_after_being_moved(small_run, tmp_path):
     texts = ["grinning face", "笑脸"]
     lm, want_i, want_t = _trainer_embeddings(small_run, tmp_path, texts)
     export_local_dir(lm, tmp_path / "orig", readme=model_card("student", lm, {}))
+    text_cfg = json.loads((tmp_path / "orig" / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
+    # no path outside the folder: its tokenizer was named by the train stage's folder, where it was cut
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == str(tmp_path / "orig")
     shutil.copytree(tmp_path / "orig", tmp_path / "elsewhere" / "moved")
     shutil.rmtree(tmp_path / "orig")
     folder = tmp_path / "elsewhere" / "moved"
