@@ -10,6 +10,7 @@ import time
 import torch
 
 from cidistill.core import faults
+from cidistill.core.errors import StageError
 from cidistill.core.store import Store
 
 LOG = "log.jsonl"
@@ -56,6 +57,28 @@ def load_checkpoint(out: Store, name: str, module, opt) -> int:
     state = torch.load(io.BytesIO(out.read_bytes(f"{name}/state.pt")), map_location="cpu", weights_only=True)
     opt.load_state_dict(state["optimizer"])
     return int(state["step"])
+
+
+def resume_checkpoint(out: Store, module, opt, say=print) -> tuple[str | None, int]:
+    """(name, step) of the newest complete checkpoint that loads, restored into module and opt; (None, 0) when
+    there is none. A damaged one (cut short by a copy of the work folder that stopped, a file lost) is named
+    and passed over for the one before it, which restores everything again: the run stays exact."""
+    names = sorted({n.split("/")[0] for n in out.glob("step-*/meta.json")}, reverse=True)
+    for i, name in enumerate(names):
+        try:
+            return name, load_checkpoint(out, name, module, opt)
+        except OSError as e:
+            if not isinstance(e, FileNotFoundError):  # a store that failed to answer: not the file's fault
+                raise
+            why = f"{e.filename or e} is missing"
+        except Exception as e:  # SafetensorError, torch's unpickler on a cut-off file, a wrong shape
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if i + 1 == len(names):
+            raise StageError(f"no checkpoint in {out.uri} can be read ({name}: {why}): rerun with --force to train "
+                             "from the start")
+        if say:
+            say(f"[train] checkpoint {name} cannot be read ({why}); resuming from {names[i + 1]}")
+    return None, 0
 
 
 def clean_partial(out: Store) -> None:

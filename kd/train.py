@@ -1,7 +1,7 @@
 """The training loop: a student open_clip model learns from the teacher's precomputed embeddings (never the
 teacher itself), the kept set and the k-means pseudo-labels, through a schedule of phases of weighted losses.
 
-Read it top to bottom: `train_worker` sets a worker up (`setup`), resumes (`checkpoint.load_checkpoint`), opens
+Read it top to bottom: `train_worker` sets a worker up (`setup`), resumes (`checkpoint.resume_checkpoint`), opens
 the packed dataset's stream at that step (kd/stream.py), then loops `train_step` → `log_record` →
 `save_checkpoint`. One worker runs in this process; more run under Ray Train's TorchTrainer (DDP: gloo on CPU,
 nccl on GPU). Batches, augmentations and PartialFC samples are functions of (seed, streams, step), so resuming
@@ -28,7 +28,7 @@ from cidistill.core.packed import iter_tar_samples, sample_fields
 from cidistill.core.models import autocast, channels_last, count_params, create
 from cidistill.core.text_ops import by_length, encode_text, trim_vocab
 from cidistill.core.store import Store, absolute
-from .checkpoint import clean_partial, latest_checkpoint, load_checkpoint, read_log, save_checkpoint, write_log
+from .checkpoint import clean_partial, latest_checkpoint, read_log, resume_checkpoint, save_checkpoint, write_log
 from .data import manifest_texts
 from .losses import DistillHeads, compute_losses
 from .stream import BackendTokenizer, BatchMaker, StreamSpec, data_position, worker_batches
@@ -301,8 +301,8 @@ def train_worker(job: dict) -> dict:
     """Everything one worker does. `job` = {"config": dict, "out": folder}; rank/world from Ray Train."""
     w = setup(job)
     tc = w.cfg.train
-    ckpt = latest_checkpoint(w.out)
-    step = resumed_from = load_checkpoint(w.out, ckpt, w.module, w.opt) if ckpt is not None else 0
+    ckpt, step = resume_checkpoint(w.out, w.module, w.opt, say=print if w.rank == 0 else None)
+    resumed_from = step
     if ckpt is not None and w.rank == 0:
         print(f"[train] resuming from {ckpt}")
     if w.world > 1:

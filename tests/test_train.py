@@ -37,6 +37,34 @@ def test_resume_reaches_same_weights(small_run, tmp_path):
     assert {"feature_distill"} <= set(log[0]) and {"cluster", "instance", "align", "lr", "samples_per_s"} <= set(log[-1])
 
 
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(small_run, tmp_path, capsys):
+    """A checkpoint cut short (a copy of the work folder that stopped, a lost file) failed the resume with a
+    SafetensorError or unpickler traceback. The one before it is used instead, and the run still ends on the
+    uninterrupted run's weights; with none readable, one line, and no training silently started over."""
+    import pytest
+
+    from cidistill.core.errors import StageError
+
+    cfg = _cfg(small_run)
+    train(cfg, str(tmp_path / "a"), use_ray=False)
+    train(cfg, str(tmp_path / "b"), use_ray=False, stop_after=5)  # checkpoints at 2 and 4
+    state = tmp_path / "b" / "step-0000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    capsys.readouterr()
+    train(cfg, str(tmp_path / "b"), use_ray=False)
+    out = capsys.readouterr().out
+    assert "[train] checkpoint step-0000004 cannot be read (" in out and "); resuming from step-0000002" in out
+    a_out, b_out = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
+    a, b = load_weights(a_out, latest_checkpoint(a_out)), load_weights(b_out, latest_checkpoint(b_out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    train(cfg, str(tmp_path / "c"), use_ray=False, stop_after=3)  # one checkpoint, at 2, its weights file cut
+    weights = tmp_path / "c" / "step-0000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(StageError, match=r"^no checkpoint in .*/c can be read \(step-0000002: .*\): rerun with --force"):
+        train(cfg, str(tmp_path / "c"), use_ray=False)
+
+
 def _losses(folder):
     return [json.loads(l) for l in (folder / "log.jsonl").read_text().splitlines()]
 
