@@ -144,7 +144,8 @@ def test_one_stage_run_refuses_inputs_the_config_would_make_differently(small_ru
 
 def test_second_run_on_a_work_folder_refuses_and_a_dead_holder_is_taken_over(tmp_path, capsys):
     """A run holds the folder (a live process named in _LOCK.json): another refuses at once with one line
-    naming host, pid and start; once that process is gone, the next run takes the lock over."""
+    naming host, pid and start; once that process is gone, the next run takes the lock over, as it does a lock
+    left empty."""
     import socket
     import subprocess
     import sys
@@ -170,3 +171,9 @@ def test_second_run_on_a_work_folder_refuses_and_a_dead_holder_is_taken_over(tmp
     out, err = capsys.readouterr()
     assert "taking over the lock" in out and "needs a finished embed stage" in err
     assert not (work / "_LOCK.json").exists()                              # released after the run
+    # a lock left empty (a run killed between creating and writing it) was a JSONDecodeError on every later run
+    (work / "_LOCK.json").write_text("")
+    assert main(["balance", "--workdir", str(work), "--no-ray"]) == 2
+    out, err = capsys.readouterr()
+    assert "taking over a damaged lock (empty or cut short" in out and "needs a finished embed stage" in err
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith("_LOCK")) == []  # no temp file left either

@@ -1,4 +1,5 @@
 """What a user types wrong gets one line on stderr and exit 2 (3 for a full disk), never a traceback."""
+import json
 import subprocess
 from pathlib import Path
 
@@ -125,6 +126,24 @@ def _copied_run(small_run, tmp_path: Path, stages: tuple[str, ...]) -> Path:
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(d, allow_unicode=True))
     return p
+
+
+def test_a_damaged_marker_is_checked_again_and_a_damaged_input_marker_is_named(tmp_path, small_run, capsys):
+    """A work folder copied by a copy that stopped: a `_DONE` cut short was a JSONDecodeError traceback. The
+    stage's own marker counts as absent (its units are checked again, nothing redone); a stage run alone whose
+    input's marker is damaged names the file in one line."""
+    p = _copied_run(small_run, tmp_path, ("download", "embed"))
+    done = tmp_path / "embed" / "_DONE"
+    intact, shards = done.read_bytes(), {f.name: f.read_bytes() for f in (tmp_path / "embed").glob("0*.parquet")}
+    done.write_bytes(intact[: len(intact) // 2])
+    assert main(["balance", "-c", str(p), "--no-ray"]) == 2
+    err = _err(capsys)
+    assert err.startswith(f"cidistill: error: {done} is damaged (not readable JSON: ") and err.endswith(
+        "): remove it and rerun (what it marked is redone), or rerun the stage with --force"), err
+    assert main(["run", str(p), "--stages", "download", "embed", "--no-ray"]) == 0
+    assert "[embed] its _DONE marker is damaged: checking its units again" in capsys.readouterr().out
+    assert json.loads(done.read_bytes())["fingerprint"] == json.loads(intact)["fingerprint"]
+    assert {f.name: f.read_bytes() for f in (tmp_path / "embed").glob("0*.parquet")} == shards
 
 
 def test_a_url_list_typo_fails_before_the_last_download_is_cleared(tmp_path, small_run, capsys):

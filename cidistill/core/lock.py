@@ -9,7 +9,7 @@ import socket
 import time
 
 from .errors import StageError
-from .store import Store, open_checked
+from .store import DamagedFile, Store, open_checked
 
 LOCK = "_LOCK.json"
 _held: dict[str, int] = {}   # work folder -> nesting depth in this process
@@ -30,21 +30,46 @@ def _alive(pid: int) -> bool:
 
 
 def _claim(store: Store, me: dict) -> dict | None:
-    """Write the lock if nobody holds it; else return the holder. Atomic: O_EXCL on a local folder, a
-    create-only PUT on an object store."""
+    """Write the lock if nobody holds it; else return the holder. Atomic and whole: on a local folder the lock
+    is written under a temporary name and hard-linked into place (a link fails when the lock exists; O_EXCL
+    where links are not allowed); on an object store a create-only PUT."""
+    body = json.dumps(me).encode()
     if store.local:
+        tmp = store.path(f"{LOCK}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(body)
         try:
-            fd = os.open(store.path(LOCK), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, store.path(LOCK))
         except FileExistsError:
-            return store.read_json(LOCK)
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+            return _holder(store)
+        except OSError:  # a filesystem without hard links: create-exclusive, then write
+            try:
+                fd = os.open(store.path(LOCK), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return _holder(store)
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+        finally:
+            os.unlink(tmp)
         return None
     try:  # an object store: a conditional PUT (If-None-Match), refused when the lock object exists
-        store.fs.pipe_file(store.path(LOCK), json.dumps(me).encode(), mode="create")
+        store.fs.pipe_file(store.path(LOCK), body, mode="create")
     except FileExistsError:
-        return store.read_json(LOCK)
+        return _holder(store)
     return None
+
+
+def _holder(store: Store) -> dict:
+    """The lock's holder; {"damaged": True} for a lock that stays unreadable (empty or cut short: a run killed
+    as it wrote it, before locks were written whole), which no run holds."""
+    for wait in (0.5, 1.0, 0.0):
+        try:
+            return store.read_json(LOCK)
+        except DamagedFile:
+            time.sleep(wait)  # a run writing it this moment (create-exclusive, then write)
+        except FileNotFoundError:  # released meanwhile: as if held (the caller tries again only once)
+            return {"damaged": True}
+    return {"damaged": True}
 
 
 @contextlib.contextmanager
@@ -60,11 +85,13 @@ def work_lock(workdir: str):
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     holder = _claim(store, me)
     if holder is not None:
-        stale = holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0)))
+        damaged = holder.get("damaged", False)
+        stale = damaged or holder.get("host") == me["host"] and not _alive(int(holder.get("pid", 0)))
         if not stale:
             raise WorkdirBusy(f"{workdir} is in use by another run (host {holder.get('host')}, pid {holder.get('pid')}, "
                               f"started {holder.get('started')}); wait for it, or remove {LOCK} there if it is gone")
-        print(f"[cidistill] taking over the lock of a run that is gone (pid {holder.get('pid')}, "
+        print("[cidistill] taking over a damaged lock (empty or cut short: a run killed as it took it)" if damaged else
+              f"[cidistill] taking over the lock of a run that is gone (pid {holder.get('pid')}, "
               f"started {holder.get('started')})")
         store.rm(LOCK)
         if _claim(store, me) is not None:

@@ -23,7 +23,7 @@ from . import faults
 from .config import Config, flat_fields
 from .errors import StageError, is_write_error
 from .schema import shard_stats_name, stage_shards
-from .store import Store
+from .store import DamagedFile, Store
 
 DONE = "_DONE"
 RUN = "_RUN.json"      # the fingerprint a run started with: a half-finished run of another config is not resumed
@@ -142,6 +142,7 @@ class Stage:
         self.cfg, self.use_ray = cfg, use_ray
         self.out = Store(cfg.stage_dir(self.name))
         self.redone = False  # set by run(): whether it did work
+        self._damaged: set[str] = set()  # markers found damaged (said once)
 
     # -- what a stage implements
     def units(self) -> list[str]:
@@ -213,18 +214,28 @@ class Stage:
         return {"fields": fields, "inputs": ins, "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
 
     def status(self, fp: dict) -> tuple[str, str]:
-        """("done" | "new" | "resume" | "changed", why) of this stage's folder against fingerprint fp."""
-        if self.out.exists(DONE):
-            prev = self.out.read_json(DONE)
+        """("done" | "new" | "resume" | "changed", why) of this stage's folder against fingerprint fp. A damaged
+        marker counts as absent: the stage then checks its units again (each kept unit is read back)."""
+        if (prev := self._marker(DONE)) is not None:
             if prev.get("fingerprint") == fp["fingerprint"]:
                 return "done", ""
             return "changed", why_changed(prev, fp)
-        if self.out.exists(RUN):
-            prev = self.out.read_json(RUN)
+        if (prev := self._marker(RUN)) is not None:
             if prev.get("fingerprint") != fp["fingerprint"]:
                 return "changed", why_changed(prev, fp)
             return "resume", ""
         return "new", ""
+
+    def _marker(self, name: str) -> dict | None:
+        if not self.out.exists(name):
+            return None
+        try:
+            return self.out.read_json(name)
+        except DamagedFile:
+            if name not in self._damaged:
+                self._damaged.add(name)
+                print(f"[{self.name}] its {name} marker is damaged: checking its units again")
+            return None
 
     # -- the driver
     def run(self, force: bool = False) -> dict:

@@ -83,6 +83,10 @@ def access_error(root: str, e: BaseException) -> str:
 SECRET_WORDS = ("secret", "key", "token", "password", "credential")  # storage options never shown
 
 
+class DamagedFile(StageError):
+    """A file of a stage's own that cannot be read back (cut short, overwritten)."""
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """(folder, file name) of a local path or a URI, the scheme kept on the folder."""
     return tuple(str(uri).rstrip("/").rsplit("/", 1)) if "/" in str(uri) else (".", str(uri))
@@ -287,8 +291,14 @@ class Store:
         return dest
 
     def read_json(self, name: str) -> Any:
+        """A JSON file; one cut short or overwritten (a copy of the work folder that stopped) is a StageError
+        naming it, not a JSONDecodeError traceback."""
         with self.fs.open(self.path(name), "rb") as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except ValueError as e:
+                raise DamagedFile(f"{self.url(name)} is damaged (not readable JSON: {e}): remove it and rerun "
+                                  "(what it marked is redone), or rerun the stage with --force") from None
 
     def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None,
                     compression: str = "zstd") -> None:
