@@ -8,7 +8,6 @@ nccl on GPU). Batches, augmentations and PartialFC samples are functions of (see
 from a mid-epoch checkpoint reaches the same weights as an uninterrupted run."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -234,10 +233,7 @@ def setup(job: dict) -> Worker:
     weights_any = {k for ph in cfg.train.phases for k, w in ph.losses.items() if w}
     centroids = None
     if "cluster" in weights_any:
-        import numpy as np
-
-        centroids = torch.from_numpy(np.load(io.BytesIO(Store(cfg.stage_dir("cluster")).read_bytes("centroids.npy")),
-                                             allow_pickle=False))
+        centroids = torch.from_numpy(Store(cfg.stage_dir("cluster")).read_npy("centroids.npy"))
     heads = DistillHeads(lm.embed_dim, teacher_width(spec) or lm.embed_dim, centroids, cfg.train.loss.learn_centres,
                          cfg.train.loss.instance_temperature)
     module = TrainModule(lm.model, heads, lock_text=bool(job.get("lock_text"))).to(device)

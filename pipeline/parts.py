@@ -75,8 +75,7 @@ def save_npy(store: Store, name: str, a: np.ndarray) -> None:
 
 
 def load_npy(store: Store, name: str) -> np.ndarray:
-    with store.fs.open(store.path(name), "rb") as f:
-        return np.load(f)
+    return store.read_npy(name)
 
 
 def hash_sample(store: Store, name: str, keys: list[str], x: np.ndarray, prepare, seed: int, cut: int,

@@ -146,6 +146,19 @@ def test_a_damaged_marker_is_checked_again_and_a_damaged_input_marker_is_named(t
     assert {f.name: f.read_bytes() for f in (tmp_path / "embed").glob("0*.parquet")} == shards
 
 
+def test_a_damaged_centroid_file_or_manifest_is_named_in_one_line(tmp_path, small_run, capsys):
+    """The same copy that stopped, in the train stage's inputs: a `centroids.npy` or a split's `manifest.parquet`
+    cut short was a numpy / pyarrow traceback."""
+    p = _copied_run(small_run, tmp_path, ("download", "embed", "balance", "cluster", "pack"))
+    for f, msg in (("cluster/centroids.npy", "not a readable .npy array (EOF: reading array data"),
+                   ("pack/train/manifest.parquet", "not a readable parquet file (Parquet magic bytes not found")):
+        intact = (tmp_path / f).read_bytes()
+        (tmp_path / f).write_bytes(intact[: len(intact) // 2])
+        assert main(["train", "-c", str(p), "--no-ray"]) == 2
+        assert _err(capsys).startswith(f"cidistill: error: {tmp_path / f}: {msg}")
+        (tmp_path / f).write_bytes(intact)
+
+
 def test_a_url_list_typo_fails_before_the_last_download_is_cleared(tmp_path, small_run, capsys):
     """`--set data.urls=` a file that is not parquet (or lacks a column) on a finished download: it said
     "config changed; redoing download, embed, …", deleted every downloaded shard, then failed on the file."""

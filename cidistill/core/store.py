@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -83,8 +85,8 @@ def access_error(root: str, e: BaseException) -> str:
 SECRET_WORDS = ("secret", "key", "token", "password", "credential")  # storage options never shown
 
 
-class DamagedFile(StageError):
-    """A file of a stage's own that cannot be read back (cut short, overwritten)."""
+class DamagedFile(StoreError):
+    """A JSON file of a run's own that cannot be read back (cut short, overwritten)."""
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -306,6 +308,14 @@ class Store:
         pq.write_table(table, sink, row_group_size=row_group_size, compression=compression,
                        use_dictionary=dictionary_columns(table.schema))
         self.write_bytes(name, sink.getvalue().to_pybytes())
+
+    def read_npy(self, name: str) -> np.ndarray:
+        """A .npy array (no pickle); one cut short is a StoreError naming it."""
+        data = self.read_bytes(name)
+        try:
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
+            raise StoreError(f"{self.url(name)}: not a readable .npy array ({e})") from None
 
     def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
         try:
