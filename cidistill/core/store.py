@@ -78,8 +78,8 @@ def access_error(root: str, e: BaseException) -> str:
     where = f"bucket {rest.split('/', 1)[0]!r} of {root}" if rest else root
     if isinstance(e, (FileExistsError, NotADirectoryError)) and not rest:  # a file given where a folder goes
         return f"cannot use {root}: {getattr(e, 'filename', None) or root} is a file, not a folder"
-    cause = redact(" ".join(str(e).split()) or type(e).__name__)
-    return redact(f"cannot use {where}: {type(e).__name__}: {cause[:300]}")
+    cause = redact(" ".join(str(e).split()) or type(e).__name__)  # before it is cut: no half secret shown
+    return f"cannot use {redact(where)}: {type(e).__name__}: {cause[:300]}"
 
 
 SECRET_WORDS = ("secret", "key", "token", "password", "credential")  # storage options never shown
