@@ -145,8 +145,9 @@ def read_url_batches(urls: str, columns: list[str], text: dict[str, str]):
 
 def _check_schema(f: str, schema: pa.Schema, columns: list[str], text: dict[str, str]) -> None:
     missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise StageError(f"{f}: missing column(s) {missing}; has {schema.names}")
+    if missing:  # CC3M's tsv, for one, ships without a header: its first row would be read as one
+        hint = " (a csv or tsv list needs a header row naming its columns)" if _format(f) in ("csv", "tsv") else ""
+        raise StageError(f"{f}: missing column(s) {missing}; has {schema.names}{hint}")
     for col, key in text.items():
         if col in schema.names and not _is_text(schema.field(col).type):
             raise StageError(f"{f}: {key} {col!r} holds {schema.field(col).type} values, not text")

@@ -187,7 +187,8 @@ def test_a_url_list_in_csv_tsv_or_json_lines_downloads_as_its_parquet_twin(tmp_p
         DownloadStage(load_config(None, [f"workdir={tmp_path / 'w-broken'}", f"data.urls={tmp_path / 'broken.csv'}"]),
                       use_ray=False).run()
     (tmp_path / "nocap.tsv").write_text(f"url\ttext\n{rows[0]['url']}\thi\n")
-    with pytest.raises(StageError, match=r"nocap.tsv: missing column\(s\) \['caption'\]; has \['url', 'text'\]"):
+    with pytest.raises(StageError, match=r"nocap.tsv: missing column\(s\) \['caption'\]; has \['url', 'text'\] \(a csv or "
+                                         r"tsv list needs a header row naming its columns\)$"):
         DownloadStage(load_config(None, [f"workdir={tmp_path / 'w-nocap'}", f"data.urls={tmp_path / 'nocap.tsv'}"]),
                       use_ray=False).run()
 
