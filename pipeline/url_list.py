@@ -19,12 +19,17 @@ FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "json"
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
-def _format(f: str) -> str:
-    """A file's format by its name; a name we do not know is read as parquet (its check says if it is not)."""
+def _named_format(f: str) -> str | None:
+    """The format a file's name says (a compression suffix aside), or None."""
     name = f.lower()
     for c in COMPRESSED:
         name = name.removesuffix(c)
-    return next((k for ext, k in FORMATS.items() if name.endswith(ext)), "parquet")
+    return next((k for ext, k in FORMATS.items() if name.endswith(ext)), None)
+
+
+def _format(f: str) -> str:
+    """A file's format by its name; a name we do not know is read as parquet (its check says if it is not)."""
+    return _named_format(f) or "parquet"
 
 
 def url_files(urls: str):
@@ -34,8 +39,7 @@ def url_files(urls: str):
     try:
         fs, path = fsspec.core.url_to_fs(urls)
         if fs.isdir(path):
-            files = sorted(f for f in fs.glob(path.rstrip("/") + "/*")
-                           if any(f.lower().removesuffix(c).endswith(ext) for ext in FORMATS for c in COMPRESSED + ("",)))
+            files = sorted(f for f in fs.glob(path.rstrip("/") + "/*") if _named_format(f))
         elif any(c in path for c in "*?["):
             files = sorted(fs.glob(path))
         else:

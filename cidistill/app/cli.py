@@ -21,7 +21,7 @@ from cidistill.core.runtime import go_offline, init_ray, quiet_logs, set_env_def
 set_env_defaults()  # before anything imports torch: OpenMP reads its settings when it loads
 
 from cidistill.core import faults  # noqa: E402
-from cidistill.core.console import guard_console, release_console
+from cidistill.core.console import guard_console, release_console, shows_unicode
 from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load_config
 from cidistill.core.errors import StageError, Terminated, is_write_error
 from cidistill.core.lock import work_lock
@@ -184,8 +184,8 @@ def _main(argv: list[str] | None) -> int:
     quiet_logs()
     try:
         if args.cmd == "config":
-            utf8 = (sys.stdout.encoding or "utf-8").lower().replace("-", "") == "utf8"  # else YAML's own escapes
-            print(config_yaml(load_config(args.check, args.overrides), unicode=utf8), end="")
+            # where the console is not UTF-8, YAML's own escapes (they load back)
+            print(config_yaml(load_config(args.check, args.overrides), unicode=shows_unicode(sys.stdout)), end="")
         elif args.cmd == "demo":
             run_demo(args)
         elif args.cmd == "compare":

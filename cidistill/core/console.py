@@ -44,14 +44,18 @@ class Console:
         return getattr(self._stream, name)
 
 
+def shows_unicode(stream) -> bool:
+    """Whether a text stream's encoding is UTF-8 (it can show every character)."""
+    return (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "") == "utf8"
+
+
 def guard_console():
     """Wrap sys.stdout and sys.stderr; returns what to restore. On a console that cannot show every character
     (a non-UTF-8 locale: LC_ALL=C with Python's UTF-8 mode off, Latin-1), the ones it lacks (Chinese captions,
     →, ε) are written as escapes, never a UnicodeEncodeError that ends the run."""
     before = sys.stdout, sys.stderr
     for stream in before:
-        if stream is not None and hasattr(stream, "reconfigure") and \
-                (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "") != "utf8":
+        if stream is not None and hasattr(stream, "reconfigure") and not shows_unicode(stream):
             stream.reconfigure(errors="backslashreplace")
     if sys.stderr is not None and not isinstance(sys.stderr, Console):
         sys.stderr = Console(sys.stderr, "stderr")
