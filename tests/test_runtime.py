@@ -166,3 +166,35 @@ def test_two_fetches_of_a_demo_package_at_once_and_a_tarball_cut_short(tmp_path)
     assert again.returncode == 0 and again.stdout.strip() == counts[0], again.stderr[-2000:]
     assert tgz.stat().st_size == size
     assert sorted(p.name for p in (tmp_path / "npm").iterdir()) == [tgz.name]  # no temporary tarball left
+
+
+def test_a_long_tmpdir_still_starts_ray_and_a_long_ray_tmpdir_is_named(tmp_path, monkeypatch):
+    """Ray makes its sockets under TMPDIR, and an AF_UNIX path has at most 107 bytes: a batch job's or a CI
+    runner's long TMPDIR failed every command with `validate_socket_filename failed: AF_UNIX path length cannot
+    exceed 107 bytes`. A local cluster then keeps its session in /tmp/ray; a RAY_TMPDIR chosen too long is named."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    long_tmp = tmp_path / ("t" * 80)
+    long_tmp.mkdir()
+    code = ("from cidistill.core.runtime import init_ray\n"
+            "ray = init_ray(num_cpus=1)\n"
+            "print('sum', ray.get(ray.remote(lambda: 1 + 1).remote()))\n"
+            "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    run = subprocess.run([sys.executable, "-c", code], env=dict(env, TMPDIR=str(long_tmp)), capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0 and "sum 2" in run.stdout, run.stderr[-2000:]
+    assert "TMPDIR is too long for Ray's sockets; Ray's session folder is /tmp/ray" in run.stderr
+
+    from cidistill.core.errors import StageError
+    from cidistill.core.runtime import ray_temp_dir
+
+    monkeypatch.setenv("RAY_TMPDIR", str(long_tmp))
+    with pytest.raises(StageError, match=r"^RAY_TMPDIR='.*' is too long for the sockets Ray makes in it \(at most 39 "):
+        ray_temp_dir()
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp")
+    assert ray_temp_dir() is None

@@ -339,6 +339,29 @@ def checkout_root() -> str | None:
     return None if any(root == Path(p).resolve() for p in installed if p) else str(root)
 
 
+# the longest socket path Ray makes under its temp folder (the plasma store's, a session named by date and pid)
+RAY_SOCKET_TAIL = len("/session_2026-12-04_05-10-24_360121_4194304/sockets/plasma_store")
+
+
+def ray_temp_dir() -> str | None:
+    """A local cluster's temp folder when Ray's own choice (RAY_TMPDIR, else TMPDIR, + /ray) is too long for the
+    AF_UNIX sockets it makes there (107 bytes; batch schedulers and pytest give long TMPDIRs): /tmp/ray. None:
+    Ray's choice works. An explicit RAY_TMPDIR that is too long is an error naming it."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    default = get_default_ray_temp_dir()
+    if len(os.fsencode(default)) + RAY_SOCKET_TAIL <= 107:
+        return None
+    from .errors import StageError
+
+    if os.environ.get("RAY_TMPDIR"):
+        raise StageError(f"RAY_TMPDIR={os.environ['RAY_TMPDIR']!r} is too long for the sockets Ray makes in it "
+                         f"(at most {107 - RAY_SOCKET_TAIL - len('/ray')} characters): set a shorter folder")
+    print(f"[cidistill] TMPDIR is too long for Ray's sockets; Ray's session folder is /tmp/ray (RAY_TMPDIR "
+          "chooses another)", file=sys.stderr)
+    return "/tmp/ray"
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
     """Join `address` (or RAY_ADDRESS) when given, else start a quiet local cluster on 127.0.0.1."""
     set_env_defaults()
@@ -378,6 +401,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         runtime_env["env_vars"]["PYTHONPATH"] = os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if "_temp_dir" not in kwargs:
+            kwargs["_temp_dir"] = ray_temp_dir()
         # address="local": always a fresh local instance, never a stale one a test cluster recorded in /tmp/ray
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  runtime_env=runtime_env, configure_logging=True, logging_level=logging.WARNING, **kwargs)
