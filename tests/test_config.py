@@ -1,4 +1,5 @@
 import functools
+import re
 
 import pytest
 
@@ -38,6 +39,9 @@ def test_override_a_list_item_by_index(tmp_path):
         load_config(str(p), ["train.phases=[{steps: 3}]", "train.phases.1.steps=4"])
     with pytest.raises(ConfigError, match=r"override 'train.lr.x': an earlier override set a value there, not a section"):
         load_config(str(p), ["train.lr=0.1", "train.lr.x=1"])
+    for bad in ("=3", ".lr=3", "train..lr=3", "train.=3"):  # "unknown config key(s): " naming nothing before
+        with pytest.raises(ConfigError, match=rf"^override '{re.escape(bad)}': expected key=value with a key such as "):
+            load_config(str(p), [bad])
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -91,6 +91,13 @@ def test_download_inputs(tmp_path, capsys):
     cfg.write_text(f"workdir: {tmp_path / 'w6'}\n")
     assert main(["run", str(cfg), "--stages", "trian", "--no-ray"]) == 2
     assert "unknown stage(s) ['trian']; known: download embed" in _err(capsys)
+    # `cidistill run -c FILE`, as every stage command takes its config, said "arguments are required: run_config"
+    assert main(["run", "-c", str(cfg), "--stages", "trian", "--no-ray"]) == 2
+    assert "unknown stage(s) ['trian']" in _err(capsys)
+    assert main(["run", str(cfg), "-c", str(tmp_path / "other.yaml"), "--no-ray"]) == 2
+    assert f"two config files given ('{cfg}' and -c '{tmp_path / 'other.yaml'}'): give one" in _err(capsys)
+    assert main(["run", "--no-ray"]) == 2
+    assert "cidistill run needs a config file: cidistill run CONFIG (or -c CONFIG)" in _err(capsys)
     with pytest.raises(SystemExit) as e:  # `--stages` with no name ran (with --force: redid) every stage
         main(["run", str(cfg), "--force", "--stages"])
     assert e.value.code == 2 and "argument --stages: expected at least one argument" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     for s in STAGES:
         _common(sub.add_parser(s, help=f"run the {s} stage"))
     p = sub.add_parser("run", help="run the stages a config lists")
-    p.add_argument("run_config", help="YAML config")
+    p.add_argument("run_config", nargs="?", help="YAML config (or -c CONFIG)")
     p.add_argument("--stages", nargs="+", help="subset of stages to run")
     _common(p)
     p = sub.add_parser("config", help="print the full configuration as commented YAML (the defaults, or a file's)")
@@ -92,7 +92,13 @@ def make_config(args, base: dict | None = None) -> Config:
         overrides.append(f"workdir={args.workdir}")
     if args.ray_address:
         overrides.append(f"ray_address={args.ray_address}")
-    return load_config(getattr(args, "run_config", None) or args.config, overrides, base=base)
+    path = getattr(args, "run_config", None)
+    if args.cmd == "run" and not (path or args.config):
+        raise ConfigError("cidistill run needs a config file: cidistill run CONFIG (or -c CONFIG); `cidistill config` "
+                          "prints one to start from")
+    if path and args.config and path != args.config:
+        raise ConfigError(f"two config files given ({path!r} and -c {args.config!r}): give one")
+    return load_config(path or args.config, overrides, base=base)
 
 
 def one_line(e: BaseException) -> str:

@@ -113,6 +113,8 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise ConfigError(f"override {p!r}: expected key=value")
         k, v = p.split("=", 1)
         node, parts = out, k.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {p!r}: expected key=value with a key such as train.lr (a dotted name)")
         for i, part in enumerate(parts):  # through what earlier overrides of this command set: sections, lists by index
             if isinstance(node, list) and not (part.isdigit() and int(part) < len(node)):
                 raise ConfigError(f"override {k.strip()!r}: {part!r} is not an index of the list set before it")
