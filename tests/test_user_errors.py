@@ -714,3 +714,22 @@ def test_a_demo_cache_moved_elsewhere_still_builds_the_demo_data(tmp_path, monke
     assert data.root == images
     assert os.readlink(images / "apple") == str(tmp_path / "demo" / "packages" / apple / "package" / "img" / "apple" / "64")
     assert all((images / p).is_file() for p in data.table.column("path").to_pylist()) and data.table.num_rows == 300
+
+
+def test_the_demo_never_replaces_a_users_run_in_its_folder(tmp_path, small_data, server, capsys):
+    """A user's config without `workdir` runs in runs/demo, the demo's own folder; `cidistill demo` there (the
+    README's first command run again) redid it as a changed config: the user's download and all after it gone."""
+    t = small_data.table.slice(0, 3)
+    mine = tmp_path / "mine.parquet"
+    pq.write_table(pa.table({"url": [f"{server.base_url}/{p}" for p in t.column("path").to_pylist()],
+                             "caption": t.column("caption")}), mine)
+    work = tmp_path / "runs" / "demo"
+    assert main(["download", "--workdir", str(work), "--set", f"data.urls={mine}", "data.extra_cols=[]",
+                 "--no-ray"]) == 0
+    before = {f.name: f.read_bytes() for f in (work / "download").iterdir()}
+    capsys.readouterr()
+    assert main(["demo", "--small", "--workdir", str(work), "--no-ray"]) == 2
+    assert _err(capsys) == (f"cidistill: error: {work} holds a run on another URL list ({mine}): the demo would "
+                            "replace it; give the demo a folder of its own (--workdir) or remove that run")
+    assert {f.name: f.read_bytes() for f in (work / "download").iterdir()} == before
+    assert not (work / "urls.parquet").exists()

@@ -16,7 +16,9 @@ from cidistill.core.config import STAGES, Config, load_config, merge
 from cidistill.core.lock import work_lock
 from cidistill.core.models import ModelLoadError, check_weights, create, demo_teacher_config
 from cidistill.core.runtime import cache_dir, cache_lock, resolve_precision
-from cidistill.core.store import Store, join, use_storage_options
+from cidistill.core.errors import StageError
+from cidistill.core.stage import DONE, RUN
+from cidistill.core.store import Store, StoreError, join, use_storage_options
 from kd.checkpoint import latest_checkpoint, load_weights
 from kd.export import export_local_dir
 from kd.train import train
@@ -157,6 +159,21 @@ def _demo_stages(args, cfg: Config, stages: list[str]) -> dict:
     return out
 
 
+def check_demo_folder(cfg: Config) -> None:
+    """The demo redoes a work folder whose run differs from it, as any changed config does; a run on another
+    URL list there is a user's own work (`workdir` left at its default, runs/demo): refused, never replaced."""
+    download = Store(cfg.stage_dir("download"))
+    for name in (DONE, RUN):
+        try:
+            fields = download.read_json(name).get("fields", {}) if download.exists(name) else None
+        except StoreError:  # a damaged marker: the stage checks its shards again
+            continue
+        ours = (cfg.data.extra_cols, DEMO["data"]["extra_cols"])  # the demo's columns, wherever its folder lies
+        if fields is not None and fields.get("data.extra_cols") not in ours:
+            raise StageError(f"{cfg.workdir} holds a run on another URL list ({fields.get('data.urls')}): the demo "
+                             "would replace it; give the demo a folder of its own (--workdir) or remove that run")
+
+
 def run_demo(args) -> dict:
     stages = checked_stages(args.stages or list(STAGES))  # before the demo data is built
     workdir = args.workdir or ("runs/demo-small" if args.small else "runs/demo")
@@ -164,6 +181,7 @@ def run_demo(args) -> dict:
     if args.ray_address:
         cfg.ray_address = args.ray_address
     use_storage_options(cfg.storage_options)
+    check_demo_folder(cfg)
     with work_lock(cfg.workdir):
         out = _demo_stages(args, cfg, stages)
     made = [f"{what} in {join(cfg.stage_dir(stage), name)}" for what, stage, name in
