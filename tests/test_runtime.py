@@ -35,6 +35,21 @@ def test_a_one_cpu_ray_task_runs_one_thread_per_pool(ray_session):
     assert all(r.ok for r in got) and [r.value for r in got] == [(1, 1, {1})] * 2
 
 
+def test_a_task_that_fails_for_good_is_reported_by_its_cause(ray_session):
+    """A stage's failed units were listed by Ray's own first line, `RayTaskError(FileNotFoundError):
+    \x1b[36mray::_download_one()\x1b[39m (pid=…)` (colour codes in a log file too), not by what went wrong."""
+    from cidistill.app.cli import one_line
+    from cidistill.core.stage import run_tasks
+
+    def missing(item):
+        raise FileNotFoundError(f"/work/download/_tmp/{item}.feather")
+
+    got = run_tasks(missing, [3], use_ray=True, retries=0)
+    assert not got[0].ok and got[0].error == "FileNotFoundError: /work/download/_tmp/3.feather"
+    assert isinstance(got[0].exc, FileNotFoundError)
+    assert one_line(RuntimeError("\x1b[36mray::task()\x1b[39m (pid=1)")) == "ray::task() (pid=1)"
+
+
 def test_the_cli_sets_openmps_spin_count_before_torch_loads():
     """OpenMP reads GOMP_SPINCOUNT once, when torch's libgomp loads: the CLI must set it before any import of
     torch (a user's own value is kept)."""

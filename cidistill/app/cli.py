@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -101,12 +102,15 @@ def make_config(args, base: dict | None = None) -> Config:
     return load_config(path or args.config, overrides, base=base)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours a task's name in its errors, also in a log file
+
+
 def one_line(e: BaseException) -> str:
     """The message a user acts on: a Ray task's error is its cause's message, never the remote traceback."""
     cause = getattr(e, "cause", None)
     if isinstance(cause, BaseException) and cause is not e:
         e = cause
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    lines = [ln for ln in ANSI.sub("", str(e)).strip().splitlines() if ln.strip()]
     if len(lines) > 1:  # a remote traceback: its last "SomeError: message" line is the cause
         raised = [ln.split("Error: ", 1)[1] for ln in lines if "Error: " in ln and not ln.startswith(" ")]
         lines = raised[-1:] or lines

@@ -121,9 +121,10 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
                 if isinstance(out, _Refused):
                     raise out.exc or StageError(out.message)
                 results.append(TaskResult(it, True, out))
-            except Exception as e:
-                results.append(TaskResult(it, False, error=f"{type(e).__name__}: {str(e)[-2000:]}",
-                                          exc=getattr(e, "cause", None) or e))
+            except Exception as e:  # a RayTaskError's own text is the task's name and pid in colour codes
+                cause = getattr(e, "cause", None)
+                err = cause if isinstance(cause, BaseException) else e
+                results.append(TaskResult(it, False, error=f"{type(err).__name__}: {str(err)[-2000:]}", exc=err))
             bar.update()
     bar.close()
     return results
