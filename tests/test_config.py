@@ -187,3 +187,21 @@ def test_shipped_configs_load_and_validate():
     for f in files:
         cfg = load_config(str(f))
         assert cfg.workdir.startswith("s3://") or f.name != "laion-cid.yaml"
+
+
+def test_a_value_typed_on_the_command_line_is_taken_as_typed(tmp_path):
+    """`--workdir` went through YAML: `runs/my run #2` became `runs/my run` (YAML's comment; the run then wrote
+    into another folder without a word) and `runs/exp [1]` a list. `--set` values stay YAML (lists, numbers),
+    but a `#` there is part of the value, and text YAML reads as a list or mapping says how to quote it."""
+    from cidistill.app.cli import build_parser, make_config
+
+    for folder in ("runs/my run #2", "runs/exp [1]", "runs/a: b", "runs/{x}", 'runs/say "hi"', "runs/中文 ü"):
+        args = build_parser().parse_args(["train", "--workdir", folder, "--ray-address", "127.0.0.1:6379 #x"])
+        cfg = make_config(args)
+        assert (cfg.workdir, cfg.ray_address) == (folder, "127.0.0.1:6379 #x")
+    cfg = load_config(None, ["workdir=/runs/my run #2", "data.extra_cols=[a, b]", "train.lr=0.5", "dirs.card='x #3'"])
+    assert (cfg.workdir, cfg.data.extra_cols, cfg.train.lr, cfg.dirs["card"]) == ("/runs/my run #2", ["a", "b"], 0.5,
+                                                                                "x #3")
+    with pytest.raises(ConfigError, match=r"^data.urls: expected a string, got dict \{'/d/a': 'b.csv'\} \(YAML reads "
+                                          r"\[..\], \{..\} and 'a: b' as a list or a mapping: quote the text\)$"):
+        load_config(None, ["data.urls=/d/a: b.csv"])

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -89,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(args, base: dict | None = None) -> Config:
     overrides = list(args.overrides)
+    # a flag's value is text as typed (YAML would read `runs/exp [1]` as a list, `my run #2` as `my run`)
     if args.workdir:
-        overrides.append(f"workdir={args.workdir}")
+        overrides.append(f"workdir={json.dumps(args.workdir)}")
     if args.ray_address:
-        overrides.append(f"ray_address={args.ray_address}")
+        overrides.append(f"ray_address={json.dumps(args.ray_address)}")
     path = getattr(args, "run_config", None)
     if args.cmd == "run" and not (path or args.config):
         raise ConfigError("cidistill run needs a config file: cidistill run CONFIG (or -c CONFIG); `cidistill config` "

@@ -62,7 +62,8 @@ def _check(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             hint = " (YAML reads an unquoted no, off, yes or on as true/false: quote it, as in 'no')" \
-                if isinstance(value, bool) else ""
+                if isinstance(value, bool) else " (YAML reads [..], {..} and 'a: b' as a list or a mapping: quote " \
+                "the text)" if isinstance(value, (list, dict)) else ""
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}{hint}")
         return value
     return value
@@ -105,6 +106,17 @@ def merge(base: dict, over: dict, prefix: str = "") -> dict:
     return out
 
 
+def _drops_a_comment(v: str) -> bool:
+    """Whether YAML would read the end of a command-line value as a comment (`workdir=/runs/my run #2` gave
+    `/runs/my run`): a value typed there has no comments, so the text is taken whole."""
+    try:
+        tokens = [t for t in yaml.scan(v) if not isinstance(t, (yaml.StreamStartToken, yaml.StreamEndToken))]
+    except yaml.YAMLError:
+        return False
+    end = max((t.end_mark.index for t in tokens), default=0)
+    return v[end:].strip().startswith("#")
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """`train.batch_size=64 balance.semantic_eps=[0.05,0.1]` -> nested dict (values parsed as YAML)."""
     out: dict = {}
@@ -124,7 +136,7 @@ def parse_overrides(pairs: list[str]) -> dict:
                 node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         last = int(parts[-1]) if isinstance(node, list) else parts[-1]
         try:
-            node[last] = yaml.safe_load(v)
+            node[last] = v.strip() if _drops_a_comment(v) else yaml.safe_load(v)
             expanded_size(node[last])
         except yaml.YAMLError:
             raise ConfigError(f"override {k.strip()!r}: the value is not valid YAML") from None
