@@ -271,7 +271,7 @@ def _download_copy(downloader, shard_id: int, feather: str) -> None:
 
     fs, path = fsspec.core.url_to_fs(feather)
     attempt = f"{path}.attempt-{uuid.uuid4().hex[:8]}"
-    fs.copy(path, attempt)
+    fs.cp_file(path, attempt)  # one file: fs.copy expands its path as a glob (a work folder named `run [1]`)
     printed, failed = io.StringIO(), None
     try:
         # img2dataset prints a traceback for each sample it could not write, and counts it as a success
@@ -283,7 +283,7 @@ def _download_copy(downloader, shard_id: int, feather: str) -> None:
                 gc.collect()  # ... closed here, its "Exception ignored" tracebacks printed into `printed`
     finally:
         if fs.exists(attempt):
-            fs.rm(attempt)
+            fs.rm_file(attempt)
     if failed is not None:
         raise failed
     with fs.open(path, "rb") as fh:

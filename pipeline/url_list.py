@@ -38,12 +38,15 @@ def url_files(urls: str):
 
     try:
         fs, path = fsspec.core.url_to_fs(urls)
-        if fs.isdir(path):
-            files = sorted(f for f in fs.glob(path.rstrip("/") + "/*") if _named_format(f))
+        if fs.isfile(path):  # a name that only looks like a pattern (`urls[2024].csv`) is that file
+            files = [path]
+        elif fs.isdir(path):
+            files = sorted(e["name"] for e in fs.ls(path, detail=True)
+                           if e["type"] == "file" and _named_format(e["name"]))
         elif any(c in path for c in "*?["):
             files = sorted(fs.glob(path))
         else:
-            files = [path] if fs.exists(path) else []
+            files = []
     except Exception as e:  # a host that does not answer, a bucket without access, an unknown protocol
         cause = " ".join(str(e).split()) or type(e).__name__
         raise StageError(f"data.urls: cannot read {urls!r}: {type(e).__name__}: {cause[:300]}") from None

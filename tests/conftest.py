@@ -67,11 +67,12 @@ def small_data():
 
 @pytest.fixture(scope="session")
 def small_run(ray_session, tmp_path_factory):
-    """The README's main job at test size: `cidistill demo --small` into a fresh work folder."""
+    """The README's main job at test size: `cidistill demo --small` into a fresh work folder, named as a user
+    may name one (fsspec reads `[1]` as a glob pattern, YAML reads ` #` as a comment: each stage must not)."""
     from cidistill.app.cli import main
     from cidistill.app.demo import demo_config
 
-    workdir = tmp_path_factory.mktemp("demo-small")
+    workdir = tmp_path_factory.mktemp("demo-small") / "run [1] #ü"
     assert main(["demo", "--small", "--workdir", str(workdir)]) == 0
     cfg = demo_config(str(workdir), small=True)
     from cidistill.core.store import Store

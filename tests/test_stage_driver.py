@@ -21,6 +21,32 @@ def test_join_keeps_the_scheme():
     assert cfg.stage_dir("cluster") == "gs://b/runs/one/cluster"
 
 
+
+def test_folder_and_file_names_that_look_like_patterns_are_taken_as_they_are(tmp_path):
+    """`exp[1]`, `what?`, `a*b` are ordinary folder and file names: fsspec's glob read them as patterns, so a
+    work folder named `exp[1]` listed no shard of its own and `urls[2024].csv` was not found."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.url_list import url_files
+
+    for name in ("exp[1]", "what?", "a*b {c}", "x[!y]"):
+        store = Store(str(tmp_path / name / "embed"))
+        for shard in ("00000.parquet", "00001.parquet", "notes.txt"):
+            store.write_bytes(shard, b"x")
+        store.write_bytes("part/00002.tmp-1", b"x")
+        assert store.glob("[0-9]*.parquet") == ["00000.parquet", "00001.parquet"], name
+        assert store.glob("**/*.tmp-*") == ["part/00002.tmp-1"], name
+    lists = tmp_path / "lists [2024]"
+    lists.mkdir()
+    table = pa.table({"url": ["http://127.0.0.1/a.png"], "caption": ["a"]})
+    for f in ("urls[2024].parquet", "urls2.parquet", "other.txt"):
+        pq.write_table(table, lists / f)
+    assert url_files(str(lists / "urls[2024].parquet"))[1] == [str(lists / "urls[2024].parquet")]
+    assert url_files(str(lists))[1] == [str(lists / "urls2.parquet"), str(lists / "urls[2024].parquet")]
+    assert url_files(str(tmp_path / "lists [[]2024]" / "urls?.parquet"))[1] == [str(lists / "urls2.parquet")]
+
+
 CALLS: list[str] = []
 
 

@@ -3,6 +3,7 @@ helpers, and URI joins that keep the scheme (pathlib would turn `s3://b/run` int
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -179,9 +180,10 @@ class Store:
         return self.fs.exists(self.path(name))
 
     def glob(self, pattern: str) -> list[str]:
-        """Names (relative to the folder) matching pattern, sorted."""
+        """Names (relative to the folder) matching pattern, sorted. The folder's own path is taken as it is
+        (a work folder named `exp[1]` or `what?` holds what it holds; unescaped, fsspec read them as a pattern)."""
         root = self.root.rstrip("/")
-        return sorted(p[len(root) + 1:] for p in self.fs.glob(f"{root}/{pattern}"))
+        return sorted(p[len(root) + 1:] for p in self.fs.glob(f"{glob.escape(root)}/{pattern}"))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Atomic. A local folder: write under a temporary name beside it, then rename into place. An object
