@@ -205,3 +205,14 @@ def test_a_value_typed_on_the_command_line_is_taken_as_typed(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.urls: expected a string, got dict \{'/d/a': 'b.csv'\} \(YAML reads "
                                           r"\[..\], \{..\} and 'a: b' as a list or a mapping: quote the text\)$"):
         load_config(None, ["data.urls=/d/a: b.csv"])
+
+
+def test_a_config_saved_by_a_windows_editor_loads(tmp_path):
+    """UTF-16 with its byte-order mark (Notepad's "Unicode", PowerShell's `>`) is YAML too: it was refused as
+    "not UTF-8 text: byte 0". UTF-8 with a byte-order mark and CRLF line ends load as well."""
+    text = "workdir: runs/中文\r\ntrain:\r\n  lr: 0.5\r\n"
+    want = load_config(None, ["workdir=runs/中文", "train.lr=0.5"])
+    for i, data in enumerate((text.encode("utf-16"), text.encode("utf-16-be").join([b"\xfe\xff", b""]),
+                              text.encode("utf-8-sig"), text.encode())):
+        (tmp_path / f"{i}.yaml").write_bytes(data)
+        assert load_config(str(tmp_path / f"{i}.yaml"), []) == want, i

@@ -187,7 +187,9 @@ def expanded_size(obj, memo: dict | None = None) -> int:
 def read_config_file(path: str) -> dict:
     """A YAML config file as a mapping; every way it can be wrong is one ConfigError naming the file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        raw = Path(path).read_bytes()
+        # YAML is UTF-8 or, marked by its byte-order mark, UTF-16 (what Windows editors and PowerShell's `>` save)
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
     except UnicodeDecodeError as e:  # a parquet or image given where the YAML goes
