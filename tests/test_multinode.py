@@ -93,8 +93,11 @@ def test_two_nodes_without_shared_disk_match_one_node_and_resume_training(tmp_pa
     cfg.write_text(yaml.safe_dump(d, allow_unicode=True))
     (tmp_path / "job.py").write_text(JOB)
     scratch = tmp_path / "nodes"
-    subprocess.run([sys.executable, str(tmp_path / "job.py"), str(cfg), str(tmp_path), str(scratch)], check=True,
-                   cwd=Path(__file__).parents[1], timeout=840)
+    job = subprocess.run([sys.executable, str(tmp_path / "job.py"), str(cfg), str(tmp_path), str(scratch)],
+                         cwd=Path(__file__).parents[1], timeout=840, capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr[-4000:]
+    # joining a cluster printed Ray's INFO lines ("Connecting to existing Ray cluster at address: …") each time
+    assert "Connecting to existing Ray cluster" not in job.stdout + job.stderr
     res = json.loads((tmp_path / "cluster.json").read_text())
     rc_data, rc_killed, rc_resumed = res["rc"]
     assert rc_data == 0 and len(res["nodes"]) == 2

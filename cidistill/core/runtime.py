@@ -393,7 +393,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs):
         if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a cluster of local nodes (tests, one box)
             kwargs.setdefault("_node_ip_address", "127.0.0.1")
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=True,
+                     logging_level=logging.INFO if os.environ.get("CIDISTILL_VERBOSE") == "1" else logging.WARNING,
+                     **kwargs)
         except ConnectionError as e:  # something else listens there
             raise no_cluster(str(e).splitlines()[0]) from None
     else:
