@@ -72,7 +72,7 @@ def small_run(ray_session, tmp_path_factory):
     from cidistill.app.cli import main
     from cidistill.app.demo import demo_config
 
-    workdir = tmp_path_factory.mktemp("demo-small") / "run [1] #ü"
+    workdir = tmp_path_factory.mktemp("demo-small") / "run [1] #2"
     assert main(["demo", "--small", "--workdir", str(workdir)]) == 0
     cfg = demo_config(str(workdir), small=True)
     from cidistill.core.store import Store
