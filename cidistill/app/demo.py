@@ -163,12 +163,12 @@ def check_demo_folder(cfg: Config) -> None:
     """The demo redoes a work folder whose run differs from it, as any changed config does; a run on another
     URL list there is a user's own work (`workdir` left at its default, runs/demo): refused, never replaced."""
     download = Store(cfg.stage_dir("download"))
+    ours = (cfg.data.extra_cols, DEMO["data"]["extra_cols"])  # the demo's columns, wherever its folder lies
     for name in (DONE, RUN):
         try:
             fields = download.read_json(name).get("fields", {}) if download.exists(name) else None
         except StoreError:  # a damaged marker: the stage checks its shards again
             continue
-        ours = (cfg.data.extra_cols, DEMO["data"]["extra_cols"])  # the demo's columns, wherever its folder lies
         if fields is not None and fields.get("data.extra_cols") not in ours:
             raise StageError(f"{cfg.workdir} holds a run on another URL list ({fields.get('data.urls')}): the demo "
                              "would replace it; give the demo a folder of its own (--workdir) or remove that run")
