@@ -24,7 +24,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     with LoopbackServer(data.root) as srv:
         urls = write_urls(data, srv.base_url, tmp / "urls.parquet")
-        cfg = load_config(None, [f"workdir={tmp / 'ray'}", f"data.urls={urls}"])
+        cfg = load_config(None, [f"workdir={tmp / 'ray'}", f"data.urls={urls}", "data.allow_private_addresses=true"])
         init_ray(num_cpus=a.processes)
         t = time.perf_counter()
         st = DownloadStage(cfg).run()

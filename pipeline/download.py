@@ -181,8 +181,8 @@ class DownloadStage(Stage):
         if any(not self.tmp.exists(f"{int(s)}.feather") for s in pending):
             self._plan()  # the input shards were cleaned after a finished run: rebuild them (deterministic)
         downloader = self._downloader()
-        d = {k: getattr(self.d, k) for k in ("max_image_pixels", "allowed_schemes", "deadline", "max_bytes",
-                                             "transient_attempts")}
+        d = {k: getattr(self.d, k) for k in ("max_image_pixels", "allowed_schemes", "allow_private_addresses",
+                                             "deadline", "max_bytes", "transient_attempts")}
         items = [(downloader, int(s), self.tmp.url(f"{int(s)}.feather"), d) for s in pending]
         results = run_tasks(_download_one, items, use_ray=self.use_ray, retries=self.d.shard_retries,
                             desc="download")
@@ -239,8 +239,9 @@ def _download_one(item) -> str:
     from .fetch import make_fetcher
     from .retry import retry_transient
 
-    # img2dataset calls this module function for every URL: ours checks redirects, a deadline and a size cap
-    i2d.download_image = make_fetcher(d["allowed_schemes"], d["deadline"], d["max_bytes"])
+    # img2dataset calls this module function for every URL: ours checks redirects, addresses, a deadline and a
+    # size cap
+    i2d.download_image = make_fetcher(d["allowed_schemes"], d["deadline"], d["max_bytes"], d["allow_private_addresses"])
     out = Store(downloader.output_folder)
     tmp = Store(feather.rsplit("/", 1)[0])
     shard = shard_name(shard_id)

@@ -1,14 +1,18 @@
 """How one image is fetched, in place of img2dataset's `download_image` (same signature and return value):
-redirects are checked against `data.allowed_schemes`, each URL has a wall-clock deadline and a size cap, and
-every failure is classified as transient (refused, reset, timeout, DNS, 5xx: worth another attempt) or
-permanent (4xx, opted out, too large, a disallowed scheme)."""
+redirects are checked against `data.allowed_schemes`, only public addresses are connected to (unless
+`data.allow_private_addresses`), each URL has a wall-clock deadline and a size cap, and every failure is
+classified as transient (refused, reset, timeout, DNS, 5xx: worth another attempt) or permanent (4xx, opted
+out, too large, a disallowed scheme, an address that is not public)."""
 from __future__ import annotations
 
+import http.client
 import io
+import ipaddress
 import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 TRANSIENT = re.compile(
@@ -18,11 +22,12 @@ TRANSIENT = re.compile(
 REDIRECT_REJECTED = "redirect to a disallowed scheme"
 TOO_LARGE = "response larger than data.max_bytes"
 DEADLINE = "deadline exceeded (data.deadline)"
+NOT_PUBLIC = "address not public"
 
 
 def is_transient(error: str | None) -> bool:
     """A failure worth another attempt later; the rest (4xx, not an image, opted out, limits) are final."""
-    return bool(error) and not error.startswith((REDIRECT_REJECTED, TOO_LARGE)) and \
+    return bool(error) and not error.startswith((REDIRECT_REJECTED, TOO_LARGE, NOT_PUBLIC)) and \
         (error.startswith(DEADLINE) or bool(TRANSIENT.search(error)))
 
 
@@ -38,11 +43,91 @@ class _SchemeCheckingRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def make_fetcher(allowed_schemes, deadline: float, max_bytes: int):
+class NotPublic(OSError):
+    """A URL whose host is (or resolves to) a loopback, private, link-local or other non-global address."""
+
+
+def is_public(address: str) -> bool:
+    """A globally routable unicast address: not loopback, private, link-local (169.254.169.254, a cloud node's
+    metadata and credentials), carrier-grade NAT, reserved or multicast; IPv4-mapped IPv6 as its IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _public_addresses(host: str, port) -> list:
+    """getaddrinfo's answers for host, refused (NotPublic) if any of them is not public."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    for info in infos:
+        address = info[4][0]
+        if not is_public(address):
+            named = address if host.strip("[]") == address else f"{host} is {address}"
+            raise NotPublic(f"{NOT_PUBLIC}: {named} (data.allow_private_addresses)")
+    return infos
+
+
+def _connect_public(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+    """socket.create_connection to the addresses checked: the name is looked up once, so a second lookup
+    cannot turn it private (DNS rebinding), and nothing is sent to an address that is not public."""
+    err: OSError | None = None
+    for family, kind, proto, _, sockaddr in _public_addresses(*address):
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            err = e
+    raise err or OSError(f"getaddrinfo returned nothing for {address[0]}")
+
+
+class _PublicHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect_public
+
+
+class _PublicHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect_public
+
+
+def _connection(public, plain, req):
+    """The connection class for req. Through a proxy (http_proxy, https_proxy) the socket goes to the proxy,
+    so the URL's own host is checked by a lookup here instead (the proxy looks it up again)."""
+    if req.has_proxy() or getattr(req, "_tunnel_host", None):
+        _public_addresses(urllib.parse.urlsplit(req.full_url).hostname or "", None)
+        return plain
+    return public
+
+
+class _PublicHTTP(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_connection(_PublicHTTPConnection, http.client.HTTPConnection, req), req)
+
+
+class _PublicHTTPS(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        tls = {"context": self._context}
+        if getattr(self, "_check_hostname", None) is not None:  # Python < 3.12
+            tls["check_hostname"] = self._check_hostname
+        return self.do_open(_connection(_PublicHTTPSConnection, http.client.HTTPSConnection, req), req, **tls)
+
+
+def make_fetcher(allowed_schemes, deadline: float, max_bytes: int, allow_private: bool = False):
     """A `download_image(row, timeout, user_agent_token, disallowed_header_directives)` for img2dataset."""
     from img2dataset.downloader import is_disallowed
 
-    opener = urllib.request.build_opener(_SchemeCheckingRedirects({s.lower() for s in allowed_schemes}))
+    handlers = [_SchemeCheckingRedirects({s.lower() for s in allowed_schemes})]
+    if not allow_private:  # every connection, redirects included
+        handlers += [_PublicHTTP(), _PublicHTTPS()]
+    opener = urllib.request.build_opener(*handlers)
 
     def download_image(row, timeout, user_agent_token, disallowed_header_directives):
         key, url = row
@@ -63,8 +148,9 @@ def make_fetcher(allowed_schemes, deadline: float, max_bytes: int):
         except _Refused as e:
             return key, None, str(e)
         except Exception as err:  # noqa: BLE001  (img2dataset's contract: every failure is a message)
-            reason = getattr(err, "reason", None)
-            text = str(reason) if isinstance(reason, str) and REDIRECT_REJECTED in reason else str(err)
+            reason = err if isinstance(err, NotPublic) else getattr(err, "reason", None)
+            own = isinstance(reason, NotPublic) or isinstance(reason, str) and REDIRECT_REJECTED in reason
+            text = str(reason) if own else str(err)
             return key, None, text
 
     return download_image

@@ -83,6 +83,7 @@ def test_odd_images_and_captions_are_counted_never_fatal(tmp_path, odd_site, sma
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "urls.parquet")
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={tmp_path / 'urls.parquet'}",
                              "data.extra_cols=[caption_zh]", "data.max_image_pixels=1000000", "data.timeout=3",
+                             "data.allow_private_addresses=true",
                              f"teacher.model={small_run.teacher.model}", f"teacher.pretrained={small_run.teacher.pretrained}"])
     st = DownloadStage(cfg, use_ray=False).run()
     assert st["successes"] == 8 and st["samples_lost"] == 0
@@ -274,7 +275,7 @@ def test_a_download_onto_a_full_disk_is_the_exit_3_message_and_resumes_with_room
 
         monkeypatch.setattr(WebDatasetSampleWriter, "write", write)
     args = ["download", "--set", f"workdir={tmp_path / 'w'}", f"dirs.download={out}", f"data.urls={tmp_path / 'urls.parquet'}",
-            "data.samples_per_shard=50"] + ([] if mounted else ["--no-ray"])
+            "data.samples_per_shard=50", "data.allow_private_addresses=true"] + ([] if mounted else ["--no-ray"])
     try:
         assert main(args) == 3
         err = cli_stderr(capsys)

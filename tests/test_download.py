@@ -16,6 +16,8 @@ from cidistill.core.stage import RUN
 from cidistill.core.store import Store
 from pipeline.download import DownloadStage
 
+LOOPBACK = "data.allow_private_addresses=true"  # the tests' servers listen on 127.0.0.1
+
 
 @pytest.fixture()
 def bad_site(tmp_path, small_data):
@@ -49,7 +51,7 @@ def _urls(tmp_path, small_data, server, bad_site, n=60):
 def test_download_counts_failures_and_resumes(tmp_path, ray_session, small_data, server, bad_site):
     urls, n_good = _urls(tmp_path, small_data, server, bad_site)
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.samples_per_shard=20",
-                             "data.extra_cols=[caption_zh]", "data.timeout=3"])
+                             "data.extra_cols=[caption_zh]", "data.timeout=3", LOOPBACK])
     stats = DownloadStage(cfg).run()
     assert stats["successes"] == n_good
     assert stats["failed_to_download"] + stats["failed_to_resize"] == 5        # 404, html, truncated, empty, dead host
@@ -89,7 +91,7 @@ def test_worker_death_is_retried_and_a_failing_shard_is_reported(tmp_path, ray_s
 
     urls, n_good = _urls(tmp_path, small_data, server, bad_site)
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.samples_per_shard=20",
-                             "data.extra_cols=[caption_zh]", "data.timeout=3", "data.shard_retries=1"])
+                             "data.extra_cols=[caption_zh]", "data.timeout=3", "data.shard_retries=1", LOOPBACK])
     # the first Ray worker to finish a shard is SIGKILLed before it returns: Ray retries that shard
     mark = tmp_path / "killed-once"
     monkeypatch.setenv("CIDISTILL_KILL_AT", "download@worker:1")
@@ -104,7 +106,7 @@ def test_worker_death_is_retried_and_a_failing_shard_is_reported(tmp_path, ray_s
     # a shard whose input is broken fails on every retry: reported with its error, the others finish
     monkeypatch.delenv("CIDISTILL_KILL_AT")
     cfg2 = load_config(None, [f"workdir={tmp_path / 'w2'}", f"data.urls={urls}", "data.samples_per_shard=20",
-                              "data.extra_cols=[caption_zh]", "data.timeout=3", "data.shard_retries=1"])
+                              "data.extra_cols=[caption_zh]", "data.timeout=3", "data.shard_retries=1", LOOPBACK])
     stage = DownloadStage(cfg2)
     stage.out.write_json(RUN, {"stage": "download", **stage.fingerprint()})  # as run() starts: then the plan
     stage.units()
@@ -124,7 +126,7 @@ def test_the_chinese_caption_comes_from_data_caption_zh_col_without_listing_it(t
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"link": [f"{server.base_url}/{p}" for p in t.column("path").to_pylist()],
                              "text": t.column("caption"), "text_zh": t.column("caption_zh")}), urls)
-    common = [f"data.urls={urls}", "data.url_col=link", "data.caption_col=text", "data.timeout=3"]
+    common = [f"data.urls={urls}", "data.url_col=link", "data.caption_col=text", "data.timeout=3", LOOPBACK]
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", "data.caption_zh_col=text_zh", *common])
     assert DownloadStage(cfg, use_ray=False).run()["successes"] == 12
     got = pq.read_table(Path(cfg.stage_dir("download")) / "00000.parquet").sort_by("key")
@@ -166,7 +168,7 @@ def test_a_url_list_in_csv_tsv_or_json_lines_downloads_as_its_parquet_twin(tmp_p
 
     def download(name: str, *extra: str) -> pa.Table:
         cfg = load_config(None, [f"workdir={tmp_path / ('w-' + name)}", f"data.urls={tmp_path / name}",
-                                 "data.extra_cols=[group]", "data.timeout=3", "data.samples_per_shard=8", *extra])
+                                 "data.extra_cols=[group]", "data.timeout=3", "data.samples_per_shard=8", LOOPBACK, *extra])
         assert DownloadStage(cfg, use_ray=False).run()["successes"] == len(rows)
         got = pa.concat_tables(pq.read_table(p) for p in sorted(Path(cfg.stage_dir("download")).glob("0*.parquet")))
         return got.select(["key", "url", "caption", "caption_zh", "group", "status", "sha256"]).sort_by("key")
@@ -177,7 +179,7 @@ def test_a_url_list_in_csv_tsv_or_json_lines_downloads_as_its_parquet_twin(tmp_p
         assert download(name).equals(twin), name
 
     (tmp_path / "latin1.csv").write_bytes(b"url,caption\n" + f"{rows[0]['url']},caf".encode() + b"\xe9\n")
-    cfg = load_config(None, [f"workdir={tmp_path / 'w-latin1'}", f"data.urls={tmp_path / 'latin1.csv'}"])
+    cfg = load_config(None, [f"workdir={tmp_path / 'w-latin1'}", f"data.urls={tmp_path / 'latin1.csv'}", LOOPBACK])
     stats = DownloadStage(cfg, use_ray=False).run()
     assert stats["text_fixed"] == {"caption_not_utf8": 1}
     assert pq.read_table(Path(cfg.stage_dir("download")) / "00000.parquet").column("caption").to_pylist() == ["caf\ufffd"]
@@ -218,9 +220,9 @@ def test_a_uri_s_password_signature_or_token_is_never_shown_or_written(tmp_path,
         assert not any(s in json.dumps([shown, flat_fields(cfg, ("data", "teacher")), public_dict(cfg)]) for s in secrets)
 
         w = tmp_path / "w"
-        assert main(["download", "--workdir", str(w), "--set", sets[0], "data.timeout=3", "--no-ray"]) == 0
+        assert main(["download", "--workdir", str(w), "--set", sets[0], "data.timeout=3", LOOPBACK, "--no-ray"]) == 0
         again = f"http://alice:hunter2@{host}/urls.parquet?X-Amz-Signature=zzz999&X-Amz-Date=20261204"
-        assert main(["download", "--workdir", str(w), "--set", f"data.urls={again}", "data.timeout=3", "--no-ray"]) == 0
+        assert main(["download", "--workdir", str(w), "--set", f"data.urls={again}", "data.timeout=3", LOOPBACK, "--no-ray"]) == 0
         assert "already done" in capsys.readouterr().out
         from data_cards.collect import _url_facts  # the card's provenance line
 
@@ -241,11 +243,19 @@ def test_a_download_with_no_success_fails_in_one_line_and_is_not_done(tmp_path):
 
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": [f"http://127.0.0.1:9/{i}.png" for i in range(6)], "caption": ["x"] * 6}), urls)
-    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.transient_attempts=1"])
+    cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.transient_attempts=1",
+                             LOOPBACK])
     with pytest.raises(StageError, match=r"download: none of the 6 URLs was downloaded \(6x .*Connection refused"):
         DownloadStage(cfg, use_ray=False).run()
     out = Path(cfg.stage_dir("download"))
     assert json.loads((out / "stats.json").read_text())["failed_transient"] == 6 and not (out / "_DONE").exists()
+    # by default a loopback address is never connected to: a permanent failure, named with its setting
+    cfg = load_config(None, [f"workdir={tmp_path / 'w2'}", f"data.urls={urls}"])
+    with pytest.raises(StageError, match=r"none of the 6 URLs was downloaded \(6x address not public: 127\.0\.0\.1 "
+                                         r"\(data\.allow_private_addresses\)\)"):
+        DownloadStage(cfg, use_ray=False).run()
+    stats = json.loads((Path(cfg.stage_dir("download")) / "stats.json").read_text())
+    assert stats["failed_permanent"] == 6 and stats["failed_transient"] == 0
 
 
 def test_carried_columns_of_any_type_arrive_and_a_sample_img2dataset_cannot_write_fails_its_shard(
@@ -270,7 +280,7 @@ def test_carried_columns_of_any_type_arrive_and_a_sample_img2dataset_cannot_writ
         "price": pa.array([decimal.Decimal(f"{i}.25") for i in range(12)], pa.decimal128(6, 2)),
         "seen": pa.array([[day.date()]] * 12), "vendor": pa.array(["a", "b"] * 6).dictionary_encode(),
         "size": pa.array([{"w": i, "h": 2 * i} for i in range(12)])}), urls)
-    args = [f"data.urls={urls}", "data.extra_cols=[taken,price,seen,vendor,size]", "data.samples_per_shard=6"]
+    args = [f"data.urls={urls}", "data.extra_cols=[taken,price,seen,vendor,size]", "data.samples_per_shard=6", LOOPBACK]
     cfg = load_config(None, [f"workdir={tmp_path / 'w'}", *args])
     stats = DownloadStage(cfg).run()          # on Ray: img2dataset runs in the workers
     assert stats["successes"] == 12 and stats["samples_lost"] == 0 and stats["rows_written"] == 12
@@ -340,7 +350,7 @@ def test_transient_failures_alone_are_fetched_again_and_merged_under_their_keys(
         urls = tmp_path / "urls.parquet"
         pq.write_table(pa.table({"url": [f"http://127.0.0.1:{httpd.server_address[1]}{p}" for p in paths],
                                  "caption": t.column("caption")}), urls)
-        cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.transient_attempts=3"])
+        cfg = load_config(None, [f"workdir={tmp_path / 'w'}", f"data.urls={urls}", "data.transient_attempts=3", LOOPBACK])
         stats = DownloadStage(cfg, use_ray=False).run()
     finally:
         httpd.shutdown()

@@ -28,6 +28,7 @@ from .registry import checked_stages, run_stages
 
 DEMO = {
     "data": {"samples_per_shard": 1000, "image_size": 64, "holdout": "vendor=twitter",
+             "allow_private_addresses": True,  # its images are served on 127.0.0.1
              # base emoji + its EN/ZH names: the zero-shot classes; subgroup: the linear-probe label
              "extra_cols": ["caption_zh", "emoji", "base", "base_name", "base_name_zh", "group", "subgroup", "vendor"]},
     "teacher": {"model": "cid-demo-teacher", "batch_size": 256, "threads": 2},  # reads finish early: use both cores

@@ -44,6 +44,9 @@ class DataConfig:
     # alone), up to this many attempts over all runs; after that their failures are final (failed_transient)
     transient_attempts: int = 3
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])  # URL schemes ever fetched
+    # fetch from loopback, private and link-local addresses too (a URL list from the web may name a node's
+    # metadata service, 169.254.169.254, or hosts inside the cluster's network); the demo serves on 127.0.0.1
+    allow_private_addresses: bool = False
     # a response header (X-Robots-Tag) with one of these opts the image out: it is not downloaded
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai"])
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb limit
