@@ -357,7 +357,7 @@ def ray_temp_dir() -> str | None:
     if os.environ.get("RAY_TMPDIR"):
         raise StageError(f"RAY_TMPDIR={os.environ['RAY_TMPDIR']!r} is too long for the sockets Ray makes in it "
                          f"(at most {107 - RAY_SOCKET_TAIL - len('/ray')} characters): set a shorter folder")
-    print(f"[cidistill] TMPDIR is too long for Ray's sockets; Ray's session folder is /tmp/ray (RAY_TMPDIR "
+    print("[cidistill] TMPDIR is too long for Ray's sockets; Ray's session folder is /tmp/ray (RAY_TMPDIR "
           "chooses another)", file=sys.stderr)
     return "/tmp/ray"
 
