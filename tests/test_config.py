@@ -62,6 +62,11 @@ def test_override_a_list_item_by_index(tmp_path):
                                      r"data.max_image_pixels \(89,478,485\)"),
     ("eval: {tasks: [retrieval, probe]}\n", r"eval.tasks: unknown task\(s\) \['probe'\]"),
     ("eval: {templates_en: [a photo]}\n", "eval.templates_en: each template needs one {}"),
+    # each failed only in the evaluation, after the whole training (KeyError, ValueError), or left the name out
+    ("eval: {templates_en: ['a {x} of {}']}\n", r"eval.templates_en: each template needs one {} .*'a {x} of {}'"),
+    ("eval: {templates_en: ['{} {']}\n", r"eval.templates_en: each template needs one {}"),
+    ("eval: {templates_zh: ['{{}}']}\n", r"eval.templates_zh: each template needs one {}"),
+    ("eval: {templates_en: ['{} or {}']}\n", r"eval.templates_en: each template needs one {}"),
     # numbers out of range: refused before any work (they failed deep inside a stage, with a traceback)
     ("train: {batch_size: 0}\n", "train.batch_size: must be >= 1, got 0"),
     ("train: {lr: -1.0}\n", r"train.lr: must be > 0, got -1.0"),
@@ -87,6 +92,11 @@ def test_config_errors_name_the_key(tmp_path, text, needle):
     p.write_text(text)
     with pytest.raises(ConfigError, match=needle):
         load_config(str(p))
+
+
+def test_templates_that_str_format_fills_are_taken():
+    cfg = load_config(None, ["eval.templates_en=['a {0}, a kind of {0}.', 'a {{rare}} {}']"])
+    assert [t.format("cat") for t in cfg.eval.templates_en] == ["a cat, a kind of cat.", "a {rare} cat"]
 
 
 def test_every_range_and_choice_names_a_field_of_its_kind():

@@ -339,9 +339,10 @@ class Config:
         if unknown:
             raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; known: {list(EVAL_TASKS)}")
         for key, temps in (("eval.templates_en", e.templates_en), ("eval.templates_zh", e.templates_zh)):
-            bad = [t for t in temps if t.count("{}") != 1]
+            bad = [t for t in temps if not _one_class_slot(t)]
             if not temps or bad:
-                raise ConfigError(f"{key}: each template needs one {{}} for the class name, got {bad or temps}")
+                raise ConfigError(f"{key}: each template needs one {{}} for the class name (a literal brace is "
+                                  f"written twice, {{{{ or }}}}), got {bad or temps}")
 
     def _validate_streams(self) -> None:
         t = self.train
@@ -349,6 +350,15 @@ class Config:
             raise ConfigError(f"train.streams ({t.streams}) must be a multiple of train.workers ({t.workers})")
         if t.batch_size % t.streams:
             raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.streams ({t.streams})")
+
+
+def _one_class_slot(template: str) -> bool:
+    """A prompt the evaluation can fill: str.format puts the class name in (`{x}`, a lone `{`, two `{}` failed
+    the evaluation after the whole training; `{{}}` left the name out)."""
+    try:
+        return "\0" not in template and "\0" in template.format("\0")
+    except (IndexError, KeyError, ValueError, AttributeError):
+        return False
 
 
 def to_dict(cfg) -> dict:
