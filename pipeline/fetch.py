@@ -120,6 +120,26 @@ class _PublicHTTPS(urllib.request.HTTPSHandler):
         return self.do_open(_connection(_PublicHTTPSConnection, http.client.HTTPSConnection, req), req, **tls)
 
 
+_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"<>`{}')
+
+
+def as_sent(url: str) -> str:
+    """The URL as a browser sends it: an internationalised host in IDNA, and spaces, quotes and non-ASCII in
+    the path and query percent-encoded as UTF-8 (urllib refuses them: "URL can't contain control characters",
+    "'ascii' codec can't encode"); escapes already there are kept, an ASCII URL is left as it is."""
+    url = url.strip()
+    if all(c in _URL_SAFE for c in url):
+        return url
+    p = urllib.parse.urlsplit(url)
+    netloc = p.netloc
+    if not netloc.isascii():
+        user, at, hostport = netloc.rpartition("@")
+        host, colon, port = hostport.partition(":")  # an IPv6 literal is ASCII: never here
+        netloc = f"{user}{at}{host.encode('idna').decode('ascii')}{colon}{port}"
+    path, query = (urllib.parse.quote(x, safe=_URL_SAFE) for x in (p.path, p.query))
+    return urllib.parse.urlunsplit((p.scheme, netloc, path, query, ""))
+
+
 def make_fetcher(allowed_schemes, deadline: float, max_bytes: int, allow_private: bool = False):
     """A `download_image(row, timeout, user_agent_token, disallowed_header_directives)` for img2dataset."""
     from img2dataset.downloader import is_disallowed
@@ -136,7 +156,7 @@ def make_fetcher(allowed_schemes, deadline: float, max_bytes: int, allow_private
             agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
         start = time.monotonic()
         try:
-            request = urllib.request.Request(url, data=None, headers={"User-Agent": agent})
+            request = urllib.request.Request(as_sent(url), data=None, headers={"User-Agent": agent})
             with opener.open(request, timeout=timeout) as r:
                 if disallowed_header_directives and is_disallowed(r.headers, user_agent_token,
                                                                   disallowed_header_directives):

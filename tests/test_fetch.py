@@ -10,7 +10,8 @@ import time
 import pytest
 
 from pipeline import fetch as fetch_module
-from pipeline.fetch import DEADLINE, NOT_PUBLIC, REDIRECT_REJECTED, TOO_LARGE, is_public, is_transient, make_fetcher
+from pipeline.fetch import (DEADLINE, NOT_PUBLIC, REDIRECT_REJECTED, TOO_LARGE, as_sent, is_public, is_transient,
+                           make_fetcher)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -163,3 +164,16 @@ def test_an_address_that_is_not_public_is_never_connected_to(site, monkeypatch):
     assert body is None and err == f"{NOT_PUBLIC}: 10.1.2.3 (data.allow_private_addresses)" and _Handler.seen == []
     _, body, err = _get(proxied, "http://127.0.0.1:1/ok")              # "public" here: fetched via the proxy
     assert err is None and body.read() == b"hello" and _Handler.seen == ["http://127.0.0.1:1/ok"]
+
+
+def test_a_url_with_spaces_or_non_ascii_is_sent_as_a_browser_sends_it(site):
+    """A Chinese site's image path, a space, an accented query, an internationalised host: urllib refused each
+    ("URL can't contain control characters", "'ascii' codec can't encode"), a permanent failure, so a
+    bilingual list lost such pairs. They are percent-encoded as UTF-8 (the host in IDNA), as browsers do."""
+    base, _ = site
+    _Handler.seen.clear()
+    _, body, err = _get(make_fetcher(["http"], 30, 1 << 20, allow_private=True), f"{base}/图片 1/ok")
+    assert err is None and body.read() == b"hello" and _Handler.seen == ["/%E5%9B%BE%E7%89%87%201/ok"]
+    assert as_sent("http://例子.测试/a b.png?q=ü&r=%20#top") == "http://xn--fsqu00a.xn--0zwm56d/a%20b.png?q=%C3%BC&r=%20"
+    assert as_sent(" https://a.com/x.png?s=1&t=%2F ") == "https://a.com/x.png?s=1&t=%2F"   # ASCII: as it is
+    assert as_sent('http://user@bücher.de:8080/"x"') == "http://user@xn--bcher-kva.de:8080/%22x%22"
