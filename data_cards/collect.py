@@ -22,7 +22,7 @@ PACKAGES = ("cidistill", "torch", "open_clip_torch", "img2dataset", "ray", "fais
 
 
 def _store(cfg: Config, stage: str) -> Store | None:
-    st = Store(cfg.stage_dir(stage))
+    st = Store(cfg.stage_dir(stage), create=False)
     return st if st.exists("stats.json") or st.exists("_DONE") else None
 
 
@@ -33,7 +33,7 @@ def why(cfg: Config, key: str) -> dict:
     for stage, cols in (("download", ["key", "caption", "url", "status", "error_message"]),
                         ("balance", ["key", "kept", "drop_reason", "dup_of", "balance_cluster"]),
                         ("cluster", ["key", "cluster_id", "cluster_sim"])):
-        st = Store(cfg.stage_dir(stage))
+        st = Store(cfg.stage_dir(stage), create=False)
         if st.exists(f"{shard}.parquet"):
             t = st.read_table(f"{shard}.parquet")
             t = t.filter(pc.equal(t.column("key"), key)).select([c for c in cols if c in t.column_names])
@@ -85,7 +85,7 @@ def _url_facts(urls: str) -> dict | None:
     if not fs.isfile(p):
         return None
     folder, name = split_uri(urls)
-    return {"path": redact(urls), "sha256": _sha256_file(Store(folder), name)}
+    return {"path": redact(urls), "sha256": _sha256_file(Store(folder, create=False), name)}
 
 
 LEN_BIN, LEN_MAX = 4, 400      # caption-length histogram: 4-character bins, the last one open-ended
@@ -163,7 +163,7 @@ def _choose_groups(groups: dict[str, list], meta: dict, max_groups: int) -> list
 
 def _random_clusters(cfg: Config, shards: list[str], seed: int, facts: dict) -> dict:
     """Four pseudo-label clusters of at least 3 members drawn with `seed`, their first 8 keys."""
-    clu = Store(cfg.stage_dir("cluster"))
+    clu = Store(cfg.stage_dir("cluster"), create=False)
     if not clu.exists("_DONE"):
         return {}
     sizes = clu.read_json("cluster_sizes.json")
@@ -182,7 +182,7 @@ def _random_clusters(cfg: Config, shards: list[str], seed: int, facts: dict) -> 
 def _embedding_map(cfg: Config, bal: Store, shards: list[str], seed: int) -> dict:
     """2-D map (PCA) of the teacher's image embeddings of a seeded hash sample of MAP_POINTS pairs, coloured by
     balance cluster; the sample is kept while streaming the shards."""
-    emb = Store(cfg.stage_dir("embed"))
+    emb = Store(cfg.stage_dir("embed"), create=False)
     h, xs, cl = np.zeros(0, np.uint64), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     for s in shards:
         e = join_on_key(emb.read_table(f"{s}.parquet", columns=["key", "image_emb"]),
@@ -234,11 +234,11 @@ def collect(cfg: Config, max_groups: int = 8, seed: int = 0) -> dict:
                    "stages": _stage_facts(cfg), "versions": _versions()}
     if cfg.data.urls and (urls := _url_facts(cfg.data.urls)):
         facts["urls"] = urls
-    dl = Store(cfg.stage_dir("download"))
+    dl = Store(cfg.stage_dir("download"), create=False)
     shards = download_shards(dl)
     if shards:
         _caption_facts(dl, shards, facts)
-    bal = Store(cfg.stage_dir("balance"))
+    bal = Store(cfg.stage_dir("balance"), create=False)
     if bal.exists("_DONE") and shards:
         _balance_facts(cfg, shards, dl, bal, max_groups, seed, facts)
     return facts

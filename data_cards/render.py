@@ -217,9 +217,8 @@ class CardStage(Stage):
     inputs = CURATION
     reads = ("data.urls",) + HOLDOUT_FIELDS
 
-    def units(self) -> list[str]:
+    def check_inputs(self) -> None:
         self.require("download")  # the later stages are described when done; a card of nothing is no card
-        return super().units()
 
     def run_unit(self, unit: str) -> dict:
         card = build(self.cfg)

@@ -398,7 +398,7 @@ def teacher_eval_key(cfg: Config) -> str:
     for p in _weight_files(t.pretrained):
         st = p.stat()
         h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-    pack = Store(cfg.stage_dir("pack"))
+    pack = Store(cfg.stage_dir("pack"), create=False)
     for split in ("eval", "train"):
         if pack.exists(f"{split}/manifest.parquet"):
             h.update(pack.read_bytes(f"{split}/manifest.parquet"))

@@ -64,7 +64,7 @@ def _jsonable(d: dict) -> dict:
 
 def load_trained_student(cfg: Config) -> LoadedModel:
     """The train stage's final weights (trimmed vocabulary expanded) in a plain open_clip model."""
-    train = Store(cfg.stage_dir("train"))
+    train = Store(cfg.stage_dir("train"), create=False)
     if not train.exists("model.safetensors"):
         raise StageError(f"no trained student in {train.uri}: run the train stage first")
     meta = train.read_json("student.json")

@@ -72,6 +72,10 @@ class EvalStage(Stage):
     inputs = ("pack", "train")
     reads = ("eval",) + HOLDOUT_FIELDS + TEACHER_FIELDS
 
+    def check_inputs(self) -> None:
+        self.require("pack")
+        self.require("train")
+
     def run_unit(self, unit: str) -> dict:
         results, per = {}, {}
         bar = Progress(len(PARTS) * (2 if self.cfg.teacher.pretrained else 1), "eval", unit="part", rate=False)
@@ -146,6 +150,9 @@ class ExportStage(Stage):
     inputs = ("train", "eval")
     reads = ("export",) + TEACHER_FIELDS
 
+    def check_inputs(self) -> None:  # eval is optional: its results go into the export's README when there
+        self.require("train")
+
     def run_unit(self, unit: str) -> dict:
         cfg, root = self.cfg, self.out
         student = load_trained_student(cfg)
@@ -153,7 +160,7 @@ class ExportStage(Stage):
                  "training recipe": json.dumps([{"steps": p.steps, "losses": p.losses} for p in cfg.train.phases]),
                  "data card": join(cfg.stage_dir("card"), "card.html")}
         readme = model_card("cidistill student", student, facts)
-        evald = Store(cfg.stage_dir("eval"))
+        evald = Store(cfg.stage_dir("eval"), create=False)
         if evald.exists("results.md"):
             readme += "\n## Evaluation\n\n" + evald.read_bytes("results.md").decode()
         diffs = export_local_dir(student, root.url("student"), readme, onnx=cfg.export.onnx)

@@ -51,7 +51,7 @@ class BalanceStage(Stage):
         super().__init__(cfg, use_ray)
         self.bc = cfg.balance
         self.emb = self.input_store("embed")
-        self.work = Store(join(self.out.uri, WORK))
+        self.work = Store(join(self.out.uri, WORK), create=False)
         self.joint = self.bc.semantic_on == "joint"
         self.timings: dict[str, float] = {}      # seconds per step in this run (stats: step_seconds)
 

@@ -38,7 +38,7 @@ class DownloadStage(Stage):
     def __init__(self, cfg: Config, use_ray: bool = True):
         super().__init__(cfg, use_ray)
         self.d = cfg.data
-        self.tmp = Store(self.out.path("_tmp") if self.out.local else self.out.url("_tmp"))
+        self.tmp = Store(self.out.path("_tmp") if self.out.local else self.out.url("_tmp"), create=False)
 
     def extra_inputs(self) -> dict:
         """The URL list's files, by name and size (reading LAION-sized lists to hash them would cost a pass)."""

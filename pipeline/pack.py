@@ -45,10 +45,10 @@ class Sources:
     """The stage folders a pack reads: download always; embed, balance and cluster when asked for."""
 
     def __init__(self, cfg: Config, teacher: bool = True, balanced: bool = True, clusters: bool = True):
-        self.dl = Store(cfg.stage_dir("download"))
-        self.emb = Store(cfg.stage_dir("embed")) if teacher else None
-        self.bal = Store(cfg.stage_dir("balance")) if balanced else None
-        self.clu = Store(cfg.stage_dir("cluster")) if clusters else None
+        self.dl = Store(cfg.stage_dir("download"), create=False)
+        self.emb = Store(cfg.stage_dir("embed"), create=False) if teacher else None
+        self.bal = Store(cfg.stage_dir("balance"), create=False) if balanced else None
+        self.clu = Store(cfg.stage_dir("cluster"), create=False) if clusters else None
 
 
 def split_tables(cfg: Config, src: Sources, shard: str, stats: dict) -> dict[str, pa.Table]:

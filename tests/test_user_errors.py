@@ -465,14 +465,15 @@ def test_only_write_failures_read_as_a_full_disk(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("stage,needle", [
     ("embed", "embed needs a finished download stage"), ("balance", "balance needs a finished embed stage"),
     ("cluster", "cluster needs a finished balance stage"), ("pack", "pack needs a finished download stage"),
-    ("train", "train needs a finished pack stage"), ("eval", "no trained student"),
-    ("export", "no trained student"), ("card", "card needs a finished download stage"),
+    ("train", "train needs a finished pack stage"), ("eval", "eval needs a finished pack stage"),
+    ("export", "export needs a finished train stage"), ("card", "card needs a finished download stage"),
 ])
 def test_a_stage_run_before_its_inputs_says_what_to_run(tmp_path, capsys, stage, needle):
-    """(The card rendered an empty card of nothing and marked itself done.)"""
+    """(The card rendered an empty card of nothing and marked itself done; eval and export said "no trained
+    student" after writing their _RUN.json; every stage's folder was made, a typo in --workdir left a tree.)"""
     assert main([stage, "--workdir", str(tmp_path / "w"), "--no-ray"]) == 2
     assert needle in _err(capsys)
-    assert not (tmp_path / "w" / stage / "_DONE").exists()
+    assert [p.name for p in (tmp_path / "w").rglob("*")] == []   # nothing written, no folder made
 
 
 def test_a_file_given_as_the_work_folder_is_named_as_a_file(tmp_path, capsys):

@@ -141,7 +141,7 @@ class Stage:
 
     def __init__(self, cfg: Config, use_ray: bool = True):
         self.cfg, self.use_ray = cfg, use_ray
-        self.out = Store(cfg.stage_dir(self.name))
+        self.out = Store(cfg.stage_dir(self.name), create=False)  # made when the stage runs
         self.redone = False  # set by run(): whether it did work
         self._damaged: set[str] = set()  # markers found damaged (said once)
 
@@ -172,7 +172,7 @@ class Stage:
         return self.out.exists(shard_stats_name(unit))
 
     def input_store(self, stage: str) -> Store:
-        return Store(self.cfg.stage_dir(stage))
+        return Store(self.cfg.stage_dir(stage), create=False)
 
     def check_config(self) -> None:
         """Settings this stage will use that can be checked without its inputs (a model's name, weights and
@@ -251,6 +251,7 @@ class Stage:
         self.check_config()
         if force or state == "changed":
             self.out.clear()
+        self.out.fs.makedirs(self.out.root, exist_ok=True)
         if not self.out.exists(RUN):
             self.out.write_json(RUN, {"stage": self.name, **fp})  # its fields: a rerun says what changed
         t0 = time.time()

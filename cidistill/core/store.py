@@ -157,13 +157,16 @@ def null_free(md: pq.FileMetaData, column: str) -> bool:
 class Store:
     """A folder on a local path or any fsspec URI (s3://, gs://, memory://)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, create: bool = True):
+        """`create=False`: the folder is made by the first write into it, not here (a stage that is only
+        planned or checked, or an input read, leaves no empty folder behind)."""
         # no cached listings: other processes (Ray workers, other nodes) write into the same folders, and a
         # stale listing makes an object they wrote look missing
         self.fs, self.root = fsspec.core.url_to_fs(str(root), **({} if "://" not in str(root) or str(root).startswith(
             "file://") else {"use_listings_cache": False}))
         self.uri = str(root)
-        self.fs.makedirs(self.root, exist_ok=True)
+        if create:
+            self.fs.makedirs(self.root, exist_ok=True)
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
