@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
@@ -73,6 +74,16 @@ def load_trained_student(cfg: Config) -> LoadedModel:
         model_config = load_arch(train, model_config)
     return create(meta["model"], str(train.local_copy("model.safetensors")), model_config,
                   context_length=meta.get("context_length"))
+
+
+def check_onnx_installed() -> None:
+    """export.onnx needs the `onnx` extra; without it a run failed at its very end, after the training."""
+    missing = [m for m in ("onnx", "onnxruntime") if find_spec(m) is None]
+    if missing:
+        from cidistill.core.config import ConfigError
+
+        raise ConfigError(f"export.onnx needs {' and '.join(missing)}, not installed: pip install -c constraints.txt "
+                          "'.[onnx]' in the checkout (or set export.onnx: false)")
 
 
 def export_onnx(lm: LoadedModel, out: Path) -> dict:

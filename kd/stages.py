@@ -16,7 +16,7 @@ from cidistill.core.store import Store, join
 from .checkpoint import latest_checkpoint
 from .evaluate import PARTS, evaluate, load_for_eval, teacher_evaluation
 from .metrics import results_markdown
-from .export import export_local_dir, load_trained_student, model_card
+from .export import check_onnx_installed, export_local_dir, load_trained_student, model_card
 from .stream import StreamSpec
 from .text_tower import check_teacher_text
 from .train import require_workers, train
@@ -152,6 +152,10 @@ class ExportStage(Stage):
 
     def check_inputs(self) -> None:  # eval is optional: its results go into the export's README when there
         self.require("train")
+
+    def check_config(self) -> None:
+        if self.cfg.export.onnx:
+            check_onnx_installed()
 
     def run_unit(self, unit: str) -> dict:
         cfg, root = self.cfg, self.out

@@ -229,6 +229,26 @@ def test_a_run_checks_every_stages_models_before_the_first_stage_works(tmp_path,
         assert not (work / "download" / "_RUN.json").exists()  # the download never started
 
 
+def test_onnx_export_without_its_extra_fails_before_the_first_stage(tmp_path, small_run, capsys, monkeypatch):
+    """`export.onnx: true` on an install without the `onnx` extra: the run downloaded, embedded and trained, then
+    the export failed on `No module named 'onnxruntime'`. Now the run checks it before the first stage."""
+    import kd.export
+
+    real = kd.export.find_spec
+    monkeypatch.setattr(kd.export, "find_spec", lambda name: None if name == "onnxruntime" else real(name))
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/x.png"], "caption": ["an x"]}), urls)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"workdir: {tmp_path / 'w'}\ndata: {{urls: {urls}}}\nteacher: {{pretrained: '{small_run.teacher.pretrained}'}}\n"
+                   "export: {onnx: true}\n")
+    assert main(["run", str(cfg), "--no-ray"]) == 2
+    assert _err(capsys) == ("cidistill: error: export.onnx needs onnxruntime, not installed: pip install -c "
+                            "constraints.txt '.[onnx]' in the checkout (or set export.onnx: false)")
+    assert not (tmp_path / "w" / "download").exists()   # nothing started
+    monkeypatch.setattr(kd.export, "find_spec", real)
+    kd.export.check_onnx_installed()                      # installed here (run_tests.sh installs the extra)
+
+
 def test_a_shard_removed_from_a_finished_stage_is_named_not_skipped(tmp_path, small_run, capsys):
     """A download tar (or an embed parquet) removed or moved after its stage finished: the next stage globbed
     what was left and carried on without those pairs (`embed done: 82 pairs embedded` of 132, exit 0)."""
