@@ -33,7 +33,9 @@ from .url_list import (carry_as_text, check_url_list, clean_text_columns, first_
 class DownloadStage(Stage):
     name = "download"
     reads = ("data",)
-    ignores = ("data.holdout",)
+    # allow_private_addresses only decides what is fetched from now on: setting it (or an upgrade that brought
+    # it) never redoes a finished download; the URLs it refused are counted failures, fetched again by --force
+    ignores = ("data.holdout", "data.allow_private_addresses")
 
     def __init__(self, cfg: Config, use_ray: bool = True):
         super().__init__(cfg, use_ray)

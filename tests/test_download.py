@@ -250,12 +250,18 @@ def test_a_download_with_no_success_fails_in_one_line_and_is_not_done(tmp_path):
     out = Path(cfg.stage_dir("download"))
     assert json.loads((out / "stats.json").read_text())["failed_transient"] == 6 and not (out / "_DONE").exists()
     # by default a loopback address is never connected to: a permanent failure, named with its setting
-    cfg = load_config(None, [f"workdir={tmp_path / 'w2'}", f"data.urls={urls}"])
+    cfg = load_config(None, [f"workdir={tmp_path / 'w2'}", f"data.urls={urls}", "data.transient_attempts=1"])
     with pytest.raises(StageError, match=r"none of the 6 URLs was downloaded \(6x address not public: 127\.0\.0\.1 "
                                          r"\(data\.allow_private_addresses\)\)"):
         DownloadStage(cfg, use_ray=False).run()
     stats = json.loads((Path(cfg.stage_dir("download")) / "stats.json").read_text())
     assert stats["failed_permanent"] == 6 and stats["failed_transient"] == 0
+    # the setting is no part of the fingerprint (an upgrade that brought it redoes no finished download);
+    # the URLs it refused are fetched again by --force
+    allowed = load_config(None, [f"workdir={tmp_path / 'w2'}", f"data.urls={urls}", LOOPBACK, "data.transient_attempts=1"])
+    assert DownloadStage(allowed, use_ray=False).fingerprint() == DownloadStage(cfg, use_ray=False).fingerprint()
+    with pytest.raises(StageError, match=r"6x .*Connection refused"):
+        DownloadStage(allowed, use_ray=False).run(force=True)
 
 
 def test_carried_columns_of_any_type_arrive_and_a_sample_img2dataset_cannot_write_fails_its_shard(

@@ -45,7 +45,8 @@ class DataConfig:
     transient_attempts: int = 3
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])  # URL schemes ever fetched
     # fetch from loopback, private and link-local addresses too (a URL list from the web may name a node's
-    # metadata service, 169.254.169.254, or hosts inside the cluster's network); the demo serves on 127.0.0.1
+    # metadata service, 169.254.169.254, or hosts inside the cluster's network); the demo serves on 127.0.0.1.
+    # Changing it does not redo a finished download (the URLs it refused: `cidistill download --force`)
     allow_private_addresses: bool = False
     # a response header (X-Robots-Tag) with one of these opts the image out: it is not downloaded
     disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai"])
