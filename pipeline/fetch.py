@@ -86,16 +86,19 @@ def _connect_public(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_addr
     raise err or OSError(f"getaddrinfo returned nothing for {address[0]}")
 
 
-class _PublicHTTPConnection(http.client.HTTPConnection):
+class _PublicSockets:
+    """http.client connections whose sockets come from _connect_public (http.client sets the factory per instance)."""
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._create_connection = _connect_public
 
 
-class _PublicHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._create_connection = _connect_public
+class _PublicHTTPConnection(_PublicSockets, http.client.HTTPConnection):
+    pass
+
+
+class _PublicHTTPSConnection(_PublicSockets, http.client.HTTPSConnection):
+    pass
 
 
 def _connection(public, plain, req):
