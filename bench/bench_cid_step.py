@@ -32,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
+    from cidistill.core.runtime import quiet_logs
+
+    quiet_logs()  # open_clip's "No pretrained weights loaded" for a student built from scratch
     from kd.losses import DistillHeads
     from cidistill.core.models import autocast as _autocast, count_params, create
     from kd.train import TrainModule
@@ -49,7 +52,6 @@ def main(argv=None):
              "t_txt": torch.nn.functional.normalize(torch.randn(a.batch, a.teacher_dim, device=dev), dim=-1),
              "cluster_id": torch.randint(0, a.k, (a.batch,), device=dev), "has_zh": None}
     loss_cfg = LossConfig(partial_fc_r=a.r)
-    rows = torch.arange(a.batch, device=dev)
 
     def bench(module, weights) -> float:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -60,7 +62,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
             t = time.perf_counter()
             with _autocast(a.precision, dev):
-                loss = sum(module(images, tokens, None, rows, batch, weights, loss_cfg).values())
+                loss = sum(module(images, tokens, None, batch, weights, loss_cfg).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -37,12 +37,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from cidistill.app.demo import demo_config
     from pipeline.embed import EmbedStage, TeacherEmbedder, _read_shard
-    from cidistill.core.runtime import init_ray
+    from cidistill.core.runtime import init_ray, quiet_logs
     from cidistill.core.store import Store
     from cidistill.core.images import decode_rgb
     from cidistill.core.models import autocast
     from cidistill.core.text_ops import encode_text
     from PIL import Image
+
+    quiet_logs()  # Ray Data's "Dataset … execution finished" lines, as in the CLI
 
     cfg = demo_config(a.workdir, small=False)
     done = Store(cfg.stage_dir("embed"))

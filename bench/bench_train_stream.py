@@ -6,12 +6,14 @@
     ones), five untimed steps first: a long run pays the loaders' start once. Goal >= 0.95: loading is hidden.
 (b) peak RSS of the whole process tree (the `cidistill run` process and every child: loader processes) of the
     train stage on a pack of N pairs and on one of 4N (the demo's shards replicated under new keys).
-(c) the same for the eval stage (the student on the replicated eval split, probe on the replicated train split).
+(c) the same for the eval stage (student and teacher on the replicated eval split, probes on the replicated
+    train split; the teacher's evaluation is cached in a folder of the bench's own, so each size computes it).
 
     python bench/bench_train_stream.py --workdir runs/demo --copies 2     # N = 2 x the demo's kept pairs
 """
 import argparse
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cidistill.core.runtime import set_env_defaults  # noqa: E402
+from cidistill.core.runtime import quiet_logs, set_env_defaults  # noqa: E402
 
 set_env_defaults()  # as the CLI does, before torch loads (OpenMP's spin count: cidistill/core/runtime.py)
 
@@ -54,7 +56,9 @@ def replicate(src: str, dst: Path, copies: int) -> int:
         parts = [m.set_column(m.column_names.index("key"), "key",
                               pa.array([f"c{c}x{k}" for k in m.column("key").to_pylist()])) for c in range(copies)]
         pq.write_table(pa.concat_tables(parts), dst / split / "manifest.parquet")
-    out.write_json("_DONE", {"stage": "pack", "fingerprint": f"bench-x{copies}"})
+    # the source's done-marker: the same pack config and inputs, so the train and eval stages take the copy
+    # as their finished, up-to-date pack (the stage driver refuses a marker of another fingerprint)
+    out.write_json("_DONE", s.read_json("_DONE"))
     return sum(n for _, n in split_shards(out, "train"))
 
 
@@ -68,10 +72,10 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def peak_rss_of(cmd: list[str]) -> tuple[int, float, str]:
+def peak_rss_of(cmd: list[str], env: dict) -> tuple[int, float, str]:
     """Run cmd; (peak RSS of its process tree in bytes, seconds, output tail), sampled every 0.1 s."""
     t0 = time.time()
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     proc, peak, out = psutil.Process(p.pid), 0, []
     reader = threading.Thread(target=lambda: out.extend(p.stdout), daemon=True)
     reader.start()
@@ -89,7 +93,6 @@ def stage_config(cfg: Config, tmp: Path, tag: str, pack: Path, stage: str, steps
     d["dirs"] = {"pack": str(pack), "cluster": cfg.stage_dir("cluster"),  # eval: the student trained on N
                  "train": str(tmp / f"train-{tag if stage == 'train' else 'N'}"), "eval": str(tmp / f"eval-{tag}")}
     d["stages"] = [stage]
-    d["teacher"]["pretrained"] = cfg.teacher.pretrained if stage == "train" else ""  # eval: the student alone
     d["train"]["phases"] = [{"steps": steps, "losses": p.losses} for p in cfg.train.phases[-1:]]
     d["train"]["ckpt_every"] = steps
     d["eval"]["probe_max_iter"] = 50
@@ -141,18 +144,22 @@ def loading_hidden(cfg: Config, pack: Path, steps: int, block: int = 5, warmup: 
         {"pairs": len(ratios), "pair_ratio_quartiles": [round(ratios[int(q * (len(ratios) - 1))], 3) for q in (0.25, 0.5, 0.75)]}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="runs/demo", help="a finished demo run (its pack, cluster and teacher)")
     ap.add_argument("--copies", type=int, default=2, help="N = copies x the demo's packed pairs")
     ap.add_argument("--steps", type=int, default=20, help="(b), (c): training steps; (a): timed steps per mode x 3")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_stream.txt"))
     ap.add_argument("--parts", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
-    a = ap.parse_args()
+    ap.add_argument("--small", action="store_true", help="the work folder is a `cidistill demo --small` run "
+                    "(without it: when its name says so)")
+    a = ap.parse_args(argv)
+    quiet_logs()
     done = Store(str(Path(a.workdir) / "embed")).read_json("_DONE")
     cfg = load_config(str(Path(a.workdir) / "_bench_cfg.yaml")) if (Path(a.workdir) / "_bench_cfg.yaml").exists() \
-        else _demo_cfg(a.workdir, done["fields"]["teacher.pretrained"])
+        else _demo_cfg(a.workdir, done["fields"]["teacher.pretrained"], a.small or "small" in Path(a.workdir).name)
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    env = dict(os.environ, CIDISTILL_CACHE=str(tmp / "cache"))  # no cached teacher evaluation of a bench pack kept
     lines = [f"bench_train_stream: {a.workdir}, batch {cfg.train.batch_size}, threads {cfg.train.threads or 'all'}, "
              f"loader processes {cfg.train.loader_workers}, streams {cfg.train.streams}, {psutil.cpu_count()} CPUs"]
     try:
@@ -165,12 +172,12 @@ def main():
                      f"ratio quartiles {rates['pair_ratio_quartiles']}"]
         if "c" in a.parts and "b" not in a.parts:  # (c) evaluates the student that (b) trains on N
             subprocess.run([sys.executable, "-m", "cidistill", "run", str(stage_config(cfg, tmp, "N", tmp / "pack-N",
-                            "train", a.steps)), "--no-ray"], cwd=ROOT, check=True, capture_output=True)
+                            "train", a.steps)), "--no-ray"], cwd=ROOT, check=True, capture_output=True, env=env)
         for stage in [s for s, part in (("train", "b"), ("eval", "c")) if part in a.parts]:
             rss = {}
             for tag, pack in (("N", tmp / "pack-N"), ("4N", tmp / "pack-4N")):
                 path = stage_config(cfg, tmp, tag, pack, stage, a.steps)
-                peak, secs, _ = peak_rss_of([sys.executable, "-m", "cidistill", "run", str(path), "--no-ray"])
+                peak, secs, _ = peak_rss_of([sys.executable, "-m", "cidistill", "run", str(path), "--no-ray"], env)
                 rss[tag] = peak
                 lines.append(f"    {stage} on {tag}: peak RSS (process tree) {peak / 2**20:,.0f} MiB, {secs:.0f} s")
             lines.append(f"({'b' if stage == 'train' else 'c'}) {stage} RSS(4N) / RSS(N) = {rss['4N'] / rss['N']:.3f} "
@@ -182,10 +189,10 @@ def main():
     Path(a.out).write_text(text)
 
 
-def _demo_cfg(workdir: str, teacher: str) -> Config:
+def _demo_cfg(workdir: str, teacher: str, small: bool) -> Config:
     from cidistill.app.demo import demo_config
 
-    cfg = demo_config(workdir, small="small" in Path(workdir).name)
+    cfg = demo_config(workdir, small=small)
     cfg.teacher.pretrained = teacher
     return cfg
 
