@@ -207,7 +207,7 @@ def _main(argv: list[str] | None) -> int:
                 check_shared(cfg, list(STAGES))
                 init_ray(cfg.ray_address or None)
             with work_lock(cfg.workdir):
-                compare(cfg, args.variants, use_ray=not args.no_ray)
+                compare(cfg, args.variants, use_ray=not args.no_ray, force=args.force)
         elif args.cmd == "run":
             cfg = make_config(args)
             run_stages(cfg, args.stages or cfg.stages, force=args.force, use_ray=not args.no_ray)

@@ -23,7 +23,8 @@ from cidistill.core.config import Config, ConfigError, PhaseConfig
 from cidistill.core.store import Store, join
 from kd.evaluate import evaluate, load_for_eval
 from kd.metrics import lookup, paired_test
-from .registry import run_stage
+from cidistill.core.stage import DONE
+from .registry import make_stage, run_stage
 
 VARIANTS = ("config", "clip", "cid", "instance", "dcclip", "cid_unbalanced")  # cheapest evidence first
 CLUSTER_W, INSTANCE_W = 0.5, 1.0
@@ -67,33 +68,37 @@ def _load_npz(store: Store, name: str) -> dict:
         return dict(np.load(io.BytesIO(f.read())))
 
 
-def run_variant(cfg: Config, name: str, root: str, use_ray: bool) -> tuple[dict, dict]:
-    """Train (skip when done) and evaluate one recipe; evaluation cached in ROOT/<name>/."""
-    out = Store(join(root, name))
-    if out.exists("eval.json"):
-        return out.read_json("eval.json"), _load_npz(out, "correct.npz")
-    ev = Store(cfg.stage_dir("eval"))
-    if name in ("teacher", "config") and ev.exists("_DONE"):  # the eval stage already measured these two
-        spec = "teacher" if name == "teacher" else "student"
-        res = ev.read_json("results.json")[spec]
+def run_variant(cfg: Config, name: str, root: str, use_ray: bool, force: bool = False) -> tuple[dict, dict]:
+    """Train (skipped when done) and evaluate one recipe. The evaluation is cached in ROOT/<name>/ under a key:
+    the eval stage's fingerprint for this config with the recipe's trained student as its input, so another
+    config, teacher, held-out split or eval setting is measured again, never read from an earlier run."""
+    out, ev = Store(join(root, name)), make_stage("eval", cfg, use_ray=False)
+    if name in ("teacher", "config") and not force and ev.status(ev.fingerprint())[0] == "done":
+        spec = "teacher" if name == "teacher" else "student"  # the eval stage measured these for this config
+        res = ev.out.read_json("results.json")[spec]
         if name == "config":
             tstats = Store(cfg.stage_dir("train")).read_json("stats.json")
             res.update(train_seconds=tstats.get("seconds"), train_pairs=tstats.get("pairs"), steps=tstats.get("steps"))
-        return res, _load_npz(ev, f"{spec}_correct.npz")
-    t0 = time.time()
-    if name == "teacher":
-        lm = load_for_eval(cfg, "teacher")
-        res, per = evaluate(cfg, lm)
-    else:
+        return res, _load_npz(ev.out, f"{spec}_correct.npz")
+    vcfg, tstats = cfg, {}
+    if name != "teacher":
         vcfg = variant_config(cfg, name, root)
         if not vcfg.cluster.use_balanced:
-            run_stage("cluster", vcfg, use_ray=use_ray)
-            run_stage("pack", vcfg, use_ray=use_ray)
-        tstats = run_stage("train", vcfg, use_ray=use_ray)
-        res, per = evaluate(cfg, load_for_eval(vcfg, "student"))  # every recipe on the same pairs
+            run_stage("cluster", vcfg, force=force, use_ray=use_ray)
+            run_stage("pack", vcfg, force=force, use_ray=use_ray)
+        # compare retrains only the recipes it trains itself; the config's own student is the train stage's
+        tstats = run_stage("train", vcfg, force=force and name != "config", use_ray=use_ray)
+    trained = "teacher" if name == "teacher" else Store(vcfg.stage_dir("train")).read_json(DONE)["fingerprint"]
+    key = ev.fingerprint({"train": trained})["fingerprint"]
+    if not force and out.exists("eval.json") and (cached := out.read_json("eval.json")).get("key") == key:
+        return cached, _load_npz(out, "correct.npz")
+    t0 = time.time()
+    res, per = evaluate(cfg, load_for_eval(vcfg, "teacher" if name == "teacher" else "student"))  # every recipe on the same pairs
+    if name != "teacher":
         res.update(train_seconds=tstats.get("seconds"), train_pairs=tstats.get("pairs"), steps=tstats.get("steps"),
                    losses={f"phase{i}": p.losses for i, p in enumerate(vcfg.train.phases)})
     res["eval_seconds"] = round(time.time() - t0, 1)
+    res["key"] = key
     _save_npz(out, "correct.npz", per)
     out.write_json("eval.json", res)  # last: marks the variant done
     return res, per
@@ -120,7 +125,10 @@ def table_markdown(results: dict[str, dict], tests: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True, out_dir: str = "") -> dict:
+def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True, out_dir: str = "",
+            force: bool = False) -> dict:
+    """The table of `variants` (default: all). `force`: every recipe evaluated again and the ones compare
+    trains (its own folders) trained again; the config's own train stage is redone by `cidistill train --force`."""
     root = out_dir or join(cfg.workdir, "compare")
     names = list(variants or VARIANTS)
     if bad := [n for n in names if n not in VARIANTS + ("teacher",)]:  # before any variant trains
@@ -130,7 +138,7 @@ def compare(cfg: Config, variants: list[str] | None = None, use_ray: bool = True
     results, per = {}, {}
     for name in names:
         print(f"[compare] {name}")
-        results[name], per[name] = run_variant(cfg, name, root, use_ray)
+        results[name], per[name] = run_variant(cfg, name, root, use_ray, force)
     tests = {}
     if "clip" in per:
         for name in names:
