@@ -28,15 +28,15 @@ def test_balance_bench_runs_and_the_stage_keeps_the_reference_set():
     assert "same kept set: True" in out
 
 
-def test_train_stream_bench_measures_eval_memory(small_run, tmp_path):
-    """Part (c) trains the student on N through the CLI, then evaluates it on N and 4N: the code path of (b)
-    too (the replicated packs, the stage configs, the measured runs), at a third of running both."""
+def test_train_stream_bench_measures_train_memory(small_run, tmp_path):
+    """Part (b): the train stage through the CLI on the replicated packs of N and 4N pairs (part (c) runs the
+    same configs and replicated packs through the eval stage, at three times the cost: run by hand)."""
     out = tmp_path / "train_stream.txt"
     printed = bench("bench_train_stream.py", "--workdir", small_run.workdir, "--small", "--copies", "1",
-                    "--steps", "2", "--parts", "c", "--out", str(out))
+                    "--steps", "2", "--parts", "b", "--out", str(out))
     text = out.read_text()
     assert text == printed
     n, n4 = map(int, re.search(r"N = (\d+) training pairs, 4N = (\d+)", text).groups())
     assert n4 == 4 * n > 0
-    assert "eval on N: peak RSS" in text and "eval on 4N: peak RSS" in text
-    assert "(c) eval RSS(4N) / RSS(N) = " in text
+    assert "train on N: peak RSS" in text and "train on 4N: peak RSS" in text
+    assert "(b) train RSS(4N) / RSS(N) = " in text
