@@ -73,13 +73,13 @@ def run_variant(cfg: Config, name: str, root: str, use_ray: bool, force: bool = 
     the eval stage's fingerprint for this config with the recipe's trained student as its input, so another
     config, teacher, held-out split or eval setting is measured again, never read from an earlier run."""
     out, ev = Store(join(root, name)), make_stage("eval", cfg, use_ray=False)
+    spec = "teacher" if name == "teacher" else "student"
     if name in ("teacher", "config") and not force and ev.status(ev.fingerprint())[0] == "done":
-        spec = "teacher" if name == "teacher" else "student"  # the eval stage measured these for this config
         res = ev.out.read_json("results.json")[spec]
         if name == "config":
             tstats = Store(cfg.stage_dir("train")).read_json("stats.json")
             res.update(train_seconds=tstats.get("seconds"), train_pairs=tstats.get("pairs"), steps=tstats.get("steps"))
-        return res, _load_npz(ev.out, f"{spec}_correct.npz")
+        return res, _load_npz(ev.out, f"{spec}_correct.npz")  # the eval stage measured these for this config
     vcfg, tstats = cfg, {}
     if name != "teacher":
         vcfg = variant_config(cfg, name, root)
@@ -93,7 +93,7 @@ def run_variant(cfg: Config, name: str, root: str, use_ray: bool, force: bool = 
     if not force and out.exists("eval.json") and (cached := out.read_json("eval.json")).get("key") == key:
         return cached, _load_npz(out, "correct.npz")
     t0 = time.time()
-    res, per = evaluate(cfg, load_for_eval(vcfg, "teacher" if name == "teacher" else "student"))  # every recipe on the same pairs
+    res, per = evaluate(cfg, load_for_eval(vcfg, spec))  # every recipe on the same pairs
     if name != "teacher":
         res.update(train_seconds=tstats.get("seconds"), train_pairs=tstats.get("pairs"), steps=tstats.get("steps"),
                    losses={f"phase{i}": p.losses for i, p in enumerate(vcfg.train.phases)})
