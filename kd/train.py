@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from cidistill.core import faults
 from cidistill.core.config import Config, from_dict
-from cidistill.core.errors import StageError
+from cidistill.core.errors import StageError, raise_if_stopped
 from cidistill.core.runtime import cache_dir, require_resources, torch_threads
 from cidistill.core.progress import Progress
 from cidistill.core.packed import iter_tar_samples, sample_fields
@@ -318,6 +318,7 @@ def train_worker(job: dict) -> dict:
         step += 1
         bar.update()
         faults.point()
+        raise_if_stopped()
         if step % tc.log_every == 0 or step == total:
             last = log_record(w, step, pi, loss, terms, lr, time.time() - t_log)
             t_log = time.time()

@@ -446,6 +446,48 @@ def test_ctrl_c_or_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, small_run
     assert "resum" in rerun.stdout + rerun.stderr and (out / "_DONE").exists()
 
 
+def test_a_sigterm_whose_exception_a_library_lost_still_stops_the_run(tmp_path, small_run, monkeypatch, capsys):
+    """The handler's exception can be lost (C code that checks for signals and clears the error it got): a
+    `cidistill train` under Ray once ran to its end with exit 0 after a SIGTERM. The stop is recorded apart from
+    the exception, and the training loop looks at it after each step."""
+    import signal
+    import time
+
+    import kd.train
+    from cidistill.app import cli
+    from cidistill.core import errors
+    from cidistill.core.errors import ask_stop
+
+    d = to_dict(small_run)
+    out = tmp_path / "train"
+    d["workdir"] = str(tmp_path / "work")
+    d["dirs"] = {**{s: small_run.stage_dir(s) for s in ("download", "embed", "balance", "cluster", "pack")},
+                 "train": str(out)}
+    d["train"].update(ckpt_every=1, phases=[{"steps": 4, "losses": {"feature_distill": 1.0}}])
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d, allow_unicode=True))
+    real_step, steps = kd.train.train_step, []
+
+    def step_then_lost_sigterm(w, step, *args):
+        steps.append(step)
+        if step == 1:  # what the handler records; its exception never arrives
+            cli._terminated.append(time.monotonic())
+            ask_stop()
+        return real_step(w, step, *args)
+
+    monkeypatch.setattr(kd.train, "train_step", step_then_lost_sigterm)
+    monkeypatch.setattr(cli, "_terminated", [])
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["train", "-c", str(p), "--no-ray"]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # a stopped command leaves its own in place
+    assert not errors._stop_asked  # library code run after the command is not stopped
+    assert steps == [0, 1] and [c.name for c in out.glob("step-*")] == ["step-0000001"]  # stopped after its step
+    assert cli_stderr(capsys).endswith("cidistill: stopped by SIGTERM during stage 'train'; finished work is kept: "
+                                       "run the same command again to resume")
+
+
 def test_a_ray_address_where_no_cluster_listens_is_one_line_in_seconds(tmp_path):
     """`--ray-address` (or RAY_ADDRESS) with a typo: ray.init waited on it for minutes, printing its retries."""
     import os

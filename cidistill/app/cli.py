@@ -25,7 +25,7 @@ set_env_defaults()  # before anything imports torch: OpenMP reads its settings w
 from cidistill.core import faults  # noqa: E402
 from cidistill.core.console import guard_console, release_console, shows_unicode
 from cidistill.core.config import STAGES, Config, ConfigError, config_yaml, load_config
-from cidistill.core.errors import StageError, Terminated, is_write_error
+from cidistill.core.errors import StageError, Terminated, ask_stop, clear_stop, is_write_error
 from cidistill.core.lock import work_lock
 from cidistill.core.store import redact, use_storage_options
 from ray.exceptions import RayError
@@ -126,6 +126,7 @@ SAME_STOP_S = 2.0  # `timeout` signals the process and then its whole group: one
 def _stop(signum, frame):
     if not _terminated:
         _terminated.append(time.monotonic())
+        ask_stop()  # the run's loops see it should a library lose the exception
         raise Terminated()
     if time.monotonic() - _terminated[0] > SAME_STOP_S:  # asked again while cleaning up: stop at once
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _main(argv)
         finally:
+            clear_stop()  # what runs after this command in the same process is not stopped
             if not _terminated:  # stopped: ours stays, so that the rest of the same stop arriving now is not fatal
                 signal.signal(signal.SIGTERM, before)
     finally:

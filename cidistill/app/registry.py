@@ -6,7 +6,7 @@ import time
 
 from cidistill.core import faults
 from cidistill.core.config import STAGES, Config, ConfigError
-from cidistill.core.errors import StageError
+from cidistill.core.errors import StageError, raise_if_stopped
 from cidistill.core.lock import work_lock
 from cidistill.core.runtime import init_ray
 from cidistill.core.stage import Stage, check_configs, plan, states
@@ -60,6 +60,7 @@ def run_stages(cfg: Config, stages: list[str], force: bool = False, use_ray: boo
                 print(f"[cidistill] {line}")
         t0, out = time.time(), {}
         for st in objs:
+            raise_if_stopped()
             faults.set_stage(st.name)
             out[st.name] = st.run(force=force)
         faults.set_stage("none")  # not on an error: the CLI names the stage that failed

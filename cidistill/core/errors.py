@@ -19,3 +19,22 @@ class ModelLoadError(StageError, ValueError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, `timeout`, a scheduler stopping the job): the run stops as Ctrl-C stops it."""
+
+
+
+_stop_asked: list[bool] = []  # the CLI's SIGTERM handler ran during the command now running
+
+
+def ask_stop() -> None:
+    _stop_asked[:] = [True]
+
+
+def clear_stop() -> None:
+    _stop_asked.clear()
+
+
+def raise_if_stopped() -> None:
+    """The handler's exception can be lost (C code that checks for signals and then clears the error it got):
+    the run's loops look here between steps and units, so that a stop asked for is never lost."""
+    if _stop_asked:
+        raise Terminated()

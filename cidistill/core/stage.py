@@ -21,7 +21,7 @@ from .progress import Progress
 
 from . import faults
 from .config import Config, flat_fields
-from .errors import StageError, is_write_error
+from .errors import StageError, is_write_error, raise_if_stopped
 from .schema import shard_stats_name, stage_shards
 from .store import DamagedFile, Store
 
@@ -113,6 +113,7 @@ def run_tasks(fn: Callable, items: list, *, use_ray: bool, retries: int = 2, des
     remote = ray.remote(refusing).options(max_retries=retries, retry_exceptions=True, num_cpus=num_cpus, **ray_options)
     pending = {remote.remote(it): it for it in items}
     while pending:
+        raise_if_stopped()
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             it = pending.pop(ref)
@@ -152,6 +153,7 @@ class Stage:
     def run_units(self, pending: list[str]) -> dict[str, str]:
         """Make the pending units; return {unit: error} for those that failed for good."""
         for u in pending:
+            raise_if_stopped()
             self.out.write_json(shard_stats_name(u), self.run_unit(u))
         return {}
 
