@@ -60,6 +60,7 @@ SMALL = {
     "eval": {"probe_max_iter": 100},
 }
 TEACHER_STEPS = {False: 350, True: 40}
+TEACHER_BATCH = {False: 128, True: 64}  # small: 200 training pairs, 13 epochs
 
 
 def demo_config(workdir: str, small: bool, overrides: list[str] | None = None, config_file: str | None = None) -> Config:
@@ -77,7 +78,7 @@ def teacher_recipe(cfg: Config, small: bool) -> tuple[Config, Path]:
                                          text_from_teacher=0),
         train=dataclasses.replace(cfg.train, phases=[dataclasses.replace(cfg.train.phases[0], steps=TEACHER_STEPS[small],
                                                                          losses={"clip": 1.0})],
-                                  lr=1e-3, batch_size=128, use_balanced=False, workers=1, ckpt_every=50, seed=0,
+                                  lr=1e-3, batch_size=TEACHER_BATCH[small], use_balanced=False, workers=1, ckpt_every=50, seed=0,
                                   style_augment=True))  # it is evaluated on an artist style it never saw
     t = tcfg.train
     recipe = {k: getattr(t, k) for k in ("batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "precision",
