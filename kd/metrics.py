@@ -55,12 +55,12 @@ def linear_probe(train_x, train_y, test_x, test_y, max_iter: int = 300, seed: in
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    from threadpoolctl import threadpool_limits
+    from cidistill.core.runtime import task_threads
 
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
     tr_x, va_x, tr_y, va_y = train_test_split(train_x, train_y, test_size=0.2, random_state=seed)
-    # one thread: these fits are too small to split (2 threads: 2.7-3.8 s, 1 thread: 0.2-0.8 s, same answers)
-    with threadpool_limits(1):
+    # one thread: these fits are too small to split (warm, 2 threads: 1.5-2.0 s, 1 thread: 0.16-0.75 s, same answers)
+    with task_threads(1):
         sc = StandardScaler().fit(tr_x)
         clf = LogisticRegression(max_iter=max_iter, warm_start=True)
         best = (-1.0, None)
