@@ -332,7 +332,7 @@ def evaluate(cfg: Config, lm: LoadedModel, tasks=None, stored: bool = False, don
     if "retrieval" in tasks:
         retrieval(lm, test, res, skipped)
     done("retrieval")
-    res["image_throughput"] = throughput(lm)
+    res["image_throughput"] = throughput(lm, ec.throughput_batch, ec.throughput_reps)
     done("throughput")
     if skipped:
         res["skipped"] = skipped
@@ -349,7 +349,7 @@ def teacher_evaluation(cfg: Config, lm: LoadedModel, done=lambda part: None) -> 
         res, per = cached
         for part in PARTS[:-1]:
             done(part)
-        res["image_throughput"] = throughput(lm)
+        res["image_throughput"] = throughput(lm, cfg.eval.throughput_batch, cfg.eval.throughput_reps)
         done(PARTS[-1])
         return res, per
     res, per = evaluate(cfg, lm, stored=True, done=done)
@@ -387,7 +387,10 @@ def teacher_eval_key(cfg: Config) -> str:
     splits by content: each split's manifest (every pair's key, captions, shard and row) and its shards' sizes."""
     t = cfg.teacher
     h = hashlib.sha256(json.dumps({"version": EVAL_VERSION, "model": t.model, "pretrained": t.pretrained,
-                                   "model_config": t.model_config, "eval": dataclasses.asdict(cfg.eval),
+                                   "model_config": t.model_config,
+                                   # the throughput is measured again each time: its settings shape no score
+                                   "eval": {k: v for k, v in dataclasses.asdict(cfg.eval).items()
+                                            if not k.startswith("throughput_")},
                                    # what its features were computed in: by the embed stage, then here
                                    "precision": [embed_precision(t.precision, "cuda" if t.gpus_per_actor else "cpu"),
                                                  resolve_precision(cfg.eval.precision, "cpu")],

@@ -98,6 +98,8 @@ def test_teacher_scores_are_computed_once_per_teacher_data_and_settings(small_ru
 
     key = ev.teacher_eval_key(small_run)
     assert ev.teacher_eval_key(dataclasses.replace(small_run, eval=dataclasses.replace(small_run.eval, tasks=["retrieval"]))) != key
+    # the throughput is measured again each time: how it is measured shapes no cached score
+    assert ev.teacher_eval_key(dataclasses.replace(small_run, eval=dataclasses.replace(small_run.eval, throughput_reps=9))) == key
     with monkeypatch.context() as m:
         m.setenv("OPENBLAS_CORETYPE", "Prescott")  # another BLAS kernel rounds the probe's fit otherwise
         assert ev.teacher_eval_key(small_run) != key

@@ -192,6 +192,8 @@ class EvalConfig:
     templates_zh: list[str] = field(default_factory=lambda: list(PROMPTS_ZH))  # the same for the Chinese names
     batch_size: int = 256               # images per feature batch
     probe_max_iter: int = 300           # L-BFGS iterations of the linear probe
+    throughput_batch: int = 128         # image throughput: random images per timed batch
+    throughput_reps: int = 5            # timed batches after a warm-up; the fastest one counts
     precision: str = "fp32"             # forward passes: fp32 | bf16 | auto (bf16 on GPU or a CPU with native bf16, else fp32)
 
 
@@ -219,7 +221,8 @@ RANGES = {
             "data.max_image_pixels data.max_caption_chars teacher.batch_size teacher.num_actors "
             "balance.max_cluster_size balance.rows_per_task cluster.k cluster.niter cluster.max_points_per_centroid "
             "cluster.two_level_above pack.samples_per_shard student.context_length train.batch_size train.ckpt_every "
-            "train.log_every train.shuffle_block eval.batch_size eval.probe_max_iter",
+            "train.log_every train.shuffle_block eval.batch_size eval.probe_max_iter eval.throughput_batch "
+            "eval.throughput_reps",
     "> 0": "data.timeout data.deadline train.lr train.loss.margin_s train.loss.instance_temperature",
     ">= 0": "data.retries data.shard_retries teacher.cpus_per_actor teacher.gpus_per_actor teacher.threads "
             "train.cpus_per_worker balance.kmeans_k "
