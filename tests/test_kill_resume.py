@@ -4,7 +4,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import yaml
 from cidistill.core.config import to_dict
 from cidistill.app.demo import demo_config
 from cidistill.app.demo_data import write_urls
+from forkrun import ForkRunner
 
 KILLED = ("download", "embed", "balance", "cluster", "pack", "train", "export")
 VOLATILE = {"seconds", "attempts", "started", "finished", "time", "shards_resumed", "temp_files_removed", "duration",
@@ -39,12 +39,12 @@ def _cfg_file(tmp_path, workdir, urls, teacher) -> Path:
     return p
 
 
-def _run(cfg: Path, kill_at: str = "", log: Path | None = None) -> subprocess.CompletedProcess:
+def _run(runner: ForkRunner, cfg: Path, kill_at: str = "", log: Path | None = None) -> subprocess.CompletedProcess:
+    """`cidistill run CFG --no-ray` in a fresh child (forked: the nine runs share their imports)."""
     env = dict(os.environ, CIDISTILL_KILL_AT=kill_at)
     if log:
         env["CIDISTILL_FAULT_LOG"] = str(log)
-    return subprocess.run([sys.executable, "-m", "cidistill", "run", str(cfg), "--no-ray"], env=env,
-                          cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    return runner.run(["run", str(cfg), "--no-ray"], env)
 
 
 def _strip(o, root: str):
@@ -89,21 +89,26 @@ def test_sigkill_each_stage_then_resume_equals_uninterrupted(tmp_path, small_run
     urls = tmp_path / "urls.parquet"
     write_urls(small_data, server.base_url, urls)
     ref_cfg = _cfg_file(tmp_path, tmp_path / "ref", urls, small_run.teacher.pretrained)
-    r = _run(ref_cfg, log=tmp_path / "points.json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    points = json.loads((tmp_path / "points.json").read_text())
-
-    cfg = _cfg_file(tmp_path, tmp_path / "killed", urls, small_run.teacher.pretrained)
-    rng = random.Random(0)
-    for stage in KILLED:  # each attempt resumes the earlier stages' leftovers, then dies inside `stage`
-        n = rng.randint(1, points[stage])
-        r = _run(cfg, kill_at=f"{stage}:{n}")
-        assert r.returncode == -9, f"not killed at {stage}:{n}: {r.stderr[-3000:]}"
-    r = _run(cfg)
-    assert r.returncode == 0, r.stderr[-3000:]
-
+    (tmp_path / "logs").mkdir()
+    with ForkRunner(Path(__file__).parents[1], tmp_path / "logs") as runner:
+        _kill_each_stage(runner, tmp_path, urls, ref_cfg, small_run.teacher.pretrained)
     ref, got = _outputs(tmp_path / "ref"), _outputs(tmp_path / "killed")
     assert not [n for n in got if ".tmp" in n], "temp files left behind"
     assert sorted(got) == sorted(ref)
     for name in ref:
         assert got[name] == ref[name], name
+
+
+def _kill_each_stage(runner, tmp_path, urls, ref_cfg, teacher) -> None:
+    r = _run(runner, ref_cfg, log=tmp_path / "points.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    points = json.loads((tmp_path / "points.json").read_text())
+
+    cfg = _cfg_file(tmp_path, tmp_path / "killed", urls, teacher)
+    rng = random.Random(0)
+    for stage in KILLED:  # each attempt resumes the earlier stages' leftovers, then dies inside `stage`
+        n = rng.randint(1, points[stage])
+        r = _run(runner, cfg, kill_at=f"{stage}:{n}")
+        assert r.returncode == -9, f"not killed at {stage}:{n}: {r.stderr[-3000:]}"
+    r = _run(runner, cfg)
+    assert r.returncode == 0, r.stderr[-3000:]

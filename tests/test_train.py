@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from kd.checkpoint import latest_checkpoint, load_weights
@@ -19,34 +20,38 @@ def _cfg(small_run, steps=6):
                 PhaseConfig(steps=steps - 2, losses={"cluster": 0.5, "instance": 1.0, "align": 0.5})]))
 
 
-def test_resume_reaches_same_weights(small_run, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(small_run, tmp_path_factory) -> Path:
+    """The 6-step run the resume tests end on: trained once for the module."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "a"
+    train(_cfg(small_run), str(out), use_ray=False)
+    return out
+
+
+def test_resume_reaches_same_weights(small_run, uninterrupted, tmp_path):
     cfg = _cfg(small_run)
-    train(cfg, str(tmp_path / "a"), use_ray=False)
     train(cfg, str(tmp_path / "b"), use_ray=False, stop_after=3)   # "killed" after step 3 (checkpoint at 2)
     b_out = Store(str(tmp_path / "b"))
     assert latest_checkpoint(b_out) == "step-0000002"
     position = b_out.read_json("step-0000002/meta.json")["data_position"]
     assert [p["epoch"] for p in position] == [0, 0] and all(p["in_block"] == 2 * 8 for p in position)  # mid-epoch
     train(cfg, str(tmp_path / "b"), use_ray=False)                 # resumes from step 2
-    a_out = Store(str(tmp_path / "a"))
+    a_out = Store(str(uninterrupted))
     a, b = load_weights(a_out, latest_checkpoint(a_out)), load_weights(b_out, latest_checkpoint(b_out))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    log = [json.loads(l) for l in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(l) for l in (uninterrupted / "log.jsonl").read_text().splitlines()]
     assert {"feature_distill"} <= set(log[0]) and {"cluster", "instance", "align", "lr", "samples_per_s"} <= set(log[-1])
 
 
-def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(small_run, tmp_path, capsys):
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(small_run, uninterrupted, tmp_path, capsys):
     """A checkpoint cut short (a copy of the work folder that stopped, a lost file) failed the resume with a
     SafetensorError or unpickler traceback. The one before it is used instead, and the run still ends on the
     uninterrupted run's weights; with none readable, one line, and no training silently started over."""
-    import pytest
-
     from cidistill.core.errors import StageError
 
     cfg = _cfg(small_run)
-    train(cfg, str(tmp_path / "a"), use_ray=False)
     train(cfg, str(tmp_path / "b"), use_ray=False, stop_after=5)  # checkpoints at 2 and 4
     state = tmp_path / "b" / "step-0000004" / "state.pt"
     state.write_bytes(state.read_bytes()[:100])
@@ -54,7 +59,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_one_before_it(small_run, tm
     train(cfg, str(tmp_path / "b"), use_ray=False)
     out = capsys.readouterr().out
     assert "[train] checkpoint step-0000004 cannot be read (" in out and "); resuming from step-0000002" in out
-    a_out, b_out = Store(str(tmp_path / "a")), Store(str(tmp_path / "b"))
+    a_out, b_out = Store(str(uninterrupted)), Store(str(tmp_path / "b"))
     a, b = load_weights(a_out, latest_checkpoint(a_out)), load_weights(b_out, latest_checkpoint(b_out))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
