@@ -28,7 +28,10 @@ uv_install() {  # uv fetches and unpacks in parallel: the project's packages in 
   local conf; conf="$("$PY" -m pip config list 2>/dev/null || true)"
   [ -z "${PIP_INDEX_URL:-}" ] && [[ "$conf" != *".index-url="* ]] || return 1
   "$PY" -m pip install -q "${nc[@]}" uv >/dev/null 2>&1 || return 1
-  "$(dirname "$PY")/uv" pip install -q --python "$PY" -c "$root/constraints.txt" "$@" \
+  # the certificates pip is told of (a TLS-inspecting proxy's CA), else the system's
+  local cert="${SSL_CERT_FILE:-${PIP_CERT:-$(sed -n "s/^[a-z:.]*cert='\(.*\)'$/\1/p" <<< "$conf" | head -1)}}"
+  local tls=(UV_NATIVE_TLS=1); [ -z "$cert" ] || tls+=("SSL_CERT_FILE=$cert")
+  env "${tls[@]}" "$(dirname "$PY")/uv" pip install -q --python "$PY" -c "$root/constraints.txt" "$@" \
     || { echo "cidistill: uv could not install $* (its messages are above): pip instead" >&2; return 1; }
 }
 stamp="$root/.venv-installed-$(echo "$extras" | tr ',' '-')"
