@@ -94,24 +94,6 @@ def test_progress_in_a_log_is_a_line_per_tenth_and_none_at_the_end(capsys):
     assert capsys.readouterr().out.strip().startswith("[embed] 70% (150/200 img, ")
 
 
-def test_ray_worker_lines_in_a_log_carry_no_colour_codes(tmp_path):
-    """stdout a file (a batch job's log): Ray's `(pid=…)` prefixes came wrapped in ANSI colour escapes."""
-    import os
-    import subprocess
-    import sys
-
-    code = ("from cidistill.core.runtime import init_ray\n"
-            "ray = init_ray(num_cpus=1)\n"
-            "@ray.remote\n"
-            "def hello():\n"
-            "    print('hello from a worker', flush=True)\n"
-            "ray.get(hello.remote())\n"
-            "import time; time.sleep(2)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
-    assert "hello from a worker" in out and "\x1b[" not in out, repr(out)
-
-
 def test_local_workers_get_a_checkout_on_their_path_but_never_site_packages(monkeypatch):
     """An installed package's folder is site-packages: on the workers' PYTHONPATH it would come before the
     standard library, and img2dataset's `dataclasses` backport there broke every Ray worker of a
@@ -186,7 +168,9 @@ def test_two_fetches_of_a_demo_package_at_once_and_a_tarball_cut_short(tmp_path)
 def test_a_long_tmpdir_still_starts_ray_and_a_long_ray_tmpdir_is_named(tmp_path, monkeypatch):
     """Ray makes its sockets under TMPDIR, and an AF_UNIX path has at most 107 bytes: a batch job's or a CI
     runner's long TMPDIR failed every command with `validate_socket_filename failed: AF_UNIX path length cannot
-    exceed 107 bytes`. A local cluster then keeps its session in /tmp/ray; a RAY_TMPDIR chosen too long is named."""
+    exceed 107 bytes`. A local cluster then keeps its session in /tmp/ray; a RAY_TMPDIR chosen too long is named.
+    The same run's stdout is a file (a batch job's log): Ray's `(pid=…)` prefixes of a worker's lines came
+    wrapped in ANSI colour escapes."""
     import os
     import subprocess
     import sys
@@ -197,13 +181,19 @@ def test_a_long_tmpdir_still_starts_ray_and_a_long_ray_tmpdir_is_named(tmp_path,
     long_tmp.mkdir()
     code = ("from cidistill.core.runtime import init_ray\n"
             "ray = init_ray(num_cpus=1)\n"
-            "print('sum', ray.get(ray.remote(lambda: 1 + 1).remote()))\n"
+            "@ray.remote\n"
+            "def hello():\n"
+            "    print('hello from a worker', flush=True)\n"
+            "    return 1 + 1\n"
+            "print('sum', ray.get(hello.remote()), flush=True)\n"
+            "import time; time.sleep(2)\n"  # the log monitor forwards the worker's line
             "ray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
     run = subprocess.run([sys.executable, "-c", code], env=dict(env, TMPDIR=str(long_tmp)), capture_output=True,
                          text=True, timeout=180)
     assert run.returncode == 0 and "sum 2" in run.stdout, run.stderr[-2000:]
     assert "TMPDIR is too long for Ray's sockets; Ray's session folder is /tmp/ray" in run.stderr
+    assert "hello from a worker" in run.stdout and "\x1b[" not in run.stdout, repr(run.stdout)
 
     from cidistill.core.errors import StageError
     from cidistill.core.runtime import ray_temp_dir

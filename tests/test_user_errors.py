@@ -418,8 +418,8 @@ def test_ctrl_c_or_sigterm_is_one_line_and_the_rerun_resumes(tmp_path, small_run
     d["dirs"] = {**{s: small_run.stage_dir(s) for s in ("download", "embed", "balance", "cluster", "pack")},
                  "train": str(out)}
     d["train"]["ckpt_every"] = 1
-    # 9 steps: the stop lands at step 2-4 (~1 s a step here, 0.5 s on a fast box); the rerun trains the rest
-    for phase, steps in zip(d["train"]["phases"], (3, 6)):
+    # 12 steps: the stop lands at step 2-5 (~0.5 s a step here, 0.25 s on a fast box); the rerun trains the rest
+    for phase, steps in zip(d["train"]["phases"], (3, 9)):
         phase["steps"] = steps
     p = tmp_path / "cfg.yaml"
     p.write_text(yaml.safe_dump(d, allow_unicode=True))

@@ -55,7 +55,7 @@ SMALL = {
     "cluster": {"k": 20},
     "pack": {"samples_per_shard": 64},
     # every loss at test size: the tests check what the stages do, no goal reads these numbers
-    "train": {"batch_size": 64, "ckpt_every": 5, "log_every": 5,
+    "train": {"batch_size": 32, "ckpt_every": 5, "log_every": 5,
               "phases": [{"steps": 5, "losses": {"feature_distill": 1.0}},
                          {"steps": 10, "losses": {"cluster": 0.5, "instance": 1.0, "align": 0.5}}]},
     # test-size throughput (no goal reads it): ~1 s instead of ~8 s of each evaluation's teacher and student
