@@ -98,9 +98,10 @@ def test_the_small_demo_on_two_nodes_without_shared_disk_matches_one_node_and_re
     cfg.write_text(yaml.safe_dump(over, allow_unicode=True))
     (tmp_path / "job.py").write_text(JOB)
     scratch = tmp_path / "nodes"
-    # the demo's images, built by the session (small_data), served by the job's driver: not fetched again
-    (scratch / "a" / "cache").mkdir(parents=True)
-    (scratch / "a" / "cache" / "demo").symlink_to(cache_dir() / "demo")
+    # the demo's npm packages, fetched by the session (small_data), not fetched again into node A's cache (its
+    # image links are its own: links made there point into the scratch folder, gone after the test)
+    (scratch / "a" / "cache" / "demo").mkdir(parents=True)
+    (scratch / "a" / "cache" / "demo" / "packages").symlink_to(cache_dir() / "demo" / "packages")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     tmp_before = set(os.listdir(tempfile.gettempdir()))
